@@ -1,0 +1,41 @@
+# Everything runs from a local .venv; `make serve` and `make test` work on a fresh clone.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PORT    ?= 8000
+CONFIG  ?= examples/demo.yaml
+DEMO    := models/demo/config.json
+
+.PHONY: setup setup-dev serve demo-model test lint typecheck clean
+
+$(VENV)/.local: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[local]'
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.local
+	$(BIN)/pip install -q -e '.[local,dev]'
+	touch $@
+
+setup: $(VENV)/.local
+setup-dev: $(VENV)/.dev
+
+$(DEMO): | $(VENV)/.local
+	$(BIN)/gateway demo-model models/demo
+
+demo-model: $(DEMO)
+
+serve: $(VENV)/.local $(DEMO)
+	$(BIN)/gateway serve --config $(CONFIG) --port $(PORT)
+
+test: $(VENV)/.dev $(DEMO) lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check gateway policies backends tests bench
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy gateway policies
+
+clean:
+	rm -rf $(VENV) models build *.egg-info

@@ -1,0 +1,69 @@
+"""The one interface every backend kind implements, and the registry of kinds."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.context import Chunk, RequestContext
+from gateway.errors import BackendError
+
+__all__ = ["Backend", "BackendError", "Capacity", "MemorySnapshot"]
+
+
+@dataclass(slots=True)
+class MemorySnapshot:
+    """Bytes by component. `other` = measured - the rest (None where nothing is measured)."""
+
+    weights: int = 0
+    adapters: dict[str, int] = field(default_factory=dict)
+    kv_used: int = 0
+    kv_free: int = 0
+    workspace: int = 0
+    measured: int | None = None
+
+    @property
+    def other(self) -> int | None:
+        if self.measured is None:
+            return None
+        return self.measured - (
+            self.weights + sum(self.adapters.values()) + self.kv_used + self.kv_free + self.workspace
+        )
+
+
+@dataclass(slots=True)
+class Capacity:
+    kv_bytes_total: int
+    kv_bytes_free: int
+    bytes_per_token: int
+    block_size: int
+    context_window: int
+    adapter_budget_bytes: int = 0
+    resident_adapters: list[str] = field(default_factory=list)
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Load what is needed (weights, connections). Called once by the app lifespan."""
+
+    def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+        """The only generation path. Cancelling the iteration frees everything it held."""
+
+    def count_tokens(self, ctx: RequestContext) -> int | None:
+        """Prompt tokens for ctx (after the chat template), or None if unknown."""
+
+    def capacity(self) -> Capacity | None: ...
+
+    def memory(self) -> MemorySnapshot: ...
+
+    async def ensure_adapter(self, name: str) -> None: ...
+
+    async def health(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+BackendFactory = Any  # a class taking (name: str, config: BackendConfig)

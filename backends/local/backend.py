@@ -1,0 +1,264 @@
+"""The `local` backend: the embedded torch engine behind the Backend protocol."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from backends.base import BackendError, Capacity, MemorySnapshot
+from backends.local.adapter_cache import AdapterCache, Resident
+from backends.local.engine import Engine, EngineClosed, Event
+from backends.local.loader import CheckpointError, LoadedModel, load_checkpoint, parse_dtype
+from backends.local.sampler import Sampler
+from backends.local.tokenizer import ChatTokenizer, TokenizerError
+from gateway.context import Chunk, RequestContext, Usage
+
+MiB = 1024 * 1024
+QUANTIZE_MODES = ("none",)
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("model", "adapters_dir")  # relative to the config file
+
+    model: str
+    dtype: str = "float32"
+    quantize: str = "none"
+    kv_cache_bytes: int = 256 * MiB
+    adapters_dir: str | None = None
+    adapter_cache_bytes: int = 64 * MiB
+    device: str = "cpu"
+    max_batch_size: int = 32
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.dtype)
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(
+                f"quantize={self.quantize!r} is not supported; expected one of {QUANTIZE_MODES}"
+            )
+        if self.kv_cache_bytes <= 0 or self.adapter_cache_bytes < 0:
+            raise ValueError("kv_cache_bytes must be positive and adapter_cache_bytes >= 0")
+        if self.max_batch_size <= 0 or self.block_size <= 0:
+            raise ValueError("max_batch_size and block_size must be positive")
+
+
+def process_rss_bytes() -> int | None:
+    """Resident set size of this process (VmRSS in /proc/self/status), None where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class LocalBackend:
+    Config = LocalConfig
+
+    def __init__(self, name: str, cfg: LocalConfig) -> None:
+        self.name = name
+        self.cfg = cfg
+        self._loaded: LoadedModel | None = None
+        self._tokenizer: ChatTokenizer | None = None
+        self._engine: Engine | None = None
+        self._adapters: AdapterCache | None = None
+        self._closed = False
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        try:
+            loaded, tokenizer = await asyncio.to_thread(self._load)
+        except (CheckpointError, TokenizerError, ValueError, OSError) as e:
+            raise BackendError(f"{self.name}: cannot load {self.cfg.model}: {e}", 500) from e
+        engine = Engine(
+            loaded.model,
+            self.cfg.kv_cache_bytes,
+            max_batch_size=self.cfg.max_batch_size,
+            block_size=self.cfg.block_size,
+            device=self.cfg.device,
+        )
+        engine.start()
+        self._loaded, self._tokenizer, self._engine = loaded, tokenizer, engine
+        self._adapters = AdapterCache(
+            loaded.model, self.cfg.adapters_dir, self.cfg.adapter_cache_bytes
+        )
+
+    def _load(self) -> tuple[LoadedModel, ChatTokenizer]:
+        loaded = load_checkpoint(self.cfg.model, self.cfg.dtype, self.cfg.device)
+        tokenizer = ChatTokenizer.from_dir(Path(self.cfg.model), loaded.config.eos_token_ids)
+        return loaded, tokenizer
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.stop)
+
+    async def health(self) -> bool:
+        return not self._closed and self._engine is not None and self._engine.alive
+
+    # ---- parts -------------------------------------------------------------------------
+
+    def _parts(self) -> tuple[LoadedModel, ChatTokenizer, Engine, AdapterCache]:
+        if self._closed:
+            raise BackendError(f"backend {self.name} is closed", 503, "backend_closed")
+        if (
+            self._loaded is None
+            or self._tokenizer is None
+            or self._engine is None
+            or self._adapters is None
+        ):
+            raise BackendError(f"backend {self.name} is not started", 503, "backend_not_ready")
+        return self._loaded, self._tokenizer, self._engine, self._adapters
+
+    def _encode(self, tok: ChatTokenizer, ctx: RequestContext) -> list[int]:
+        try:
+            if ctx.kind == "chat":
+                if not ctx.messages:
+                    raise BackendError("chat request without messages", 400, "invalid_request")
+                return tok.encode_chat(ctx.messages)
+            if ctx.kind == "completion":
+                return tok.encode(ctx.prompt or "")
+        except TokenizerError as e:
+            raise BackendError(str(e), 400, "invalid_request") from None
+        raise BackendError(f"unsupported request kind {ctx.kind!r}", 400, "invalid_request")
+
+    def count_tokens(self, ctx: RequestContext) -> int | None:
+        if self._tokenizer is None:
+            return None
+        return len(self._encode(self._tokenizer, ctx))
+
+    # ---- generation --------------------------------------------------------------------
+
+    async def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+        loaded, tok, engine, adapters = self._parts()
+        ids = self._encode(tok, ctx)
+        if not ids:
+            raise BackendError("the prompt is empty", 400, "invalid_request")
+        ctx.prompt_tokens = len(ids)
+        sp = ctx.sampling
+        max_tokens = sp.max_tokens
+        if max_tokens < 1:
+            raise BackendError("max_tokens must be at least 1", 400, "invalid_request")
+        window = loaded.config.context_window
+        if len(ids) + max_tokens > window:
+            raise BackendError(
+                f"this model's context window is {window} tokens; the prompt has {len(ids)} "
+                f"tokens and max_tokens is {max_tokens}",
+                400,
+                "context_length_exceeded",
+            )
+        reserve = engine.kv_bytes_for(len(ids) + max_tokens)
+        if reserve > engine.kv_bytes_total:
+            raise BackendError(
+                f"prompt + max_tokens needs {reserve} bytes of KV cache; the whole cache is "
+                f"{engine.kv_bytes_total} bytes",
+                400,
+                "context_length_exceeded",
+            )
+        try:
+            sampler = Sampler(
+                loaded.config.vocab_size,
+                sp.temperature,
+                sp.top_p,
+                sp.seed,
+                sp.presence_penalty,
+                sp.frequency_penalty,
+            )
+        except ValueError as e:
+            raise BackendError(str(e), 400, "invalid_request") from None
+
+        resident: Resident | None = None
+        if ctx.adapter is not None:
+            resident = await adapters.acquire(ctx.adapter)
+            ctx.memory.adapter, ctx.memory.adapter_bytes = ctx.adapter, resident.nbytes
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(ev: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        seq_id: int | None = None
+        done = False
+        try:
+            try:
+                seq_id = engine.submit(
+                    ids,
+                    max_tokens,
+                    sampler,
+                    tok.detokenizer(ids),
+                    emit,
+                    stop=list(sp.stop),
+                    eos_ids=frozenset() if ctx.sampling.ignore_eos else tok.eos_token_ids,
+                    adapter_slot=resident.slot if resident is not None else 0,
+                )
+            except EngineClosed as e:
+                raise BackendError(str(e), 503, "backend_closed") from None
+            ctx.memory.kv_bytes_reserved = reserve
+            while True:
+                ev = await events.get()
+                if ev.error is not None:
+                    done = True
+                    status, code = (
+                        (503, "backend_closed")
+                        if isinstance(ev.error, EngineClosed)
+                        else (500, "backend_error")
+                    )
+                    raise BackendError(f"generation failed: {ev.error}", status, code)
+                if ev.finish_reason is None:
+                    yield Chunk(text=ev.text)
+                    continue
+                done = True
+                ctx.memory.kv_bytes_peak = ev.kv_peak_bytes
+                ctx.memory.queue_seconds = ev.queue_seconds
+                if ev.text:
+                    yield Chunk(text=ev.text)
+                yield Chunk(
+                    finish_reason=ev.finish_reason,
+                    usage=Usage(prompt_tokens=len(ids), completion_tokens=ev.completion_tokens),
+                )
+                return
+        finally:
+            if seq_id is not None and not done:
+                engine.abort(seq_id)
+            if resident is not None and ctx.adapter is not None:
+                adapters.release(ctx.adapter)
+
+    # ---- accounting --------------------------------------------------------------------
+
+    async def ensure_adapter(self, name: str) -> None:
+        _, _, _, adapters = self._parts()
+        await adapters.ensure(name)
+
+    def capacity(self) -> Capacity | None:
+        if self._engine is None or self._loaded is None or self._adapters is None:
+            return None
+        e = self._engine
+        return Capacity(
+            kv_bytes_total=e.kv_bytes_total,
+            kv_bytes_free=e.kv_bytes_total - e.kv_bytes_reserved,
+            bytes_per_token=e.bytes_per_token,
+            block_size=e.block_size,
+            context_window=self._loaded.config.context_window,
+            adapter_budget_bytes=self._adapters.budget_bytes,
+            resident_adapters=sorted(self._adapters.resident),
+        )
+
+    def memory(self) -> MemorySnapshot:
+        snap = MemorySnapshot(measured=process_rss_bytes())
+        if self._loaded is not None:
+            snap.weights = self._loaded.weight_bytes
+        if self._adapters is not None:
+            snap.adapters = self._adapters.sizes()
+        if self._engine is not None:
+            snap.kv_used = self._engine.kv_bytes_used
+            snap.kv_free = self._engine.kv_bytes_total - snap.kv_used
+        return snap

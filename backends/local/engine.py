@@ -1,0 +1,292 @@
+"""The generation loop: one dedicated thread that schedules, runs the model, and streams text.
+
+Callers (the asyncio side) talk to it only through `submit` and `abort`, which are thread-safe,
+and receive `Event`s through the `emit` callback they pass (typically a
+`loop.call_soon_threadsafe` into a queue). Each step runs all running sequences in one flat
+batch (continuous batching); torch releases the GIL while it computes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from backends.local.block_manager import BlockManager
+from backends.local.model import KVPool, Llama, LoraBatch, SeqSpan, StepInput
+from backends.local.sampler import Sampler
+from backends.local.scheduler import Scheduler, Sequence
+from backends.local.stop import StopFilter
+from backends.local.tokenizer import Detokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """What the engine tells a request: a text delta, its end, or its failure."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    kv_peak_bytes: int = 0
+    queue_seconds: float = 0.0
+    error: BaseException | None = None
+
+
+class EngineClosed(RuntimeError):
+    """The engine stopped before the request finished."""
+
+
+@dataclass
+class SeqState:
+    sampler: Sampler
+    detok: Detokenizer
+    stop: StopFilter
+    eos_ids: frozenset[int]
+    emit: Callable[[Event], None]
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Llama,
+        kv_cache_bytes: int,
+        max_batch_size: int = 32,
+        block_size: int = 16,
+        device: str = "cpu",
+        num_threads: int | None = None,
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = model.model.embed_tokens.weight.dtype
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.bytes_per_token = (
+            2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+        )
+        self.block_size = block_size
+        num_blocks = kv_cache_bytes // (self.bytes_per_token * block_size)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_bytes={kv_cache_bytes} holds no block of {block_size} tokens "
+                f"({self.bytes_per_token * block_size} bytes)"
+            )
+        self.blocks = BlockManager(num_blocks, block_size, self.bytes_per_token * block_size)
+        self.scheduler = Scheduler(self.blocks, max_batch_size)
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self.kv: KVPool | None = None
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.tokens_generated = 0
+        self.last_error: BaseException | None = None
+
+    # ---- thread-safe API -------------------------------------------------------------------
+
+    @property
+    def kv_bytes_total(self) -> int:
+        return self.blocks.num_blocks * self.blocks.bytes_per_block
+
+    @property
+    def kv_bytes_used(self) -> int:
+        return self.blocks.used_blocks * self.blocks.bytes_per_block
+
+    @property
+    def kv_bytes_reserved(self) -> int:
+        return self.blocks.reserved_blocks * self.blocks.bytes_per_block
+
+    def kv_bytes_for(self, tokens: int) -> int:
+        return self.blocks.blocks_for(tokens) * self.blocks.bytes_per_block
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self.kv = KVPool.allocate(
+            self.model.config, self.blocks.num_blocks * self.block_size, self.dtype, self.device
+        )
+        self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the loop; requests still in flight get an EngineClosed error event."""
+        if self._thread is None:
+            return
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        sampler: Sampler,
+        detok: Detokenizer,
+        emit: Callable[[Event], None],
+        stop: list[str] | None = None,
+        eos_ids: frozenset[int] = frozenset(),
+        adapter_slot: int = 0,
+    ) -> int:
+        if not self.alive:
+            raise EngineClosed("engine is not running")
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        state = SeqState(sampler, detok, StopFilter(stop or []), eos_ids, emit)
+        seq = Sequence(next(self._ids), list(prompt_ids), max_tokens, adapter_slot, state=state)
+        self._inbox.put(("add", seq))
+        return seq.seq_id
+
+    def abort(self, seq_id: int) -> None:
+        self._inbox.put(("abort", seq_id))
+
+    # ---- engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.num_threads)
+        try:
+            with torch.inference_mode():
+                while self._drain(block=not self.scheduler.has_work()):
+                    if self.scheduler.has_work():
+                        self._step()
+        except BaseException as e:  # the loop itself broke: fail everyone below
+            self.last_error = e
+            log.exception("local engine loop failed")
+        finally:
+            self._fail_all(EngineClosed("engine stopped"))
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued commands; False when asked to stop."""
+        try:
+            cmd, arg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if cmd == "stop":
+                return False
+            if cmd == "add" and isinstance(arg, Sequence):
+                self.scheduler.add(arg)
+            elif cmd == "abort" and isinstance(arg, int):
+                self.scheduler.cancel(arg)
+            try:
+                cmd, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _fail_all(self, error: BaseException) -> None:
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.finish(seq)
+            self._send(seq, Event(error=error))
+        self.scheduler.waiting.clear()
+
+    def _send(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.state.emit(event)
+        except RuntimeError:  # the caller's event loop is gone; drop the sequence
+            seq.cancelled = True
+
+    def _build(self, seqs: list[Sequence]) -> StepInput:
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        writes: list[torch.Tensor] = []
+        spans: list[SeqSpan] = []
+        rows: list[int] = []
+        lora: list[int] = []
+        offsets = torch.arange(self.block_size)
+        for seq in seqs:
+            pending = seq.pending_ids()
+            start, n = seq.num_cached, len(pending)
+            table = torch.tensor(self.blocks.blocks(seq.seq_id), dtype=torch.long)
+            slots = (table[:, None] * self.block_size + offsets).flatten()[: start + n]
+            spans.append(SeqSpan(len(ids), n, slots.to(self.device)))
+            ids.extend(pending)
+            positions.append(torch.arange(start, start + n))
+            writes.append(slots[start:])
+            rows.append(len(ids) - 1)
+            lora.extend([seq.adapter_slot] * n)
+        lora_t = torch.tensor(lora, dtype=torch.long)
+        dev = self.device
+        return StepInput(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.cat(positions).to(dev),
+            write_slots=torch.cat(writes).to(dev),
+            seqs=spans,
+            logits_rows=torch.tensor(rows, dtype=torch.long, device=dev),
+            lora=LoraBatch.from_index(lora_t.to(dev)),
+        )
+
+    def _step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.state.admitted_at is None:
+                seq.state.admitted_at = now
+        try:
+            if self.kv is None:
+                raise EngineClosed("engine not started")
+            logits = self.model.forward_step(self._build(batch.seqs), self.kv)
+        except Exception as e:
+            log.exception("local engine step failed")
+            for seq in batch.seqs:
+                self.scheduler.finish(seq)
+                self._send(seq, Event(error=e))
+            return
+        self.steps += 1
+        for i, seq in enumerate(batch.seqs):
+            seq.num_cached += len(seq.pending_ids())
+            self._advance(seq, logits[i])
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+        st: SeqState = seq.state
+        token = st.sampler.sample(logits)
+        seq.output_ids.append(token)
+        st.sampler.observe(token)
+        self.tokens_generated += 1
+        reason: str | None = None
+        if token in st.eos_ids:
+            reason, text = "stop", st.stop.feed(st.detok.flush())
+        else:
+            text = st.stop.feed(st.detok.push(token))
+            if st.stop.stopped:
+                reason = "stop"
+            elif len(seq.output_ids) >= seq.max_tokens:
+                reason = "length"
+                text += st.stop.feed(st.detok.flush())
+                reason = "stop" if st.stop.stopped else reason
+        if seq.cancelled:
+            self.scheduler.finish(seq)
+            return
+        if reason is None:
+            if text:
+                self._send(seq, Event(text=text))
+            return
+        text += st.stop.flush()
+        peak = len(self.blocks.blocks(seq.seq_id)) * self.blocks.bytes_per_block
+        self.scheduler.finish(seq)
+        admitted = st.admitted_at if st.admitted_at is not None else st.submitted_at
+        self._send(
+            seq,
+            Event(
+                text=text,
+                finish_reason=reason,
+                completion_tokens=len(seq.output_ids),
+                kv_peak_bytes=peak,
+                queue_seconds=admitted - st.submitted_at,
+            ),
+        )

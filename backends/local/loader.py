@@ -1,0 +1,186 @@
+"""Load a Hugging Face checkpoint directory with its safetensors weights memory-mapped.
+
+The safetensors header (8-byte little-endian length, then JSON) is parsed here; each file is
+mapped once with ``mmap.ACCESS_COPY`` and every tensor is a ``torch.frombuffer`` view into the
+mapping, so weights live in the page cache (shared between processes) and are never copied onto
+the heap unless a dtype conversion is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backends.local.model import Llama, ModelConfig
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory is missing something or is malformed."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise CheckpointError(
+            f"unsupported dtype {name!r}; expected one of {', '.join(TORCH_DTYPES)}"
+        ) from None
+
+
+@dataclass
+class MappedFile:
+    """One safetensors file mapped into memory; tensors are views into `mapping`."""
+
+    path: Path
+    mapping: mmap.mmap
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(data start offset, header dict) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: header length {n} is implausible")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: bad safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not an object")
+    return 8 + n, header
+
+
+def map_safetensors(path: Path) -> MappedFile:
+    start, header = read_header(path)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    mf = MappedFile(path, mapping, metadata=header.pop("__metadata__", None) or {})
+    for name, info in header.items():
+        dt = info.get("dtype")
+        if dt not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dt!r}")
+        dtype = SAFETENSORS_DTYPES[dt]
+        begin, end = (int(x) for x in info["data_offsets"])
+        shape = [int(s) for s in info["shape"]]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = 1
+        for s in shape:
+            count *= s
+        if end - begin != count * itemsize or start + end > size:
+            raise CheckpointError(f"{path}: tensor {name} offsets do not match its shape")
+        if count == 0:
+            mf.tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        offset = start + begin
+        if offset % itemsize:  # misaligned: a copy is the only safe view
+            raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=offset)
+            t = raw.clone().view(dtype)
+        else:
+            t = torch.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
+        mf.tensors[name] = t.view(shape)
+    return mf
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        if not files:
+            raise CheckpointError(f"{index}: empty weight_map")
+        return [model_dir / f for f in files]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors files")
+    return files
+
+
+@dataclass
+class LoadedModel:
+    model: Llama
+    config: ModelConfig
+    weight_bytes: int
+    files: list[MappedFile]
+    copied_bytes: int = 0  # bytes that had to be converted onto the heap
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{model_dir}: no config.json")
+    return ModelConfig.from_hf(json.loads(path.read_text()))
+
+
+def load_checkpoint(
+    model_dir: str | Path, dtype: str = "float32", device: str = "cpu"
+) -> LoadedModel:
+    """Build the model on `meta` and assign mmapped weights (converted only where needed)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model directory {model_dir} does not exist")
+    cfg = read_config(model_dir)
+    target = parse_dtype(dtype)
+    files = [map_safetensors(p) for p in checkpoint_files(model_dir)]
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    copied = 0
+    for mf in files:
+        for name, t in mf.tensors.items():
+            if name not in expected:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                raise CheckpointError(f"{mf.path}: unexpected tensor {name}")
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise CheckpointError(
+                    f"{name}: shape {tuple(t.shape)} in checkpoint, model expects "
+                    f"{tuple(expected[name].shape)}"
+                )
+            if t.dtype != target or device != "cpu":
+                t = t.to(device=device, dtype=target)
+                copied += t.numel() * t.element_size()
+            state[name] = t
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{model_dir}: missing tensors {', '.join(missing[:5])}...")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    model.eval()
+    weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    return LoadedModel(model, cfg, weight_bytes, files, copied)

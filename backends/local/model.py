@@ -1,0 +1,323 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) whose state_dict keys are Hugging Face's.
+
+Two forwards share every weight:
+
+- ``forward_full(input_ids[B, T])``: plain causal forward from position 0, no cache, differentiable
+  (training, parity tests).
+- ``forward_step(step, kv)``: the engine's forward. Tokens of several sequences are flattened
+  into one ``[N]`` vector with their positions; each sequence sees its keys and values through
+  ``kv_slots`` (indices into a flat, paged KV pool); new keys and values are written at
+  ``write_slots``. LoRA is applied per token through an adapter index (slot 0 = base model),
+  so one step can mix adapters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.local.config import ModelConfig
+
+__all__ = ["Llama", "ModelConfig"]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] (float32, CPU), with llama3 / linear scaling applied."""
+    dim = cfg.head_dim
+    inv = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    )
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv
+    factor = float(sc["factor"])
+    if sc["rope_type"] == "linear":
+        return inv / factor
+    low = float(sc.get("low_freq_factor", 1.0))
+    high = float(sc.get("high_freq_factor", 4.0))
+    old_ctx = float(sc.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., T, H, D]; cos/sin [..., T, 1, D]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class LoraWeights:
+    """One adapter on one projection: y += scale * (x @ a.T) @ b.T."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float
+
+
+@dataclass
+class LoraBatch:
+    """Per-token adapter slots of one step, grouped once: [(slot, row indices)], slot 0 = base."""
+
+    groups: list[tuple[int, torch.Tensor]]
+
+    @classmethod
+    def from_index(cls, index: torch.Tensor) -> LoraBatch | None:
+        slots = [int(s) for s in torch.unique(index).tolist() if s != 0]
+        if not slots:
+            return None
+        return cls([(s, torch.nonzero(index == s).flatten()) for s in slots])
+
+
+class Proj(nn.Module):
+    """A linear projection (HF keys `weight`, `bias`) plus adapters by slot, kept out of state."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.adapters: dict[int, LoraWeights] = {}
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if lora is None or not self.adapters:
+            return y
+        for slot, rows in lora.groups:
+            w = self.adapters.get(slot)
+            if w is not None:
+                xs = x.index_select(0, rows)
+                y.index_add_(0, rows, F.linear(F.linear(xs, w.a), w.b) * w.scale)
+        return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+@dataclass
+class SeqSpan:
+    """One sequence in a step: its new tokens are flat rows [start, start+length)."""
+
+    start: int
+    length: int
+    kv_slots: torch.Tensor  # [context_len] pool slots of positions 0..context_len-1
+
+
+@dataclass
+class StepInput:
+    input_ids: torch.Tensor  # [N] flat tokens of all sequences
+    positions: torch.Tensor  # [N]
+    write_slots: torch.Tensor  # [N] pool slot where each new token's K/V is written
+    seqs: list[SeqSpan]
+    logits_rows: torch.Tensor  # [S] flat rows whose logits are wanted (last token of each seq)
+    lora: LoraBatch | None = None
+
+
+@dataclass
+class KVPool:
+    """Flat paged KV storage: per layer k, v [num_slots, kv_heads, head_dim]."""
+
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def allocate(
+        cls, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str
+    ) -> KVPool:
+        shape = (num_slots, cfg.num_key_value_heads, cfg.head_dim)
+        n = cfg.num_hidden_layers
+        return cls(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        h, qd, kvd = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        )
+        self.q_proj = Proj(h, qd, cfg.attention_bias)
+        self.k_proj = Proj(h, kvd, cfg.attention_bias)
+        self.v_proj = Proj(h, kvd, cfg.attention_bias)
+        self.o_proj = Proj(qd, h, cfg.attention_out_bias)
+
+    def _qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora: LoraBatch | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lead = x.shape[:-1]
+        q = self.q_proj(x, lora).view(*lead, self.heads, self.head_dim)
+        k = self.k_proj(x, lora).view(*lead, self.kv_heads, self.head_dim)
+        v = self.v_proj(x, lora).view(*lead, self.kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward_full(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin, None)  # [B, T, H, D]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return self.o_proj.forward(o.transpose(1, 2).reshape(b, t, -1))
+
+    def forward_step(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        step: StepInput,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        q, k, v = self._qkv(x, cos, sin, step.lora)  # [N, H, D]
+        k_cache.index_copy_(0, step.write_slots, k)
+        v_cache.index_copy_(0, step.write_slots, v)
+        out = torch.empty_like(q)
+        for s in step.seqs:
+            ctx = s.kv_slots.numel()
+            qs = q[s.start : s.start + s.length].transpose(0, 1)  # [H, n, D]
+            ks = k_cache.index_select(0, s.kv_slots).transpose(0, 1)  # [KVH, ctx, D]
+            vs = v_cache.index_select(0, s.kv_slots).transpose(0, 1)
+            mask: torch.Tensor | None = None
+            if 1 < s.length < ctx:
+                qpos = torch.arange(ctx - s.length, ctx, device=x.device)
+                mask = torch.arange(ctx, device=x.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(
+                qs,
+                ks,
+                vs,
+                attn_mask=mask,
+                is_causal=s.length == ctx and s.length > 1,
+                enable_gqa=True,
+            )
+            out[s.start : s.start + s.length] = o.transpose(0, 1)
+        return self.o_proj.forward(out.reshape(out.shape[0], -1), step.lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = Proj(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = Proj(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = Proj(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        return self.down_proj.forward(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """The model. Build on the meta device and assign loaded weights, or train from random."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else Proj(cfg.hidden_size, cfg.vocab_size)
+        self.inv_freq = rope_inv_freq(cfg)  # plain attribute: not in state_dict, never meta
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, layer) for layer in self.model.layers]
+
+    def _rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = self.inv_freq.to(positions.device)
+        freqs = positions.to(torch.float32)[..., None] * inv  # [..., T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # [..., T, 1, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head.forward(h)
+
+    def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V], causal from position 0, no cache."""
+        x = self.model.embed_tokens(input_ids)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self._rope(pos, x.dtype)
+        for layer in self.layers:
+            x = x + layer.self_attn.forward_full(layer.input_layernorm(x), cos, sin)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self._logits(self.model.norm(x)).float()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.forward_full(input_ids)
+
+    def forward_step(self, step: StepInput, kv: KVPool) -> torch.Tensor:
+        """Flat tokens of several sequences -> logits [S, V] at step.logits_rows (float32)."""
+        x = self.model.embed_tokens(step.input_ids)
+        cos, sin = self._rope(step.positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = x + layer.self_attn.forward_step(
+                layer.input_layernorm(x), cos, sin, step, kv.k[i], kv.v[i]
+            )
+            x = x + layer.mlp(layer.post_attention_layernorm(x), step.lora)
+        h = self.model.norm(x.index_select(0, step.logits_rows))
+        return self._logits(h).float()

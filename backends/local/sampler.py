@@ -1,0 +1,71 @@
+"""Next-token choice for one sequence: greedy, or temperature + top_p with OpenAI penalties.
+
+Each sequence owns a `torch.Generator` seeded from its request's seed, so the same seed gives
+the same tokens whatever else is in flight.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+
+class Sampler:
+    """Sampling state of one sequence (its generator and, with penalties, its token counts)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+    ) -> None:
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        self.temperature = temperature
+        self.top_p = top_p
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed % (2**63) if seed is not None else secrets.randbits(63))
+        self._counts: torch.Tensor | None = (
+            torch.zeros(vocab_size, dtype=torch.float32)
+            if presence_penalty or frequency_penalty
+            else None
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def observe(self, token: int) -> None:
+        """Record a generated token (for presence/frequency penalties)."""
+        if self._counts is not None and 0 <= token < self._counts.numel():
+            self._counts[token] += 1
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """logits [V] float32 (on any device) -> the next token id."""
+        logits = logits.float().cpu()
+        if self._counts is not None:
+            counts = self._counts[: logits.numel()]
+            logits = (
+                logits
+                - self.frequency_penalty * counts
+                - self.presence_penalty * (counts > 0).float()
+            )
+        if self.greedy:
+            return int(torch.argmax(logits).item())
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < self.top_p
+            keep[0] = True
+            sorted_p = sorted_p * keep
+            choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=self.generator)
+            return int(order[choice].item())
+        return int(torch.multinomial(probs, 1, generator=self.generator).item())

@@ -1,0 +1,109 @@
+"""Which sequences run in the next step (plain Python; the engine does the torch work).
+
+Continuous batching: each step runs every running sequence for one token, plus the prompts of
+newly admitted ones, in one flat batch. A waiting sequence is admitted first-come first-served
+when a batch slot is free and the KV cache can reserve its prompt + max_tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.local.block_manager import BlockManager
+
+
+@dataclass
+class Sequence:
+    """One generation request as the engine sees it."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    max_tokens: int
+    adapter_slot: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    cancelled: bool = False
+    finished: bool = False
+    state: Any = None  # the engine's per-sequence state (sampler, detokenizer, stop filter)
+    on_admit: Callable[[], None] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        return len(self.prompt_ids) + self.max_tokens
+
+    def pending_ids(self) -> list[int]:
+        """Tokens to feed in the next step (the prompt, then the last generated token)."""
+        all_ids = self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+        return all_ids[self.num_cached :]
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_tokens: int
+
+
+class Scheduler:
+    def __init__(
+        self, blocks: BlockManager, max_batch_size: int, max_batch_tokens: int = 4096
+    ) -> None:
+        if max_batch_size <= 0:
+            raise ValueError("max_batch_size must be positive")
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def cancel(self, seq_id: int) -> Sequence | None:
+        """Drop a sequence wherever it is and free its blocks."""
+        for seq in list(self.waiting):
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+                seq.cancelled = True
+                return seq
+        for seq in self.running:
+            if seq.seq_id == seq_id:
+                seq.cancelled = True
+                self.finish(seq)
+                return seq
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        seq.finished = True
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.release(seq.seq_id)
+
+    def schedule(self) -> ScheduledBatch:
+        """Admit what fits, then give every running sequence its pending tokens."""
+        tokens = sum(len(s.pending_ids()) for s in self.running)
+        while self.waiting and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            prompt = len(seq.pending_ids())
+            if self.running and tokens + prompt > self.max_batch_tokens:
+                break
+            if not self.blocks.can_reserve(seq.max_total_tokens):
+                break  # FIFO: later requests do not overtake one that waits for memory
+            self.waiting.popleft()
+            self.blocks.reserve(seq.seq_id, seq.max_total_tokens)
+            self.running.append(seq)
+            tokens += prompt
+            if seq.on_admit is not None:
+                seq.on_admit()
+        for seq in self.running:
+            self.blocks.ensure(seq.seq_id, seq.num_tokens)
+        return ScheduledBatch(list(self.running), tokens)

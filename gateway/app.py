@@ -1,0 +1,147 @@
+"""create_app(settings): builds everything; the lifespan starts and closes it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backends.base import Backend
+from backends.registry import backend_class
+from gateway import routes
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.settings import Settings, load_settings
+from gateway.tenants import AdminKey, TenantDirectory
+
+log = logging.getLogger("gateway")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    tenants: TenantDirectory
+    admin: AdminKey
+    backends: dict[str, Backend]
+    ready: bool = False
+    started: float = field(default_factory=time.time)
+
+
+class RequestIdMiddleware:
+    """Pure ASGI: every response carries x-request-id (the client's if sane, else a new one)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        raw_id = request_id.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", raw_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def error_response(exc: GatewayError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.response_headers())
+
+
+async def _on_gateway_error(request: Request, exc: Exception) -> Response:
+    return error_response(cast(GatewayError, exc))
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    exc = cast(HTTPException, exc)
+    if exc.status_code == 405:
+        err: GatewayError = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+    elif exc.status_code == 404:
+        err = NotFound(f"Unknown route: {request.method} {request.url.path}", code="unknown_url")
+    else:
+        err = GatewayError(str(exc.detail), status=exc.status_code)
+    return error_response(err)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(GatewayError("The gateway failed to handle this request."))
+
+
+def build_backends(settings: Settings) -> dict[str, Backend]:
+    return {
+        name: backend_class(spec.kind)(name, spec.config) for name, spec in settings.backends.items()
+    }
+
+
+def create_app(settings: Settings, backends: dict[str, Backend] | None = None) -> Starlette:
+    state = GatewayState(
+        settings=settings,
+        tenants=TenantDirectory(settings.tenants),
+        admin=AdminKey(settings.server.admin_api_key_env),
+        backends=backends if backends is not None else build_backends(settings),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        try:
+            for backend in state.backends.values():
+                await backend.start()
+            state.ready = True
+            yield {}
+        finally:
+            state.ready = False
+            for backend in state.backends.values():
+                try:
+                    await backend.aclose()
+                except Exception:
+                    log.exception("closing backend %s failed", backend.name)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+            Route("/v1/completions", routes.completions, methods=["POST"]),
+            Route("/v1/models", routes.list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", routes.get_model, methods=["GET"]),
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/ready", routes.ready, methods=["GET"]),
+            Route("/debug/memory", routes.debug_memory, methods=["GET"]),
+        ],
+        exception_handlers={
+            GatewayError: _on_gateway_error,
+            HTTPException: _on_http_exception,
+            Exception: _on_unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.gateway = state
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for `gateway serve --workers N`: reads the config path from the env."""
+    return create_app(load_settings(os.environ["GATEWAY_CONFIG"]))

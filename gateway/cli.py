@@ -1,0 +1,80 @@
+"""`gateway` command line: serve, demo-model, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gateway.settings import ConfigError, load_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    common = {"host": host, "port": port, "log_level": "info", "timeout_graceful_shutdown": 30}
+    if args.workers > 1:
+        os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
+        uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
+    else:
+        from gateway.app import create_app
+
+        uvicorn.run(create_app(settings), **common)
+    return 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from gateway.demo import write_demo
+
+    write_demo(Path(args.dir), steps=args.steps, force=args.force)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: ok ({len(settings.backends)} backends, {len(settings.models)} models, "
+          f"{len(settings.tenants)} tenants)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    serve.add_argument("--config", required=True, help="YAML config file")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes")
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo-model", help="write the demo checkpoint and tenant adapters")
+    demo.add_argument("dir")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the full run)")
+    demo.add_argument("--force", action="store_true", help="rewrite even if DIR exists")
+    demo.set_defaults(func=_demo_model)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config")
+    check.set_defaults(func=_check_config)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The request as it travels through policies and into a backend."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Sampling knobs shared by every backend (OpenAI names and meanings)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One piece of a generation. The last chunk carries finish_reason and usage."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | None while generating
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class RequestMemory:
+    """Memory a request causes; filled by the backend, read by telemetry."""
+
+    kv_bytes_reserved: int = 0
+    kv_bytes_peak: int = 0
+    adapter: str | None = None
+    adapter_bytes: int = 0
+    queue_seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class Decision:
+    policy: str
+    action: str  # "pass" | "modify" | "reject"
+    reason: str = ""
+    status: int = 200
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything known about one request. `kind` is "chat" or "completion"."""
+
+    request_id: str
+    tenant: str
+    kind: str
+    requested_model: str
+    target_model: str
+    backend: str
+    sampling: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    adapter: str | None = None
+    user: str | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    deadline: float | None = None
+    prompt_tokens: int | None = None
+    decisions: list[Decision] = field(default_factory=list)
+    memory: RequestMemory = field(default_factory=RequestMemory)

@@ -1,0 +1,212 @@
+"""HTTP handlers: authenticate, validate, hand to the pipeline, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gateway import validation
+from gateway.context import Chunk, RequestContext
+from gateway.errors import (
+    ClientDisconnected,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+)
+from gateway.pipeline import Pipeline
+from gateway.settings import ModelConfig, TenantConfig
+from gateway.sse import collect, stream_events
+
+T = TypeVar("T")
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def _state(request: Request) -> Any:
+    return request.app.state.gateway
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    if not body:
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        data = json.loads(bytes(body))
+    except (ValueError, RecursionError) as exc:
+        reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "not valid JSON"
+        raise InvalidRequest(f"The request body is {reason}.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def resolve_model(state: Any, tenant: TenantConfig, name: str) -> ModelConfig:
+    model = state.settings.model(name)
+    if model is None or name not in tenant.models:
+        raise NotFound(
+            f"The model '{name}' does not exist or you do not have access to it.",
+            param="model", code="model_not_found",
+        )
+    return model
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client goes away first (non-streaming requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # let the generation release what it holds before we answer
+    if task.cancelled():
+        raise ClientDisconnected("The client closed the connection.")
+    return task.result()
+
+
+async def _generate(request: Request, kind: str) -> Response:
+    state = _state(request)
+    tenant = state.tenants.authenticate(request.headers.get("authorization"))
+    body = await read_json(request, state.settings.server.max_body_bytes)
+    chat = kind == "chat"
+    validation.check_fields(body, validation.CHAT_FIELDS if chat else validation.COMPLETION_FIELDS)
+    model = resolve_model(state, tenant, validation.model_name(body))
+    stream, include_usage = validation.stream_flags(body)
+    ctx = RequestContext(
+        request_id=request.scope["state"]["request_id"],
+        tenant=tenant.name,
+        kind=kind,
+        requested_model=model.name,
+        target_model=model.name,
+        backend=model.backend,
+        sampling=validation.sampling(body, state.settings.server.default_max_tokens, chat=chat),
+        stream=stream,
+        include_usage=include_usage,
+        messages=validation.messages(body) if chat else None,
+        prompt=None if chat else validation.prompt(body),
+        adapter=tenant.adapters.get(model.name),
+        user=body.get("user") if isinstance(body.get("user"), str) else None,
+        created=time.time(),
+    )
+    if not state.ready:
+        raise Unavailable("The gateway is starting; try again shortly.", retry_after=1)
+    pipeline = Pipeline(state)
+    chunks = pipeline.run(ctx)
+    if not stream:
+        result = await _until_disconnect(request, collect(ctx, chunks))
+        return JSONResponse(result, headers=pipeline.headers(ctx))
+    # Wait for the first chunk so that failures before the first byte get a real status code.
+    first = await _until_disconnect(request, _first(chunks))
+    return StreamingResponse(
+        stream_events(ctx, _prepend(first, chunks)),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **pipeline.headers(ctx)},
+    )
+
+
+async def _first(chunks: AsyncIterator[Chunk]) -> Chunk | None:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+    except BaseException:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        raise
+
+
+async def _prepend(first: Chunk | None, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    try:
+        if first is not None:
+            yield first
+            async for chunk in rest:
+                yield chunk
+    finally:
+        aclose = getattr(rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "chat")
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, "completion")
+
+
+def _model_card(model: ModelConfig, created: int) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": created, "owned_by": "gateway"}
+
+
+async def list_models(request: Request) -> Response:
+    state = _state(request)
+    tenant = state.tenants.authenticate(request.headers.get("authorization"))
+    created = int(state.started)
+    data = [_model_card(m, created) for m in state.settings.models if m.name in tenant.models]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> Response:
+    state = _state(request)
+    tenant = state.tenants.authenticate(request.headers.get("authorization"))
+    model = resolve_model(state, tenant, request.path_params["model_id"])
+    return JSONResponse(_model_card(model, int(state.started)))
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    state = _state(request)
+    checks = {}
+    if state.ready:
+        for name, backend in state.backends.items():
+            try:
+                checks[name] = bool(await backend.health())
+            except Exception:
+                checks[name] = False
+    ok = state.ready and all(checks.values())
+    body = {"status": "ready" if ok else "not_ready", "backends": checks}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def debug_memory(request: Request) -> Response:
+    """Admin only: each backend's memory snapshot and capacity."""
+    state = _state(request)
+    state.admin.authenticate(request.headers.get("authorization"))
+    out: dict[str, Any] = {}
+    for name, backend in state.backends.items():
+        snap = backend.memory()
+        cap = backend.capacity()
+        out[name] = {
+            "memory": {**dataclasses.asdict(snap), "other": snap.other},
+            "capacity": dataclasses.asdict(cap) if cap is not None else None,
+        }
+    return JSONResponse({"backends": out})

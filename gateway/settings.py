@@ -1,0 +1,285 @@
+"""YAML config -> frozen, typed settings. Every mistake names its field path and the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from backends.registry import backend_class
+
+
+class ConfigError(Exception):
+    """The config file is wrong; the message names the file and the field path."""
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: object) -> int:
+    """256MiB, 1GB, 4096 -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a byte size such as 256MiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a byte size cannot be negative")
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+    raise ValueError(f"expected a byte size such as 256MiB, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 2**20
+    default_max_tokens: int = 256
+    admin_api_key_env: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    backend: str
+    degrade_to: str | None = None
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrency: int | None = None
+    max_kv_share: float | None = None
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    api_keys_env: str | None = None
+    api_key_sha256: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    adapters: dict[str, str] = field(default_factory=dict)
+    priority: str = "normal"
+    limits: TenantLimits = field(default_factory=TenantLimits)
+    allow_degrade: bool = True
+
+    def key_hashes(self) -> tuple[bytes, ...]:
+        """sha256 digests of every key this tenant may use (config hashes + env keys)."""
+        digests = [bytes.fromhex(h) for h in self.api_key_sha256]
+        if self.api_keys_env:
+            for key in os.environ.get(self.api_keys_env, "").split(","):
+                if key.strip():
+                    digests.append(hashlib.sha256(key.strip().encode()).digest())
+        return tuple(digests)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    otlp_endpoint: str | None = None
+    service_name: str = "gateway"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    kind: str
+    config: Any  # the kind's own frozen Config dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    backends: dict[str, BackendSpec] = field(default_factory=dict)
+    models: tuple[ModelConfig, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+    policies: tuple[str, ...] = ()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    source: str = "<memory>"
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+# ---------------------------------------------------------------- generic validation
+
+
+def _convert(tp: Any, value: Any, path: str, fname: str, base: Path) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path, fname, base)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path, base)
+    if tp is int and fname.endswith("_bytes"):
+        try:
+            return parse_bytes(value)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(_convert(args[0], v, f"{path}[{i}]", fname, base) for i, v in enumerate(items))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {
+            _convert(args[0], k, f"{path}.{k}", "", base): _convert(args[1], v, f"{path}.{k}", fname, base)
+            for k, v in value.items()
+        }
+    if tp is Any:
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp!r}")  # a bug in a Config class
+
+
+def build(cls: Any, data: Any, path: str, base: Path = Path(".")) -> Any:
+    """Instantiate the dataclass `cls` from a mapping, naming any bad field by its path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or '<top>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{_join(path, str(key))}: unknown field (known: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{_join(path, name)}: required field is missing")
+            continue
+        value = _convert(hints[name], data[name], _join(path, name), name, base)
+        if name in getattr(cls, "PATH_FIELDS", ()) and isinstance(value, str):
+            value = str((base / value).resolve()) if not Path(value).is_absolute() else value
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path or '<top>'}: {exc}") from None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+# ---------------------------------------------------------------- the top level
+
+
+def parse_settings(data: Any, source: str = "<memory>", base: Path = Path(".")) -> Settings:
+    try:
+        return _parse(data, source, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _parse(data: Any, source: str, base: Path) -> Settings:
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping")
+    known = {"server", "backends", "models", "tenants", "policies", "telemetry"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown field (known: {', '.join(sorted(known))})")
+    server = build(ServerConfig, data.get("server"), "server", base)
+    backends: dict[str, BackendSpec] = {}
+    raw_backends = data.get("backends") or {}
+    if not isinstance(raw_backends, dict) or not raw_backends:
+        raise ConfigError("backends: expected a non-empty mapping of name -> {kind: ...}")
+    for name, raw in raw_backends.items():
+        path = f"backends.{name}"
+        if not isinstance(raw, dict) or "kind" not in raw:
+            raise ConfigError(f"{path}.kind: required field is missing")
+        body = dict(raw)
+        kind = body.pop("kind")
+        try:
+            cls = backend_class(kind)
+        except KeyError as exc:
+            raise ConfigError(f"{path}.kind: {exc.args[0]}") from None
+        backends[str(name)] = BackendSpec(kind=kind, config=build(cls.Config, body, path, base))
+    models = _list(ModelConfig, data.get("models"), "models", base)
+    tenants = _list(TenantConfig, data.get("tenants"), "tenants", base)
+    policies = _convert(tuple[str, ...], data.get("policies") or [], "policies", "", base)
+    telemetry = build(TelemetryConfig, data.get("telemetry"), "telemetry", base)
+    settings = Settings(server, backends, models, tenants, policies, telemetry, source)
+    _check_references(settings)
+    return settings
+
+
+def _list(cls: Any, raw: Any, path: str, base: Path) -> tuple[Any, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: expected a list")
+    return tuple(build(cls, item, f"{path}[{i}]", base) for i, item in enumerate(raw))
+
+
+def _check_references(s: Settings) -> None:
+    names = [m.name for m in s.models]
+    for i, m in enumerate(s.models):
+        if names.count(m.name) > 1:
+            raise ConfigError(f"models[{i}].name: duplicate model name {m.name!r}")
+        if m.backend not in s.backends:
+            raise ConfigError(f"models[{i}].backend: no backend named {m.backend!r}")
+        if m.degrade_to is not None and m.degrade_to not in names:
+            raise ConfigError(f"models[{i}].degrade_to: no model named {m.degrade_to!r}")
+    seen: set[str] = set()
+    for i, t in enumerate(s.tenants):
+        if t.name in seen:
+            raise ConfigError(f"tenants[{i}].name: duplicate tenant {t.name!r}")
+        seen.add(t.name)
+        if t.priority not in ("high", "normal", "low"):
+            raise ConfigError(f"tenants[{i}].priority: expected high, normal or low")
+        for j, h in enumerate(t.api_key_sha256):
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", h):
+                raise ConfigError(f"tenants[{i}].api_key_sha256[{j}]: expected 64 hex digits")
+        if not t.api_key_sha256 and not t.api_keys_env:
+            raise ConfigError(f"tenants[{i}]: give api_keys_env or api_key_sha256")
+        for j, model in enumerate(t.models):
+            if model not in names:
+                raise ConfigError(f"tenants[{i}].models[{j}]: no model named {model!r}")
+        for model in t.adapters:
+            if model not in t.models:
+                raise ConfigError(f"tenants[{i}].adapters.{model}: not one of this tenant's models")
+
+
+def load_settings(path: str | Path) -> Settings:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    return parse_settings(data, str(p), p.parent.resolve())

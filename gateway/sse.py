@@ -1,0 +1,100 @@
+"""OpenAI response bodies and server-sent events, built from backend chunks."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from gateway.context import Chunk, RequestContext, Usage
+from gateway.errors import GatewayError
+
+log = logging.getLogger("gateway.sse")
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _envelope(ctx: RequestContext) -> dict[str, Any]:
+    chat = ctx.kind == "chat"
+    return {
+        "id": ("chatcmpl-" if chat else "cmpl-") + ctx.request_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(ctx.created),
+        "model": ctx.target_model,
+    }
+
+
+def _choice(ctx: RequestContext, text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+    if ctx.kind == "chat":
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+
+async def stream_events(ctx: RequestContext, chunks: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+    """SSE exactly as OpenAI streams: one id, role first, finish_reason, usage, [DONE].
+
+    A failure after the first byte becomes an `error` event, and the stream ends without
+    [DONE] so that no client mistakes it for a complete answer.
+    """
+    env = _envelope(ctx)
+    usage_field = {"usage": None} if ctx.include_usage else {}
+    usage: Usage | None = None
+    try:
+        if ctx.kind == "chat":
+            yield _event({**env, "choices": [_choice(ctx, "", None, True)], **usage_field})
+        async for chunk in chunks:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.text:
+                yield _event({**env, "choices": [_choice(ctx, chunk.text, None, False)], **usage_field})
+            if chunk.finish_reason is not None:
+                last = _choice(ctx, None, chunk.finish_reason, False)
+                yield _event({**env, "choices": [last], **usage_field})
+        if ctx.include_usage and usage is not None:
+            yield _event({**env, "choices": [], "usage": usage.as_dict()})
+        yield DONE
+    except GatewayError as exc:
+        yield exc.sse_event()
+    except Exception:
+        log.exception("request %s failed mid-stream", ctx.request_id)
+        yield GatewayError("The backend failed while streaming this response.").sse_event()
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def collect(ctx: RequestContext, chunks: AsyncIterator[Chunk]) -> dict[str, Any]:
+    """Aggregate a whole generation into one OpenAI response object."""
+    parts: list[str] = []
+    finish = "stop"
+    usage = Usage(prompt_tokens=ctx.prompt_tokens or 0, completion_tokens=0)
+    async for chunk in chunks:
+        parts.append(chunk.text)
+        if chunk.finish_reason is not None:
+            finish = chunk.finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage
+    text = "".join(parts)
+    env = _envelope(ctx)
+    if ctx.kind == "chat":
+        env["object"] = "chat.completion"
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {**env, "choices": [choice], "usage": usage.as_dict()}

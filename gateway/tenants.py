@@ -1,0 +1,51 @@
+"""API key -> tenant. Keys are held only as sha256 digests and compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.settings import TenantConfig
+
+
+class TenantDirectory:
+    def __init__(self, tenants: tuple[TenantConfig, ...]) -> None:
+        self._entries = [(digest, t) for t in tenants for digest in t.key_hashes()]
+        self.by_name = {t.name: t for t in tenants}
+
+    def authenticate(self, authorization: str | None) -> TenantConfig:
+        """The tenant owning the bearer key, or AuthenticationFailed. Never echoes the key."""
+        if not authorization:
+            raise AuthenticationFailed(
+                "Missing API key. Send 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key"
+            )
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise AuthenticationFailed("Malformed Authorization header; expected 'Bearer YOUR_KEY'.")
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        found: TenantConfig | None = None
+        for candidate, tenant in self._entries:  # no early exit: time does not depend on position
+            if hmac.compare_digest(candidate, digest):
+                found = tenant
+        if found is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return found
+
+
+class AdminKey:
+    """The operator's key for admin endpoints, read from the env variable the config names."""
+
+    def __init__(self, env_name: str | None) -> None:
+        key = os.environ.get(env_name, "") if env_name else ""
+        self._digest = hashlib.sha256(key.encode()).digest() if key else None
+
+    def authenticate(self, authorization: str | None) -> None:
+        if self._digest is None:
+            raise PermissionDenied("Admin endpoints are disabled: set server.admin_api_key_env.")
+        scheme, _, key = (authorization or "").partition(" ")
+        digest = hashlib.sha256(key.strip().encode("utf-8", "surrogateescape")).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self._digest):
+            raise AuthenticationFailed("This endpoint needs the admin API key.")

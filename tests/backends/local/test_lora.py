@@ -1,0 +1,83 @@
+"""PEFT adapters: parity with peft, mixed-adapter batches, validation, bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+
+from backends.local.loader import load_checkpoint
+from backends.local.lora import AdapterConfig, AdapterError, install, load_adapter, uninstall
+
+from .conftest import TinyCheckpoint, add_lora, random_hf_model
+from .helpers import prefill_logits
+
+
+def test_lora_matches_peft_in_a_mixed_batch(tiny_checkpoint: TinyCheckpoint) -> None:
+    loaded = load_checkpoint(tiny_checkpoint.model_dir)
+    adapter = load_adapter(tiny_checkpoint.adapters_dir / "acme", loaded.model)
+    install(loaded.model, adapter, slot=3)
+    base = transformers.LlamaForCausalLM.from_pretrained(str(tiny_checkpoint.model_dir)).eval()
+    with torch.no_grad():
+        ref_base = base(torch.tensor([list(range(5, 25))])).logits[0]
+    pm = peft.PeftModel.from_pretrained(base, str(tiny_checkpoint.adapters_dir / "acme")).eval()
+    ids = list(range(5, 25))
+    with torch.no_grad():
+        ref_lora = pm(torch.tensor([ids])).logits[0]
+    assert (ref_lora - ref_base).abs().max().item() > 1e-2, "adapter must change the output"
+    out = prefill_logits(loaded.model, [ids, ids, ids], [3, 0, 3])
+    assert (out[0] - ref_lora).abs().max().item() < 1e-4
+    assert (out[1] - ref_base).abs().max().item() < 1e-4
+    assert (out[2] - ref_lora).abs().max().item() < 1e-4
+    uninstall(loaded.model, 3)
+    out = prefill_logits(loaded.model, [ids], [3])
+    assert (out[0] - ref_base).abs().max().item() < 1e-4
+
+
+def test_rslora_scale_and_bytes(tmp_path: Path) -> None:
+    hf = random_hf_model(61)
+    base_state = {k: v.clone() for k, v in hf.state_dict().items()}
+    ref_base = hf(torch.tensor([[1, 2, 3, 4]])).logits[0].detach()
+    pm = add_lora(hf, tmp_path / "rs", r=8, use_rslora=True)
+    with torch.no_grad():
+        ref = pm(torch.tensor([[1, 2, 3, 4]])).logits[0]
+    assert (ref - ref_base).abs().max().item() > 1e-3
+    from backends.local.model import Llama, ModelConfig
+
+    ours = Llama(ModelConfig.from_hf(hf.config.to_dict()))
+    ours.load_state_dict(base_state)
+    adapter = load_adapter(tmp_path / "rs", ours)
+    assert adapter.config.scale == pytest.approx(16 / 8**0.5)
+    # r x (d_in + d_out) x 4 bytes per module: q (64+64), v (64+32), o (64+64), down (128+64) per layer
+    assert adapter.nbytes == 8 * 4 * 2 * ((64 + 64) + (64 + 32) + (64 + 64) + (128 + 64))
+    install(ours, adapter, 1)
+    out = prefill_logits(ours.eval(), [[1, 2, 3, 4]], [1])
+    assert (out[0] - ref).abs().max().item() < 1e-4
+
+
+def test_adapter_for_another_base_model_is_rejected(
+    tmp_path: Path, tiny_checkpoint: TinyCheckpoint
+) -> None:
+    other = random_hf_model(61, hidden_size=32, intermediate_size=64, head_dim=8)
+    add_lora(other, tmp_path / "other")
+    loaded = load_checkpoint(tiny_checkpoint.model_dir)
+    with pytest.raises(AdapterError, match="different base model"):
+        load_adapter(tmp_path / "other", loaded.model)
+
+
+def test_adapter_config_validation(tmp_path: Path) -> None:
+    assert (
+        AdapterConfig.from_dict({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).scale
+        == 2.0
+    )
+    with pytest.raises(AdapterError, match="DoRA"):
+        AdapterConfig.from_dict({"r": 4, "use_dora": True})
+    with pytest.raises(AdapterError, match="integer r"):
+        AdapterConfig.from_dict({"lora_alpha": 8})
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2}))
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors"):
+        load_adapter(tmp_path, torch.nn.Module())  # type: ignore[arg-type]

@@ -1,0 +1,40 @@
+"""Shared fixtures: the demo model, and real gateway processes on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = ROOT / "models" / "demo"
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The demo checkpoint `make test` builds before the tests (built here if missing)."""
+    if not (DEMO_DIR / "config.json").exists():
+        from gateway.demo import write_demo
+
+        write_demo(DEMO_DIR)
+    return DEMO_DIR
+
+
+@pytest.fixture(scope="session")
+def demo_gateway(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `gateway serve` on the demo config; yields its base URL (…/v1)."""
+    from tests.server import demo_config, running_gateway
+
+    cfg = demo_config(demo_model)
+    with running_gateway(cfg, tmp_path_factory.mktemp("demo"), env={"GATEWAY_ADMIN_KEY": "sk-admin"}) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
