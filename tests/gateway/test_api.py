@@ -270,25 +270,36 @@ def test_request_id_is_echoed_when_sane(demo_gateway: str) -> None:
 # ---------------------------------------------------------------- disconnects
 
 
-def test_disconnect_mid_stream_frees_the_cache(demo_gateway: str) -> None:
-    idle = admin_memory(demo_gateway)["memory"]["kv_used"]
-    host, port = demo_gateway.removeprefix("http://").removesuffix("/v1").split(":")
-    body = json.dumps({"model": "demo", "messages": PROMPT, "max_tokens": 1000, "stream": True,
-                       "ignore_eos": True}).encode()
-    for _ in range(3):
-        s = socket.create_connection((host, int(port)))
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-demo-acme\r\n"
-                  b"content-type: application/json\r\ncontent-length: " + str(len(body)).encode()
-                  + b"\r\n\r\n" + body)
-        got = b""
-        while got.count(b"data: ") < 3:
-            got += s.recv(4096)
-        assert admin_memory(demo_gateway)["memory"]["kv_used"] > idle
-        s.close()
+def _raw_request(url: str, body: dict[str, Any]) -> socket.socket:
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    data = json.dumps(body).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-demo-acme\r\n"
+              b"content-type: application/json\r\ncontent-length: " + str(len(data)).encode()
+              + b"\r\n\r\n" + data)
+    return s
+
+
+def _wait_kv(url: str, until: Any, what: str) -> None:
     deadline = time.monotonic() + 10
-    while admin_memory(demo_gateway)["memory"]["kv_used"] != idle:
-        assert time.monotonic() < deadline, "KV cache still held after the clients left"
-        time.sleep(0.05)
+    while not until(admin_memory(url)["memory"]["kv_used"]):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_frees_the_cache(demo_gateway: str, stream: bool) -> None:
+    idle = admin_memory(demo_gateway)["memory"]["kv_used"]
+    body = {"model": "demo", "messages": PROMPT, "max_tokens": 1000, "stream": stream, "ignore_eos": True}
+    for _ in range(3):
+        s = _raw_request(demo_gateway, body)
+        if stream:
+            got = b""
+            while got.count(b"data: ") < 3:
+                got += s.recv(4096)
+        _wait_kv(demo_gateway, lambda kv: kv > idle, "the request never started")
+        s.close()
+        _wait_kv(demo_gateway, lambda kv: kv == idle, "KV cache still held after the client left")
     assert greedy(demo_gateway, "sk-demo-acme")  # and the engine still serves
 
 
