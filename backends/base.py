@@ -21,6 +21,7 @@ class MemorySnapshot:
     kv_used: int = 0
     kv_free: int = 0
     workspace: int = 0
+    runtime: int = 0  # measured before weights load (interpreter, libraries); local only
     measured: int | None = None
 
     @property
@@ -28,7 +29,12 @@ class MemorySnapshot:
         if self.measured is None:
             return None
         return self.measured - (
-            self.weights + sum(self.adapters.values()) + self.kv_used + self.kv_free + self.workspace
+            self.weights
+            + sum(self.adapters.values())
+            + self.kv_used
+            + self.kv_free
+            + self.workspace
+            + self.runtime
         )
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from gateway.settings import ConfigError, load_settings
@@ -25,12 +26,24 @@ def _serve(args: argparse.Namespace) -> int:
     common = {"host": host, "port": port, "log_level": "info", "timeout_graceful_shutdown": 30}
     if args.workers > 1:
         os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
+        _multiprocess_metrics_dir()
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
     else:
         from gateway.app import create_app
 
         uvicorn.run(create_app(settings), **common)
     return 0
+
+
+def _multiprocess_metrics_dir() -> None:
+    """Before workers start: a fresh directory where each worker writes its metric values, so
+    that /metrics on any worker reports all of them (prometheus_client multiprocess mode)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        for old in Path(path).glob("*.db"):
+            old.unlink()
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
 
 
 def _demo_model(args: argparse.Namespace) -> int:
@@ -48,6 +61,34 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.config}: ok ({len(settings.backends)} backends, {len(settings.models)} models, "
           f"{len(settings.tenants)} tenants)")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from backends.local.memory_plan import PlanError, plan_for_config
+
+    try:
+        settings = load_settings(args.config)
+        for name, spec in settings.backends.items():
+            if spec.kind != "local":
+                print(f"== {name} ({spec.kind}): no local memory plan")
+                continue
+            print(f"== {name} (local)\n{plan_for_config(spec.config).render()}")
+    except (ConfigError, PlanError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from backends.local.quantize import QuantizeError, quantize_checkpoint
+
+    try:
+        out = quantize_checkpoint(args.src, args.dst)
+    except (QuantizeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote int8 checkpoint to {out}")
     return 0
 
 
@@ -71,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config")
     check.set_defaults(func=_check_config)
+
+    plan = sub.add_parser("plan", help="print the memory plan without loading weights")
+    plan.add_argument("--config", required=True, help="YAML config file")
+    plan.set_defaults(func=_plan)
+
+    quant = sub.add_parser("quantize", help="write an int8 weight-only copy of a checkpoint")
+    quant.add_argument("src")
+    quant.add_argument("dst")
+    quant.set_defaults(func=_quantize)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

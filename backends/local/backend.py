@@ -17,7 +17,7 @@ from backends.local.tokenizer import ChatTokenizer, TokenizerError
 from gateway.context import Chunk, RequestContext, Usage
 
 MiB = 1024 * 1024
-QUANTIZE_MODES = ("none",)
+QUANTIZE_MODES = ("none", "int8")  # int8 at load: heap copy; `gateway quantize` for mmapped int8
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class LocalConfig:
     device: str = "cpu"
     max_batch_size: int = 32
     block_size: int = 16
+    max_prefill_tokens: int = 512  # prompt tokens per step (chunked prefill)
+    max_loras: int = 8  # LoRA slots (the device tier of the adapter cache)
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
@@ -42,8 +44,10 @@ class LocalConfig:
             )
         if self.kv_cache_bytes <= 0 or self.adapter_cache_bytes < 0:
             raise ValueError("kv_cache_bytes must be positive and adapter_cache_bytes >= 0")
-        if self.max_batch_size <= 0 or self.block_size <= 0:
-            raise ValueError("max_batch_size and block_size must be positive")
+        if min(self.max_batch_size, self.block_size, self.max_prefill_tokens, self.max_loras) <= 0:
+            raise ValueError(
+                "max_batch_size, block_size, max_prefill_tokens and max_loras must be positive"
+            )
 
 
 def process_rss_bytes() -> int | None:
@@ -69,12 +73,14 @@ class LocalBackend:
         self._engine: Engine | None = None
         self._adapters: AdapterCache | None = None
         self._closed = False
+        self._runtime = 0  # RSS before the weights load: interpreter, torch, libraries
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         if self._engine is not None:
             return
+        self._runtime = process_rss_bytes() or 0
         try:
             loaded, tokenizer = await asyncio.to_thread(self._load)
         except (CheckpointError, TokenizerError, ValueError, OSError) as e:
@@ -85,15 +91,17 @@ class LocalBackend:
             max_batch_size=self.cfg.max_batch_size,
             block_size=self.cfg.block_size,
             device=self.cfg.device,
+            max_prefill_tokens=self.cfg.max_prefill_tokens,
         )
         engine.start()
         self._loaded, self._tokenizer, self._engine = loaded, tokenizer, engine
         self._adapters = AdapterCache(
-            loaded.model, self.cfg.adapters_dir, self.cfg.adapter_cache_bytes
+            loaded.model, self.cfg.adapters_dir, self.cfg.adapter_cache_bytes, self.cfg.max_loras
         )
 
     def _load(self) -> tuple[LoadedModel, ChatTokenizer]:
-        loaded = load_checkpoint(self.cfg.model, self.cfg.dtype, self.cfg.device)
+        cfg = self.cfg
+        loaded = load_checkpoint(cfg.model, cfg.dtype, cfg.device, cfg.quantize)
         tokenizer = ChatTokenizer.from_dir(Path(self.cfg.model), loaded.config.eos_token_ids)
         return loaded, tokenizer
 
@@ -252,8 +260,14 @@ class LocalBackend:
             resident_adapters=sorted(self._adapters.resident),
         )
 
+    def adapter_stats(self) -> dict[str, int]:
+        """Adapter cache counters (loads, hits, host_hits, demotions, evictions, waits)."""
+        if self._adapters is None:
+            return {}
+        return dict(vars(self._adapters.stats))
+
     def memory(self) -> MemorySnapshot:
-        snap = MemorySnapshot(measured=process_rss_bytes())
+        snap = MemorySnapshot(measured=process_rss_bytes(), runtime=self._runtime)
         if self._loaded is not None:
             snap.weights = self._loaded.weight_bytes
         if self._adapters is not None:
@@ -261,4 +275,5 @@ class LocalBackend:
         if self._engine is not None:
             snap.kv_used = self._engine.kv_bytes_used
             snap.kv_free = self._engine.kv_bytes_total - snap.kv_used
+            snap.workspace = self._engine.workspace.peak
         return snap

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from backends.local.memory_plan import blocks_for
+
 
 class KVCapacityError(Exception):
     """The KV cache cannot hold what was asked for."""
@@ -34,7 +36,7 @@ class BlockManager:
         self._reserved = 0
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        return blocks_for(tokens, self.block_size)
 
     @property
     def reserved_blocks(self) -> int:

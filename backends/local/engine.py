@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 import torch
 
 from backends.local.block_manager import BlockManager
+from backends.local.memory_plan import KVLayout, kv_bytes_per_token
 from backends.local.model import KVPool, Llama, LoraBatch, SeqSpan, StepInput
 from backends.local.sampler import Sampler
 from backends.local.scheduler import Scheduler, Sequence
 from backends.local.stop import StopFilter
 from backends.local.tokenizer import Detokenizer
+from backends.local.workspace import WorkspaceMeter
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class Event:
     completion_tokens: int = 0
     kv_peak_bytes: int = 0
     queue_seconds: float = 0.0
+    workspace_bytes: int = 0  # the request's largest share of a step's workspace
     error: BaseException | None = None
 
 
@@ -54,6 +57,7 @@ class SeqState:
     emit: Callable[[Event], None]
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
+    workspace_peak: int = 0
 
 
 class Engine:
@@ -65,24 +69,22 @@ class Engine:
         block_size: int = 16,
         device: str = "cpu",
         num_threads: int | None = None,
+        max_prefill_tokens: int = 512,
     ) -> None:
         cfg = model.config
         self.model = model
         self.device = torch.device(device)
-        self.dtype = model.model.embed_tokens.weight.dtype
+        self.dtype = model.compute_dtype
         elem = torch.empty((), dtype=self.dtype).element_size()
-        self.bytes_per_token = (
-            2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+        per_token = kv_bytes_per_token(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, elem
         )
+        self.layout = KVLayout.from_budget(per_token, block_size, kv_cache_bytes)
+        self.bytes_per_token = per_token
         self.block_size = block_size
-        num_blocks = kv_cache_bytes // (self.bytes_per_token * block_size)
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_bytes={kv_cache_bytes} holds no block of {block_size} tokens "
-                f"({self.bytes_per_token * block_size} bytes)"
-            )
-        self.blocks = BlockManager(num_blocks, block_size, self.bytes_per_token * block_size)
-        self.scheduler = Scheduler(self.blocks, max_batch_size)
+        self.blocks = BlockManager(self.layout.num_blocks, block_size, self.layout.bytes_per_block)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
+        self.workspace = WorkspaceMeter(cfg, elem, model)
         self.num_threads = num_threads or os.cpu_count() or 1
         self.kv: KVPool | None = None
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
@@ -107,7 +109,7 @@ class Engine:
         return self.blocks.reserved_blocks * self.blocks.bytes_per_block
 
     def kv_bytes_for(self, tokens: int) -> int:
-        return self.blocks.blocks_for(tokens) * self.blocks.bytes_per_block
+        return self.layout.kv_bytes_for(tokens)
 
     @property
     def alive(self) -> bool:
@@ -208,7 +210,7 @@ class Engine:
         lora: list[int] = []
         offsets = torch.arange(self.block_size)
         for seq in seqs:
-            pending = seq.pending_ids()
+            pending = seq.step_ids()
             start, n = seq.num_cached, len(pending)
             table = torch.tensor(self.blocks.blocks(seq.seq_id), dtype=torch.long)
             slots = (table[:, None] * self.block_size + offsets).flatten()[: start + n]
@@ -237,6 +239,9 @@ class Engine:
         for seq in batch.seqs:
             if seq.state.admitted_at is None:
                 seq.state.admitted_at = now
+        shares = self.workspace.record([(s.chunk, s.num_cached + s.chunk) for s in batch.seqs])
+        for seq, share in zip(batch.seqs, shares, strict=True):
+            seq.state.workspace_peak = max(seq.state.workspace_peak, share)
         try:
             if self.kv is None:
                 raise EngineClosed("engine not started")
@@ -249,8 +254,11 @@ class Engine:
             return
         self.steps += 1
         for i, seq in enumerate(batch.seqs):
-            seq.num_cached += len(seq.pending_ids())
-            self._advance(seq, logits[i])
+            seq.num_cached += seq.chunk
+            if seq.cancelled:
+                self.scheduler.finish(seq)
+            elif not seq.prefilling:  # a chunk that ends the prompt yields the first token
+                self._advance(seq, logits[i])
 
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
         st: SeqState = seq.state
@@ -288,5 +296,6 @@ class Engine:
                 completion_tokens=len(seq.output_ids),
                 kv_peak_bytes=peak,
                 queue_seconds=admitted - st.submitted_at,
+                workspace_bytes=st.workspace_peak,
             ),
         )

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from backends.local import memory_plan
 from backends.local.model import Llama, ModelConfig
+from backends.local.quantize import quantize_state, swap_quantized
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
@@ -35,7 +36,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+QUANTIZE_MODES = ("none", "int8")
 
 
 class CheckpointError(ValueError):
@@ -63,20 +64,10 @@ class MappedFile:
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     """(data start offset, header dict) of a safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{path}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: header length {n} is implausible")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: bad safetensors header: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not an object")
-    return 8 + n, header
+    try:
+        return memory_plan.read_header(path)
+    except memory_plan.PlanError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def map_safetensors(path: Path) -> MappedFile:
@@ -115,17 +106,10 @@ def map_safetensors(path: Path) -> MappedFile:
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
-        if not files:
-            raise CheckpointError(f"{index}: empty weight_map")
-        return [model_dir / f for f in files]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{model_dir}: no *.safetensors files")
-    return files
+    try:
+        return memory_plan.checkpoint_files(model_dir)
+    except memory_plan.PlanError as e:
+        raise CheckpointError(str(e)) from None
 
 
 @dataclass
@@ -135,47 +119,80 @@ class LoadedModel:
     weight_bytes: int
     files: list[MappedFile]
     copied_bytes: int = 0  # bytes that had to be converted onto the heap
+    quantized: bool = False  # int8 weights (from the checkpoint or quantized at load)
 
 
 def read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not path.exists():
         raise CheckpointError(f"{model_dir}: no config.json")
-    return ModelConfig.from_hf(json.loads(path.read_text()))
+    raw = json.loads(path.read_text())
+    method = (raw.get("quantization_config") or {}).get("quant_method")
+    if method not in (None, memory_plan.QUANT_METHOD):
+        raise CheckpointError(
+            f"{model_dir}: quant_method {method!r} is not supported (only "
+            f"{memory_plan.QUANT_METHOD!r}, written by `gateway quantize`)"
+        )
+    return ModelConfig.from_hf(raw)
 
 
 def load_checkpoint(
-    model_dir: str | Path, dtype: str = "float32", device: str = "cpu"
+    model_dir: str | Path, dtype: str = "float32", device: str = "cpu", quantize: str = "none"
 ) -> LoadedModel:
-    """Build the model on `meta` and assign mmapped weights (converted only where needed)."""
+    """Build the model on `meta` and assign mmapped weights (converted only where needed).
+
+    int8 tensors with a `_scale` companion (a `gateway quantize` checkpoint) stay int8 and
+    mmapped; `quantize="int8"` quantizes a float checkpoint here instead (onto the heap).
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"model directory {model_dir} does not exist")
+    if quantize not in QUANTIZE_MODES:
+        raise CheckpointError(f"quantize={quantize!r}; expected one of {QUANTIZE_MODES}")
     cfg = read_config(model_dir)
     target = parse_dtype(dtype)
     files = [map_safetensors(p) for p in checkpoint_files(model_dir)]
+    tensors = {name: t for mf in files for name, t in mf.tensors.items()}
+    origin = {name: mf.path for mf in files for name in mf.tensors}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    copied = 0
+    if quantize == "int8":
+        orig = tensors
+        tensors = quantize_state(orig)
+        copied += sum(
+            t.numel() * t.element_size() for n, t in tensors.items() if orig.get(n) is not t
+        )
+    int8 = {
+        n
+        for n, t in tensors.items()
+        if t.dtype == torch.int8 and n + memory_plan.SCALE_SUFFIX in tensors
+    }
     with torch.device("meta"):
         model = Llama(cfg)
+    try:
+        swap_quantized(model, int8)
+    except (AttributeError, ValueError) as e:
+        raise CheckpointError(f"{model_dir}: cannot use int8 weights: {e}") from None
     expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}
-    copied = 0
-    for mf in files:
-        for name, t in mf.tensors.items():
-            if name not in expected:
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue
-                raise CheckpointError(f"{mf.path}: unexpected tensor {name}")
-            if tuple(t.shape) != tuple(expected[name].shape):
-                raise CheckpointError(
-                    f"{name}: shape {tuple(t.shape)} in checkpoint, model expects "
-                    f"{tuple(expected[name].shape)}"
-                )
-            if t.dtype != target or device != "cpu":
-                t = t.to(device=device, dtype=target)
-                copied += t.numel() * t.element_size()
-            state[name] = t
+    for name, t in tensors.items():
+        if name not in expected:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            raise CheckpointError(f"{origin.get(name, model_dir)}: unexpected tensor {name}")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{name}: shape {tuple(t.shape)} in checkpoint, model expects "
+                f"{tuple(expected[name].shape)}"
+            )
+        want = t.dtype if t.dtype == torch.int8 else target
+        if t.dtype != want or device != "cpu":
+            t = t.to(device=device, dtype=want)
+            copied += t.numel() * t.element_size()
+        state[name] = t
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{model_dir}: missing tensors {', '.join(missing[:5])}...")
@@ -183,4 +200,4 @@ def load_checkpoint(
     model.requires_grad_(False)
     model.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    return LoadedModel(model, cfg, weight_bytes, files, copied)
+    return LoadedModel(model, cfg, weight_bytes, files, copied, quantized=bool(int8))

@@ -89,8 +89,7 @@ def load_adapter(path: str | Path, model: Llama, name: str | None = None) -> Lor
         raise AdapterError(f"{d}: needs adapter_config.json and adapter_model.safetensors")
     config = AdapterConfig.from_dict(json.loads(cfg_path.read_text()))
     mapped = map_safetensors(weights_path)
-    dtype = model.model.embed_tokens.weight.dtype
-    device = model.model.embed_tokens.weight.device
+    dtype, device = model.compute_dtype, model.device
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in mapped.tensors.items():
         module, which = _module_name(key)

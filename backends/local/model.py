@@ -93,8 +93,12 @@ class Proj(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.adapters: dict[int, LoraWeights] = {}
 
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x @ weight.T + bias (quantized projections override this one method)."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if lora is None or not self.adapters:
             return y
         for slot, rows in lora.groups:
@@ -249,10 +253,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+class Embedding(nn.Embedding):
+    """Token embeddings; `project` is the tied lm_head (h @ weight.T)."""
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -281,6 +292,15 @@ class Llama(nn.Module):
                     p.normal_(0.0, std)
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """Activations, KV cache and adapters use this dtype (weights may be int8)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
     def layers(self) -> list[DecoderLayer]:
         return [cast(DecoderLayer, layer) for layer in self.model.layers]
 
@@ -294,7 +314,7 @@ class Llama(nn.Module):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return F.linear(h, self.model.embed_tokens.weight)
+            return cast(Embedding, self.model.embed_tokens).project(h)
         return self.lm_head.forward(h)
 
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:

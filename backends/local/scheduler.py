@@ -1,8 +1,13 @@
 """Which sequences run in the next step (plain Python; the engine does the torch work).
 
-Continuous batching: each step runs every running sequence for one token, plus the prompts of
-newly admitted ones, in one flat batch. A waiting sequence is admitted first-come first-served
-when a batch slot is free and the KV cache can reserve its prompt + max_tokens.
+Continuous batching: each step runs every decoding sequence for one token, plus chunks of
+prompts still being prefilled, in one flat batch. A waiting sequence is admitted first-come
+first-served when a batch slot is free and the KV cache can reserve its prompt + max_tokens.
+
+Admission reserves every block a sequence can ever need, so a running sequence never waits for
+memory and nothing is ever preempted (simpler than vLLM's preemption, same promise: the cache
+never runs out mid-sequence). Chunked prefill keeps a long prompt from stalling the others:
+prompt tokens per step are capped by `max_prefill_tokens`, decode tokens are never held back.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ class Sequence:
     finished: bool = False
     state: Any = None  # the engine's per-sequence state (sampler, detokenizer, stop filter)
     on_admit: Callable[[], None] | None = None
+    chunk: int = 0  # pending tokens fed in the current step
+
+    @property
+    def prefilling(self) -> bool:
+        """True while prompt tokens remain uncached (no token can be sampled yet)."""
+        return self.num_cached < len(self.prompt_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -39,9 +50,13 @@ class Sequence:
         return len(self.prompt_ids) + self.max_tokens
 
     def pending_ids(self) -> list[int]:
-        """Tokens to feed in the next step (the prompt, then the last generated token)."""
+        """Tokens not yet in the cache (the prompt, then the last generated token)."""
         all_ids = self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
         return all_ids[self.num_cached :]
+
+    def step_ids(self) -> list[int]:
+        """The tokens fed in the current step: the first `chunk` pending ones."""
+        return self.pending_ids()[: self.chunk]
 
 
 @dataclass
@@ -52,13 +67,13 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, blocks: BlockManager, max_batch_size: int, max_batch_tokens: int = 4096
+        self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int = 512
     ) -> None:
-        if max_batch_size <= 0:
-            raise ValueError("max_batch_size must be positive")
+        if max_batch_size <= 0 or max_prefill_tokens <= 0:
+            raise ValueError("max_batch_size and max_prefill_tokens must be positive")
         self.blocks = blocks
         self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -89,21 +104,35 @@ class Scheduler:
         self.blocks.release(seq.seq_id)
 
     def schedule(self) -> ScheduledBatch:
-        """Admit what fits, then give every running sequence its pending tokens."""
-        tokens = sum(len(s.pending_ids()) for s in self.running)
+        """Admit what fits, then give each running sequence this step's tokens (its chunk).
+
+        Decoding sequences get their one token; prefilling ones share `max_prefill_tokens`,
+        shortest remaining prompt first. Sequences with an empty chunk sit this step out.
+        """
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            prompt = len(seq.pending_ids())
-            if self.running and tokens + prompt > self.max_batch_tokens:
-                break
             if not self.blocks.can_reserve(seq.max_total_tokens):
                 break  # FIFO: later requests do not overtake one that waits for memory
             self.waiting.popleft()
             self.blocks.reserve(seq.seq_id, seq.max_total_tokens)
             self.running.append(seq)
-            tokens += prompt
             if seq.on_admit is not None:
                 seq.on_admit()
-        for seq in self.running:
-            self.blocks.ensure(seq.seq_id, seq.num_tokens)
-        return ScheduledBatch(list(self.running), tokens)
+        budget = self.max_prefill_tokens
+        batch: list[Sequence] = []
+        decoding = [s for s in self.running if not s.prefilling]
+        # shortest remaining prompt first: a short prompt is not stuck behind a long one
+        prefilling = sorted(
+            (s for s in self.running if s.prefilling), key=lambda s: len(s.pending_ids())
+        )
+        for seq in decoding + prefilling:
+            pending = len(seq.pending_ids())
+            if seq.prefilling:
+                seq.chunk = min(pending, budget)
+                budget -= seq.chunk
+            else:
+                seq.chunk = pending
+            if seq.chunk:
+                self.blocks.ensure(seq.seq_id, seq.num_cached + seq.chunk)
+                batch.append(seq)
+        return ScheduledBatch(batch, sum(s.chunk for s in batch))

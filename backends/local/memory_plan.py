@@ -1,0 +1,284 @@
+"""Memory arithmetic of the local engine, in plain Python (no torch, nothing loaded).
+
+One place for the numbers the engine, the block manager, `gateway plan` and the admission
+policy share, so the plan printed before start-up and the live system agree:
+
+    bytes_per_token = 2 x layers x kv_heads x head_dim x dtype_bytes
+    blocks_for(t)   = ceil(t / block_size)
+    kv_bytes_for(t) = blocks_for(t) x block_size x bytes_per_token
+    adapter bytes   = sum over modules of r x (d_in + d_out) x dtype_bytes
+
+Weight bytes come from safetensors headers (8-byte length + JSON), never from the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "BOOL": 1}
+SAFETENSORS_FLOATS = ("F32", "F16", "BF16")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+CONTEXT_LENGTHS = (512, 2048, 8192, 32768)
+QUANT_METHOD = "memgate-int8"
+SCALE_SUFFIX = "_scale"
+
+
+class PlanError(ValueError):
+    """A checkpoint or config the plan cannot be computed from."""
+
+
+def dtype_bytes(name: str) -> int:
+    try:
+        return FLOAT_BYTES[name]
+    except KeyError:
+        raise PlanError(f"unsupported dtype {name!r}; expected one of {', '.join(FLOAT_BYTES)}") from None
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
+    return 2 * layers * kv_heads * head_dim * elem_bytes
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    if block_size <= 0:
+        raise PlanError("block_size must be positive")
+    return -(-max(tokens, 0) // block_size)
+
+
+def adapter_module_bytes(r: int, d_in: int, d_out: int, elem_bytes: int) -> int:
+    """One LoRA pair A [r, d_in], B [d_out, r]."""
+    return r * (d_in + d_out) * elem_bytes
+
+
+def is_quantizable(name: str, shape: list[int]) -> bool:
+    """Matrices (projections, embeddings, lm_head) get int8; norms and biases stay float."""
+    return name.endswith(".weight") and len(shape) == 2
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The paged KV pool: `num_blocks` blocks of `block_size` tokens."""
+
+    bytes_per_token: int
+    block_size: int
+    num_blocks: int
+
+    @classmethod
+    def from_budget(cls, bytes_per_token: int, block_size: int, budget: int) -> KVLayout:
+        if bytes_per_token <= 0 or block_size <= 0:
+            raise PlanError("bytes_per_token and block_size must be positive")
+        num_blocks = budget // (bytes_per_token * block_size)
+        if num_blocks < 1:
+            raise PlanError(
+                f"kv_cache_bytes={budget} holds no block of {block_size} tokens "
+                f"({bytes_per_token * block_size} bytes)"
+            )
+        return cls(bytes_per_token, block_size, num_blocks)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def blocks_for(self, tokens: int) -> int:
+        return blocks_for(tokens, self.block_size)
+
+    def kv_bytes_for(self, tokens: int) -> int:
+        return self.blocks_for(tokens) * self.bytes_per_block
+
+    def max_concurrency(self, context_tokens: int) -> int:
+        """How many sequences of `context_tokens` (prompt + max_tokens) fit at once."""
+        return self.num_blocks // max(self.blocks_for(context_tokens), 1)
+
+
+# ---- safetensors headers ------------------------------------------------------------------
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(data start offset, header dict) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise PlanError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES:
+            raise PlanError(f"{path}: header length {n} is implausible")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise PlanError(f"{path}: bad safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise PlanError(f"{path}: safetensors header is not an object")
+    return 8 + n, header
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        if not files:
+            raise PlanError(f"{index}: empty weight_map")
+        return [model_dir / f for f in files]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise PlanError(f"{model_dir}: no *.safetensors files")
+    return files
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def tensor_bytes(info: dict[str, Any], elem_bytes: int) -> int:
+    """Bytes one header entry takes once loaded: floats become the serving dtype."""
+    dt = str(info.get("dtype"))
+    own = SAFETENSORS_BYTES.get(dt)
+    if own is None:
+        raise PlanError(f"unsupported safetensors dtype {dt!r}")
+    return _numel(info["shape"]) * (elem_bytes if dt in SAFETENSORS_FLOATS else own)
+
+
+def weight_bytes(
+    model_dir: Path, elem_bytes: int, quantize: str = "none", tied: bool = False
+) -> int:
+    """Bytes the loaded weights take, from headers only (what `load_checkpoint` reports)."""
+    total = 0
+    for path in checkpoint_files(model_dir):
+        _, header = read_header(path)
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and tied):
+                continue
+            shape = [int(s) for s in info["shape"]]
+            floating = info.get("dtype") in SAFETENSORS_FLOATS
+            if quantize == "int8" and floating and is_quantizable(name, shape):
+                total += _numel(shape) + shape[0] * elem_bytes  # int8 + per-row scale
+            else:
+                total += tensor_bytes(info, elem_bytes)
+    return total
+
+
+def adapter_bytes(adapter_dir: Path, elem_bytes: int) -> int:
+    """Bytes an installed adapter takes: r x (d_in + d_out) x dtype bytes per module."""
+    _, header = read_header(adapter_dir / "adapter_model.safetensors")
+    header.pop("__metadata__", None)
+    total = 0
+    for info in header.values():
+        shape = [int(s) for s in info["shape"]]
+        if len(shape) != 2:
+            raise PlanError(f"{adapter_dir}: LoRA tensors must be matrices")
+        total += _numel(shape) * elem_bytes  # A [r, in] + B [out, r] = r x (in + out)
+    return total
+
+
+# ---- the plan -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: int
+    kv: KVLayout
+    context_window: int
+    max_batch_size: int
+    adapter_budget: int
+    adapters: dict[str, int] = field(default_factory=dict)
+
+    def concurrency(self) -> dict[int, int]:
+        """Largest KV-safe concurrency at each context length (capped at the window)."""
+        out: dict[int, int] = {}
+        for n in CONTEXT_LENGTHS:
+            ctx = min(n, self.context_window)
+            out[ctx] = min(self.kv.max_concurrency(ctx), self.max_batch_size)
+        return out
+
+    def render(self) -> str:
+        mib = 1024 * 1024
+        kv = self.kv
+        lines = [
+            f"weights              {self.weights:>14,d} B  ({self.weights / mib:.1f} MiB)",
+            f"kv cache             {kv.total_bytes:>14,d} B  ({kv.num_blocks} blocks x "
+            f"{kv.block_size} tokens)",
+            f"kv bytes per token   {kv.bytes_per_token:>14,d} B",
+            f"kv capacity          {kv.capacity_tokens:>14,d} tokens",
+            f"adapter budget       {self.adapter_budget:>14,d} B",
+        ]
+        for name, nbytes in sorted(self.adapters.items()):
+            lines.append(f"  adapter {name:<20} {nbytes:>10,d} B")
+        lines.append(f"context window       {self.context_window:>14,d} tokens")
+        lines.append(f"max batch size       {self.max_batch_size:>14,d}")
+        lines.append("context  kv bytes/request  kv-limited  max concurrency (<= batch size)")
+        for ctx, conc in self.concurrency().items():
+            lines.append(
+                f"{ctx:>7,d}  {kv.kv_bytes_for(ctx):>16,d}  {kv.max_concurrency(ctx):>10,d}  "
+                f"{conc:>15,d}"
+            )
+        return "\n".join(lines)
+
+
+def plan_checkpoint(
+    model_dir: Path,
+    dtype: str,
+    kv_cache_bytes: int,
+    block_size: int,
+    max_batch_size: int,
+    adapter_cache_bytes: int,
+    adapters_dir: Path | None = None,
+    quantize: str = "none",
+) -> MemoryPlan:
+    """The plan for one local backend, reading config.json and safetensors headers only."""
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.exists():
+        raise PlanError(f"{model_dir}: no config.json")
+    d = json.loads(cfg_path.read_text())
+    elem = dtype_bytes(dtype)
+    heads = int(d["num_attention_heads"])
+    kv_heads = int(d.get("num_key_value_heads") or heads)
+    head_dim = int(d.get("head_dim") or int(d["hidden_size"]) // heads)
+    window = int(d.get("max_position_embeddings") or 2048)
+    sliding = d.get("sliding_window")
+    if sliding and d.get("use_sliding_window", True):
+        window = min(window, int(sliding))
+    per_token = kv_bytes_per_token(int(d["num_hidden_layers"]), kv_heads, head_dim, elem)
+    tied = bool(d.get("tie_word_embeddings", False))
+    adapters: dict[str, int] = {}
+    if adapters_dir is not None and adapters_dir.is_dir():
+        for p in sorted(adapters_dir.iterdir()):
+            if (p / "adapter_model.safetensors").exists():
+                adapters[p.name] = adapter_bytes(p, elem)
+    return MemoryPlan(
+        weights=weight_bytes(model_dir, elem, quantize, tied),
+        kv=KVLayout.from_budget(per_token, block_size, kv_cache_bytes),
+        context_window=window,
+        max_batch_size=max_batch_size,
+        adapter_budget=adapter_cache_bytes,
+        adapters=adapters,
+    )
+
+
+def plan_for_config(cfg: Any) -> MemoryPlan:
+    """The plan of a local backend config (`LocalConfig`: model, dtype, kv_cache_bytes, ...)."""
+    return plan_checkpoint(
+        Path(cfg.model),
+        cfg.dtype,
+        cfg.kv_cache_bytes,
+        cfg.block_size,
+        cfg.max_batch_size,
+        cfg.adapter_cache_bytes,
+        Path(cfg.adapters_dir) if cfg.adapters_dir else None,
+        cfg.quantize,
+    )
