@@ -117,6 +117,9 @@ class OpenAIBackend:
     def capacity(self) -> Capacity | None:
         return None
 
+    def adapters(self) -> dict[str, int] | None:
+        return None  # the upstream decides; adapter names pass through unchecked
+
     def memory(self) -> MemorySnapshot:
         return MemorySnapshot()
 

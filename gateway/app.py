@@ -25,6 +25,8 @@ from gateway import routes
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.settings import Settings, load_settings
 from gateway.tenants import AdminKey, TenantDirectory
+from policies.base import PolicyChain
+from policies.registry import build_chain
 
 log = logging.getLogger("gateway")
 
@@ -37,6 +39,7 @@ class GatewayState:
     tenants: TenantDirectory
     admin: AdminKey
     backends: dict[str, Backend]
+    policies: PolicyChain  # the configured policy chain; .ledger holds the reservations
     ready: bool = False
     started: float = field(default_factory=time.time)
 
@@ -98,11 +101,13 @@ def build_backends(settings: Settings) -> dict[str, Backend]:
 
 
 def create_app(settings: Settings, backends: dict[str, Backend] | None = None) -> Starlette:
+    backends = backends if backends is not None else build_backends(settings)
     state = GatewayState(
         settings=settings,
         tenants=TenantDirectory(settings.tenants),
         admin=AdminKey(settings.server.admin_api_key_env),
-        backends=backends if backends is not None else build_backends(settings),
+        backends=backends,
+        policies=build_chain(settings, backends),
     )
 
     @contextlib.asynccontextmanager

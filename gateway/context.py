@@ -58,8 +58,10 @@ class RequestMemory:
     queue_seconds: float = 0.0
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
+    """What one policy did to one request; telemetry reads ctx.decisions."""
+
     policy: str
     action: str  # "pass" | "modify" | "reject"
     reason: str = ""
@@ -90,3 +92,9 @@ class RequestContext:
     prompt_tokens: int | None = None
     decisions: list[Decision] = field(default_factory=list)
     memory: RequestMemory = field(default_factory=RequestMemory)
+    # Set by the policy chain (policies/): read by response headers and telemetry.
+    requested_adapter: str | None = None  # from `model: "base:adapter"`
+    degraded_from: str | None = None  # the model asked for, when degrade routed elsewhere
+    trimmed_tokens: int = 0  # prompt tokens context_trim removed
+    queue_seconds: float = 0.0  # time spent waiting for admission in the gateway
+    reservation: Any = None  # the admission policy's Reservation while one is held

@@ -56,14 +56,22 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
-def resolve_model(state: Any, tenant: TenantConfig, name: str) -> ModelConfig:
-    model = state.settings.model(name)
-    if model is None or name not in tenant.models:
+def resolve_model(state: Any, tenant: TenantConfig, name: str) -> tuple[ModelConfig, str | None]:
+    """`model` or `model:adapter` -> (the tenant's model, the adapter asked for or None).
+
+    A configured model name wins as a whole (names may contain ':'); otherwise the part after
+    the last ':' names an adapter, which the adapter_selection policy checks.
+    """
+    base, adapter = name, None
+    if state.settings.model(name) is None and ":" in name:
+        base, _, adapter = name.rpartition(":")
+    model = state.settings.model(base)
+    if model is None or base not in tenant.models or adapter == "":
         raise NotFound(
             f"The model '{name}' does not exist or you do not have access to it.",
             param="model", code="model_not_found",
         )
-    return model
+    return model, adapter
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -94,7 +102,7 @@ async def _generate(request: Request, kind: str) -> Response:
     body = await read_json(request, state.settings.server.max_body_bytes)
     chat = kind == "chat"
     validation.check_fields(body, validation.CHAT_FIELDS if chat else validation.COMPLETION_FIELDS)
-    model = resolve_model(state, tenant, validation.model_name(body))
+    model, adapter = resolve_model(state, tenant, validation.model_name(body))
     stream, include_usage = validation.stream_flags(body)
     ctx = RequestContext(
         request_id=request.scope["state"]["request_id"],
@@ -108,7 +116,7 @@ async def _generate(request: Request, kind: str) -> Response:
         include_usage=include_usage,
         messages=validation.messages(body) if chat else None,
         prompt=None if chat else validation.prompt(body),
-        adapter=tenant.adapters.get(model.name),
+        requested_adapter=adapter,  # the adapter_selection policy sets ctx.adapter
         user=body.get("user") if isinstance(body.get("user"), str) else None,
         created=time.time(),
     )
@@ -175,7 +183,7 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     state = _state(request)
     tenant = state.tenants.authenticate(request.headers.get("authorization"))
-    model = resolve_model(state, tenant, request.path_params["model_id"])
+    model, _ = resolve_model(state, tenant, request.path_params["model_id"])
     return JSONResponse(_model_card(model, int(state.started)))
 
 
@@ -209,4 +217,4 @@ async def debug_memory(request: Request) -> Response:
             "memory": {**dataclasses.asdict(snap), "other": snap.other},
             "capacity": dataclasses.asdict(cap) if cap is not None else None,
         }
-    return JSONResponse({"backends": out})
+    return JSONResponse({"backends": out, "reservations": state.policies.ledger.snapshot()})

@@ -60,7 +60,30 @@ class TenantLimits:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_concurrency: int | None = None
-    max_kv_share: float | None = None
+    max_kv_share: float | None = None  # of each backend's KV bytes, 0 < share <= 1
+
+    def __post_init__(self) -> None:
+        for name in ("requests_per_minute", "tokens_per_minute", "max_concurrency"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"limits.{name} must be at least 1")
+        if self.max_kv_share is not None and not 0 < self.max_kv_share <= 1:
+            raise ValueError("limits.max_kv_share must be in (0, 1]")
+
+
+TRIM_STRATEGIES = ("drop_oldest", "middle_out", "none")
+
+
+@dataclass(frozen=True)
+class TrimConfig:
+    """context_trim per tenant: which turns go first, and whether to fit max_kv_share too."""
+
+    strategy: str = "drop_oldest"  # drop_oldest | middle_out (keep first and last) | none
+    fit_kv_share: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy not in TRIM_STRATEGIES:
+            raise ValueError(f"trim.strategy must be one of {', '.join(TRIM_STRATEGIES)}")
 
 
 @dataclass(frozen=True)
@@ -70,9 +93,11 @@ class TenantConfig:
     api_key_sha256: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     adapters: dict[str, str] = field(default_factory=dict)
+    allowed_adapters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # "model:adapter"
     priority: str = "normal"
     limits: TenantLimits = field(default_factory=TenantLimits)
     allow_degrade: bool = True
+    trim: TrimConfig = field(default_factory=TrimConfig)
 
     def key_hashes(self) -> tuple[bytes, ...]:
         """sha256 digests of every key this tenant may use (config hashes + env keys)."""
@@ -82,6 +107,36 @@ class TenantConfig:
                 if key.strip():
                     digests.append(hashlib.sha256(key.strip().encode()).digest())
         return tuple(digests)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    queue_timeout_s: float = 10.0  # longest wait in the admission queue
+    max_queue: int = 1024  # waiting requests beyond this are refused at once
+    drain_window_s: float = 30.0  # how far back the drain rate (for Retry-After) looks
+
+    def __post_init__(self) -> None:
+        if self.queue_timeout_s < 0 or self.max_queue < 0 or self.drain_window_s <= 0:
+            raise ValueError("queue_timeout_s and max_queue must be >= 0, drain_window_s > 0")
+
+
+@dataclass(frozen=True)
+class DegradeConfig:
+    wait_threshold_s: float = 1.0  # degrade when the estimated admission wait is longer
+    high_watermark: float = 0.95  # ... or when reserved + queued + this request > this share
+
+    def __post_init__(self) -> None:
+        if self.wait_threshold_s < 0 or not 0 < self.high_watermark <= 1:
+            raise ValueError("wait_threshold_s must be >= 0 and high_watermark in (0, 1]")
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
+
+
+DEFAULT_POLICIES = ("adapter_selection", "context_trim", "degrade", "admission")
 
 
 @dataclass(frozen=True)
@@ -105,6 +160,7 @@ class Settings:
     policies: tuple[str, ...] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     source: str = "<memory>"
+    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -206,7 +262,7 @@ def parse_settings(data: Any, source: str = "<memory>", base: Path = Path(".")) 
 def _parse(data: Any, source: str, base: Path) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping")
-    known = {"server", "backends", "models", "tenants", "policies", "telemetry"}
+    known = {"server", "backends", "models", "tenants", "policies", "policy_options", "telemetry"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown field (known: {', '.join(sorted(known))})")
@@ -228,9 +284,12 @@ def _parse(data: Any, source: str, base: Path) -> Settings:
         backends[str(name)] = BackendSpec(kind=kind, config=build(cls.Config, body, path, base))
     models = _list(ModelConfig, data.get("models"), "models", base)
     tenants = _list(TenantConfig, data.get("tenants"), "tenants", base)
-    policies = _convert(tuple[str, ...], data.get("policies") or [], "policies", "", base)
+    raw_policies = data["policies"] if "policies" in data else list(DEFAULT_POLICIES)
+    policies = _convert(tuple[str, ...], raw_policies or [], "policies", "", base)
+    _check_policies(policies)
+    options = build(PolicyOptions, data.get("policy_options"), "policy_options", base)
     telemetry = build(TelemetryConfig, data.get("telemetry"), "telemetry", base)
-    settings = Settings(server, backends, models, tenants, policies, telemetry, source)
+    settings = Settings(server, backends, models, tenants, policies, telemetry, source, options)
     _check_references(settings)
     return settings
 
@@ -241,6 +300,17 @@ def _list(cls: Any, raw: Any, path: str, base: Path) -> tuple[Any, ...]:
     if not isinstance(raw, list):
         raise ConfigError(f"{path}: expected a list")
     return tuple(build(cls, item, f"{path}[{i}]", base) for i, item in enumerate(raw))
+
+
+def _check_policies(names: tuple[str, ...]) -> None:
+    from policies.registry import POLICY_KINDS  # policies import settings; resolve at call time
+
+    for i, name in enumerate(names):
+        if name not in POLICY_KINDS:
+            known = ", ".join(sorted(POLICY_KINDS))
+            raise ConfigError(f"policies[{i}]: unknown policy {name!r} (known: {known})")
+        if names.index(name) != i:
+            raise ConfigError(f"policies[{i}]: {name!r} is listed twice")
 
 
 def _check_references(s: Settings) -> None:
@@ -270,6 +340,10 @@ def _check_references(s: Settings) -> None:
         for model in t.adapters:
             if model not in t.models:
                 raise ConfigError(f"tenants[{i}].adapters.{model}: not one of this tenant's models")
+        for model in t.allowed_adapters:
+            if model not in t.models:
+                raise ConfigError(
+                    f"tenants[{i}].allowed_adapters.{model}: not one of this tenant's models")
 
 
 def load_settings(path: str | Path) -> Settings:

@@ -1,0 +1,1 @@
+"""Policy modules: each request passes them in the configured order before dispatch."""

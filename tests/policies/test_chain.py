@@ -1,0 +1,115 @@
+"""The chain: configured order, rejection stops it, on_finish always runs; registry; config."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.context import Decision, RequestContext
+from gateway.errors import RateLimited
+from gateway.settings import DEFAULT_POLICIES, ConfigError
+from policies.base import Outcome, PolicyChain, passed
+from policies.ledger import Ledger, kv_bytes_for
+from policies.registry import POLICY_KINDS, build_chain
+from policies.token_bucket import TokenBucket
+from tests.policies.fakes import FakeBackend, FakeClock, ctx, settings
+
+
+class Recorder:
+    def __init__(self, name: str, log: list[str], reject: bool = False) -> None:
+        self.name, self.log, self.reject = name, log, reject
+
+    async def apply(self, ctx: RequestContext) -> Decision:
+        self.log.append(f"apply {self.name}")
+        if self.reject:
+            raise RateLimited("slow down", retry_after=3)
+        return passed(self.name)
+
+    async def on_finish(self, ctx: RequestContext, outcome: Outcome) -> None:
+        self.log.append(f"finish {self.name} {outcome}")
+
+
+async def test_reject_stops_the_chain_and_finish_runs_for_all() -> None:
+    log: list[str] = []
+    chain = PolicyChain([Recorder("a", log), Recorder("b", log, reject=True), Recorder("c", log)],
+                        Ledger(FakeClock()))
+    c = ctx()
+    with pytest.raises(RateLimited):
+        await chain.apply(c)
+    assert log == ["apply a", "apply b"]
+    assert [(d.policy, d.action, d.status) for d in c.decisions] == [("a", "pass", 200),
+                                                                     ("b", "reject", 429)]
+    await chain.finish(c, "rejected")
+    assert log[2:] == ["finish c rejected", "finish b rejected", "finish a rejected"]
+
+
+def test_registry_builds_the_configured_order() -> None:
+    s = settings(policies=["admission", "adapter_selection"])
+    chain = build_chain(s, {"big": FakeBackend("big"), "small": FakeBackend("small")})
+    assert [p.name for p in chain.policies] == ["admission", "adapter_selection"]
+    assert set(DEFAULT_POLICIES) == set(POLICY_KINDS)
+    assert [p.name for p in build_chain(settings(), {}).policies] == list(DEFAULT_POLICIES)
+    assert build_chain(settings(policies=[]), {}).policies == ()
+
+
+@pytest.mark.parametrize(
+    ("top", "message"),
+    [({"policies": ["admission", "nope"]}, "policies[1]: unknown policy 'nope'"),
+     ({"policies": ["admission", "admission"]}, "listed twice"),
+     ({"policy_options": {"admission": {"queue_timeout_s": -1}}}, "policy_options.admission"),
+     ({"policy_options": {"degrade": {"high_watermark": 2}}}, "policy_options.degrade")],
+)
+def test_bad_policy_config(top: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        settings(**top)
+
+
+@pytest.mark.parametrize(
+    ("tenant", "message"),
+    [({"trim": {"strategy": "random"}}, "trim.strategy"),
+     ({"limits": {"max_kv_share": 1.5}}, "max_kv_share"),
+     ({"limits": {"max_concurrency": 0}}, "max_concurrency"),
+     ({"allowed_adapters": {"nope": ["x"]}}, "allowed_adapters.nope")],
+)
+def test_bad_tenant_policy_fields(tenant: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings([{"name": "acme", **tenant}])
+
+
+def test_kv_arithmetic_is_whole_blocks() -> None:
+    assert kv_bytes_for(0, 16, 2048) == 0
+    assert kv_bytes_for(1, 16, 2048) == 16 * 2048
+    assert kv_bytes_for(16, 16, 2048) == 16 * 2048
+    assert kv_bytes_for(17, 16, 2048) == 32 * 2048
+    with pytest.raises(ValueError):
+        kv_bytes_for(1, 0, 2048)
+
+
+def test_token_bucket_refills_to_its_size() -> None:
+    clock = FakeClock()
+    b = TokenBucket(60, clock)
+    assert b.wait_for(60) == 0 and b.wait_for(61) == float("inf")
+    b.take(60)
+    assert b.wait_for(1) == pytest.approx(1.0)
+    clock.now += 1000
+    assert b.wait_for(60) == 0 and b.level <= 60
+
+
+def test_drain_rate_and_wait_estimate() -> None:
+    clock = FakeClock()
+    ledger = Ledger(clock, drain_window_s=10)
+    from policies.ledger import Reservation
+
+    ledger.pool("b", 100)
+    r = Reservation("b", "t", 80)
+    ledger.reserve(r)
+    assert ledger.drain_rate("b") is None and ledger.wait_estimate("b", 40) is None
+    assert ledger.wait_estimate("b", 20) == 0
+    with pytest.raises(ValueError):
+        ledger.reserve(Reservation("b", "t", 30))
+    clock.now += 4
+    ledger.release(r)
+    ledger.reserve(Reservation("b", "t", 90))
+    assert ledger.drain_rate("b") == pytest.approx(80 / 4)
+    assert ledger.wait_estimate("b", 30) == pytest.approx(20 / 20)
+    clock.now += 20
+    assert ledger.drain_rate("b") is None  # the window forgot it
