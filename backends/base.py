@@ -63,6 +63,9 @@ class Backend(Protocol):
 
     def capacity(self) -> Capacity | None: ...
 
+    def adapters(self) -> dict[str, int] | None:
+        """Adapters this backend can serve -> bytes they take when loaded; None: unknown."""
+
     def memory(self) -> MemorySnapshot: ...
 
     async def ensure_adapter(self, name: str) -> None: ...

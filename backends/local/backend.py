@@ -246,6 +246,18 @@ class LocalBackend:
         _, _, _, adapters = self._parts()
         await adapters.ensure(name)
 
+    def adapters(self) -> dict[str, int] | None:
+        """Adapters in adapters_dir -> bytes: exact when resident, else the weight file sizes."""
+        if self._adapters is None:
+            return None
+        cache = self._adapters
+        sizes = cache.sizes()
+        out: dict[str, int] = {}
+        for name in cache.available():
+            on_disk = (cache.dir / name).glob("*.safetensors") if cache.dir is not None else ()
+            out[name] = sizes.get(name) or sum(f.stat().st_size for f in on_disk)
+        return out
+
     def capacity(self) -> Capacity | None:
         if self._engine is None or self._loaded is None or self._adapters is None:
             return None
