@@ -57,6 +57,7 @@ class AdapterStats:
     loads: int = 0  # read from disk
     hits: int = 0  # acquired while already on device
     host_hits: int = 0  # acquired from the host tier (no disk read)
+    joined: int = 0  # waited for another request's load of the same adapter
     demotions: int = 0  # device -> host
     evictions: int = 0  # dropped to disk
     waits: int = 0  # acquires that had to wait for a release
@@ -144,15 +145,18 @@ class AdapterCache:
                 res.pins += 1
                 res.last_used = next(self._clock)
                 return res
-            fresh = True  # this request caused (or waited for) a disk read
             fut = self._loading.get(name)
             if fut is not None:
+                if not fresh:
+                    self.stats.joined += 1
+                fresh = True  # this request waited for a disk read
                 await asyncio.shield(fut)  # a failed load raises here for every waiter
                 continue
             need = self._need(name)
             if not self._make_room(need):
                 counted = await self._wait(counted)
                 continue
+            fresh = True  # this request causes a disk read
             await self._load(name, need)
 
     def release(self, name: str) -> None:

@@ -12,6 +12,7 @@ from backends.base import BackendError, Capacity, MemorySnapshot
 from backends.local.adapter_cache import AdapterCache, Resident
 from backends.local.engine import Engine, EngineClosed, Event
 from backends.local.loader import CheckpointError, LoadedModel, load_checkpoint, parse_dtype
+from backends.local.runtime_memory import baseline_rss
 from backends.local.sampler import Sampler
 from backends.local.tokenizer import ChatTokenizer, TokenizerError
 from gateway.context import Chunk, RequestContext, Usage
@@ -80,7 +81,7 @@ class LocalBackend:
     async def start(self) -> None:
         if self._engine is not None:
             return
-        self._runtime = process_rss_bytes() or 0
+        self._runtime = baseline_rss()
         try:
             loaded, tokenizer = await asyncio.to_thread(self._load)
         except (CheckpointError, TokenizerError, ValueError, OSError) as e:

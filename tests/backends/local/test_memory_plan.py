@@ -75,9 +75,15 @@ def test_adapter_bytes_formula(tiny_checkpoint: TinyCheckpoint) -> None:
     for module, (a, _b) in adapter.weights.items():
         proj = loaded.model.get_submodule(module)
         expected += adapter_module_bytes(a.shape[0], proj.in_features, proj.out_features, 4)
-    assert adapter.nbytes == expected == plan_for_config(
-        LocalConfig(model=str(tiny_checkpoint.model_dir), adapters_dir=str(tiny_checkpoint.adapters_dir))
-    ).adapters["acme"]
+    assert (
+        adapter.nbytes
+        == expected
+        == plan_for_config(
+            LocalConfig(
+                model=str(tiny_checkpoint.model_dir), adapters_dir=str(tiny_checkpoint.adapters_dir)
+            )
+        ).adapters["acme"]
+    )
 
 
 def test_gateway_plan_cli(

@@ -1,0 +1,39 @@
+"""The process's runtime baseline: RSS once freed heap is handed back, before weights load."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+
+
+def resident_bytes() -> int | None:
+    """VmRSS of this process from /proc/self/status, None where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def release_free_heap() -> None:
+    """Collect garbage and return free malloc arenas to the OS (glibc; a no-op elsewhere)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+def baseline_rss() -> int:
+    """RSS of the runtime alone (interpreter, torch, libraries), 0 where unknown."""
+    release_free_heap()
+    return resident_bytes() or 0
