@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from gateway.context import Chunk, RequestContext
 from gateway.errors import BackendError
 
-__all__ = ["Backend", "BackendError", "Capacity", "MemorySnapshot"]
+__all__ = ["Backend", "BackendError", "BackendStats", "Capacity", "MemorySnapshot"]
 
 
 @dataclass(slots=True)
@@ -49,6 +49,17 @@ class Capacity:
     resident_adapters: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class BackendStats:
+    """Counters and queue sizes a backend may report for telemetry (None: not known)."""
+
+    waiting: int | None = None  # requests queued inside the backend
+    running: int | None = None  # requests in the current batch
+    adapter_loads: int | None = None  # cumulative: adapters read from storage
+    adapter_hits: int | None = None  # cumulative: requests whose adapter was resident
+    adapter_evictions: int | None = None  # cumulative
+
+
 class Backend(Protocol):
     name: str
 
@@ -67,6 +78,9 @@ class Backend(Protocol):
         """Adapters this backend can serve -> bytes they take when loaded; None: unknown."""
 
     def memory(self) -> MemorySnapshot: ...
+
+    def stats(self) -> BackendStats:
+        """Queue sizes and adapter cache counters; cheap, called at every metrics scrape."""
 
     async def ensure_adapter(self, name: str) -> None: ...
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from backends.base import Capacity, MemorySnapshot
+from backends.base import BackendStats, Capacity, MemorySnapshot
 from gateway.context import Chunk, RequestContext, Usage
 from gateway.errors import BackendError
 
@@ -33,6 +34,7 @@ class OpenAIBackend:
         self.name = name
         self.cfg = cfg
         self._client: httpx.AsyncClient | None = None
+        self._trace_context = TraceContextTextMapPropagator()
 
     async def start(self) -> None:
         key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
@@ -79,6 +81,7 @@ class OpenAIBackend:
             raise BackendError(f"backend {self.name} is not started", status=503)
         path = "/chat/completions" if ctx.kind == "chat" else "/completions"
         headers = {"x-request-id": ctx.request_id}
+        self._trace_context.inject(headers)  # W3C traceparent of the current (request) span
         try:
             async with self._client.stream("POST", path, json=self._body(ctx), headers=headers) as resp:
                 if resp.status_code >= 400:
@@ -122,6 +125,9 @@ class OpenAIBackend:
 
     def memory(self) -> MemorySnapshot:
         return MemorySnapshot()
+
+    def stats(self) -> BackendStats:
+        return BackendStats()
 
     async def ensure_adapter(self, name: str) -> None:
         return None

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -24,7 +25,9 @@ from backends.registry import backend_class
 from gateway import routes
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.settings import Settings, load_settings
+from gateway.telemetry import Telemetry, TelemetryMiddleware
 from gateway.tenants import AdminKey, TenantDirectory
+from gateway.tracing import build_tracer_provider
 from policies.base import PolicyChain
 from policies.registry import build_chain
 
@@ -40,6 +43,7 @@ class GatewayState:
     admin: AdminKey
     backends: dict[str, Backend]
     policies: PolicyChain  # the configured policy chain; .ledger holds the reservations
+    telemetry: Telemetry
     ready: bool = False
     started: float = field(default_factory=time.time)
 
@@ -100,21 +104,35 @@ def build_backends(settings: Settings) -> dict[str, Backend]:
     }
 
 
-def create_app(settings: Settings, backends: dict[str, Backend] | None = None) -> Starlette:
+def create_app(
+    settings: Settings,
+    backends: dict[str, Backend] | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> Starlette:
+    """`tracer_provider`: inject one (tests); by default the app builds and owns its own."""
     backends = backends if backends is not None else build_backends(settings)
+    # -- telemetry (issue #5)
+    owned_provider = None
+    if tracer_provider is None:
+        tracer_provider = owned_provider = build_tracer_provider(settings.telemetry)
+    telemetry = Telemetry(settings, backends, tracer_provider)
+    # -- end telemetry
     state = GatewayState(
         settings=settings,
         tenants=TenantDirectory(settings.tenants),
         admin=AdminKey(settings.server.admin_api_key_env),
         backends=backends,
         policies=build_chain(settings, backends),
+        telemetry=telemetry,
     )
+    telemetry.attach_policies(state.policies)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         try:
             for backend in state.backends.values():
                 await backend.start()
+            await telemetry.start()
             state.ready = True
             yield {}
         finally:
@@ -124,6 +142,9 @@ def create_app(settings: Settings, backends: dict[str, Backend] | None = None) -
                     await backend.aclose()
                 except Exception:
                     log.exception("closing backend %s failed", backend.name)
+            await telemetry.aclose()
+            if owned_provider is not None:
+                owned_provider.shutdown()
 
     app = Starlette(
         routes=[
@@ -134,6 +155,7 @@ def create_app(settings: Settings, backends: dict[str, Backend] | None = None) -
             Route("/health", routes.health, methods=["GET"]),
             Route("/ready", routes.ready, methods=["GET"]),
             Route("/debug/memory", routes.debug_memory, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
         ],
         exception_handlers={
             GatewayError: _on_gateway_error,
@@ -144,6 +166,7 @@ def create_app(settings: Settings, backends: dict[str, Backend] | None = None) -
     )
     app.state.gateway = state
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(TelemetryMiddleware, telemetry=telemetry)
     return app
 
 

@@ -24,6 +24,8 @@ class Pipeline:
         self.state = state
 
     async def run(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+        telemetry = self.state.telemetry
+        telemetry.begin(ctx)
         outcome: Outcome = "error"
         try:
             try:
@@ -35,9 +37,11 @@ class Pipeline:
             backend = self.state.backends.get(ctx.backend)
             if backend is None:
                 raise GatewayError(f"No backend named {ctx.backend!r} is configured.")
+            telemetry.generating(ctx)
             stream = backend.generate(ctx)
             try:
                 async for chunk in stream:
+                    telemetry.chunk(ctx, chunk)
                     yield chunk
             finally:
                 await stream.aclose()

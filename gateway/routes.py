@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -22,6 +22,7 @@ from gateway.errors import (
     PayloadTooLarge,
     Unavailable,
 )
+from gateway.memory_report import memory_report
 from gateway.pipeline import Pipeline
 from gateway.settings import ModelConfig, TenantConfig
 from gateway.sse import collect, stream_events
@@ -206,15 +207,15 @@ async def ready(request: Request) -> Response:
 
 
 async def debug_memory(request: Request) -> Response:
-    """Admin only: each backend's memory snapshot and capacity."""
+    """Admin only: backend snapshots, requests in flight with their memory, tenant totals."""
     state = _state(request)
     state.admin.authenticate(request.headers.get("authorization"))
-    out: dict[str, Any] = {}
-    for name, backend in state.backends.items():
-        snap = backend.memory()
-        cap = backend.capacity()
-        out[name] = {
-            "memory": {**dataclasses.asdict(snap), "other": snap.other},
-            "capacity": dataclasses.asdict(cap) if cap is not None else None,
-        }
-    return JSONResponse({"backends": out, "reservations": state.policies.ledger.snapshot()})
+    report = memory_report(state.telemetry)
+    report["reservations"] = state.policies.ledger.snapshot()  # admission's bytes held
+    return JSONResponse(report)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (no secrets, bounded labels; see gateway/metrics.py)."""
+    body = _state(request).telemetry.scrape()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from backends.base import BackendError, Capacity, MemorySnapshot
+from backends.base import BackendError, BackendStats, Capacity, MemorySnapshot
 from backends.local.adapter_cache import AdapterCache, Resident
 from backends.local.engine import Engine, EngineClosed, Event
 from backends.local.loader import CheckpointError, LoadedModel, load_checkpoint, parse_dtype
@@ -271,6 +271,19 @@ class LocalBackend:
             context_window=self._loaded.config.context_window,
             adapter_budget_bytes=self._adapters.budget_bytes,
             resident_adapters=sorted(self._adapters.resident),
+        )
+
+    def stats(self) -> BackendStats:
+        """Queue and batch sizes, adapter cache counters (read without locks: telemetry)."""
+        if self._engine is None or self._adapters is None:
+            return BackendStats()
+        sched, adapters = self._engine.scheduler, self._adapters.stats
+        return BackendStats(
+            waiting=len(sched.waiting),
+            running=len(sched.running),
+            adapter_loads=adapters.loads,
+            adapter_hits=adapters.hits + adapters.host_hits,
+            adapter_evictions=adapters.evictions,
         )
 
     def adapter_stats(self) -> dict[str, int]:

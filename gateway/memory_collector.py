@@ -1,0 +1,195 @@
+"""Scrape-time memory metrics: backend snapshots by component, budgets, reservations per
+tenant, backend queues and adapter caches, process RSS/PSS/swap/faults, GPU memory.
+
+Single process: a custom prometheus_client collector reads everything at scrape time.
+Multi-worker: each worker publishes the same samples into multiprocess gauges (summed over
+live workers; GPU readings take the max, since every worker sees the same device) and
+counters (as deltas), on every scrape it serves and once a second in the background.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from backends.base import Backend
+from gateway.context import RequestContext
+from gateway.procmem import GpuProbe, read_process_memory
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    name: str
+    doc: str
+    labels: Labels
+    value: float
+    counter: bool = False
+    gpu: bool = False  # one device seen by every worker: aggregate by max, not sum
+
+
+def snapshot_components(snap: Any) -> dict[str, int]:
+    """Bytes by component of a MemorySnapshot, including `other` when something is measured.
+    Reads the dataclass fields, so a component a backend adds (e.g. `runtime`) shows up."""
+    out: dict[str, int] = {}
+    for f in dataclasses.fields(snap):
+        value = getattr(snap, f.name)
+        if f.name == "measured":
+            continue
+        if isinstance(value, dict):
+            out[f.name] = int(sum(value.values()))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[f.name] = value
+    if snap.other is not None:
+        out["other"] = int(snap.other)
+    return out
+
+
+class MemoryCollector:
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        tenants: Sequence[str],
+        in_flight: Callable[[], Iterable[RequestContext]],
+        gpu: GpuProbe,
+    ) -> None:
+        self.backends = backends
+        self.tenants = tuple(tenants)
+        self.in_flight = in_flight
+        self.gpu = gpu
+        # tenant -> bytes the admission ledger holds; None: sum the requests in flight
+        self.reservations: Callable[[], Mapping[str, int]] | None = None
+
+    # ---- the samples (shared by both modes) ---------------------------------------------
+
+    def samples(self) -> list[Sample]:
+        out: list[Sample] = []
+        for name, backend in self.backends.items():
+            out.extend(self._backend(name, backend))
+        out.extend(self._tenants())
+        out.extend(self._process())
+        for dev in self.gpu.read():
+            lab = (("device", dev.device),)
+            out.append(Sample("gateway_gpu_memory_used_bytes", "GPU memory used (NVML).", lab,
+                              dev.used, gpu=True))
+            out.append(Sample("gateway_gpu_memory_total_bytes", "GPU memory total (NVML).", lab,
+                              dev.total, gpu=True))
+        return out
+
+    def _backend(self, name: str, backend: Backend) -> Iterator[Sample]:
+        b = (("backend", name),)
+        snap = backend.memory()
+        for component, value in snapshot_components(snap).items():
+            yield Sample("gateway_memory_bytes", "Backend memory by component.",
+                         (*b, ("component", component)), value)
+        if snap.measured is not None:
+            yield Sample("gateway_memory_measured_bytes",
+                         "Memory the OS or GPU measures for the backend.", b, snap.measured)
+        for adapter, nbytes in snap.adapters.items():
+            yield Sample("gateway_adapter_resident_bytes", "Bytes of each resident adapter.",
+                         (*b, ("adapter", adapter)), nbytes)
+        cap = backend.capacity()
+        if cap is not None:
+            yield Sample("gateway_memory_budget_bytes", "Configured memory budgets.",
+                         (*b, ("pool", "kv")), cap.kv_bytes_total)
+            yield Sample("gateway_memory_budget_bytes", "Configured memory budgets.",
+                         (*b, ("pool", "adapters")), cap.adapter_budget_bytes)
+            yield Sample("gateway_kv_reserved_bytes", "KV cache bytes reserved by requests.", b,
+                         cap.kv_bytes_total - cap.kv_bytes_free)
+        st = backend.stats()
+        gauges = {"gateway_queue_depth": (st.waiting, "Requests waiting inside the backend."),
+                  "gateway_batch_running": (st.running, "Requests in the backend's batch.")}
+        for metric, (value, doc) in gauges.items():
+            if value is not None:
+                yield Sample(metric, doc, b, value)
+        counters = {"gateway_adapter_loads": (st.adapter_loads, "Adapters loaded from storage."),
+                    "gateway_adapter_hits": (st.adapter_hits, "Requests whose adapter was resident."),
+                    "gateway_adapter_evictions": (st.adapter_evictions, "Adapters evicted.")}
+        for metric, (value, doc) in counters.items():
+            if value is not None:
+                yield Sample(metric, doc, b, value, counter=True)
+
+    def _tenants(self) -> Iterator[Sample]:
+        reserved = dict.fromkeys(self.tenants, 0)
+        count = dict.fromkeys(self.tenants, 0)
+        ledger = self.reservations() if self.reservations is not None else None
+        for ctx in self.in_flight():
+            if ctx.tenant in reserved:
+                if ledger is None:
+                    reserved[ctx.tenant] += ctx.memory.kv_bytes_reserved + ctx.memory.adapter_bytes
+                count[ctx.tenant] += 1
+        for tenant, nbytes in (ledger or {}).items():
+            if tenant in reserved:
+                reserved[tenant] = nbytes
+        for tenant in self.tenants:
+            lab = (("tenant", tenant),)
+            yield Sample("gateway_memory_reserved_bytes",
+                         "Bytes reserved for the tenant's requests (admission ledger, else in-flight KV + adapters).", lab,
+                         reserved[tenant])
+            yield Sample("gateway_requests_in_flight", "Requests in flight.", lab, count[tenant])
+
+    def _process(self) -> Iterator[Sample]:
+        pm = read_process_memory()
+        values = {"gateway_process_resident_memory_bytes": (pm.rss, "Resident set size."),
+                  "gateway_process_pss_bytes": (pm.pss, "Proportional set size (smaps_rollup)."),
+                  "gateway_process_swap_bytes": (pm.swap, "Swapped-out bytes.")}
+        for metric, (value, doc) in values.items():
+            if value is not None:
+                yield Sample(metric, doc + " Summed over workers.", (), value)
+        if pm.major_faults is not None:
+            yield Sample("gateway_process_major_page_faults", "Major page faults.", (),
+                         pm.major_faults, counter=True)
+
+    # ---- single process: a custom collector ---------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for s in self.samples():
+            fam = families.get(s.name)
+            if fam is None:
+                keys = [k for k, _ in s.labels]
+                fam = (CounterMetricFamily(s.name, s.doc, labels=keys) if s.counter
+                       else GaugeMetricFamily(s.name, s.doc, labels=keys))
+                families[s.name] = fam
+            fam.add_metric([v for _, v in s.labels], s.value)  # type: ignore[attr-defined]
+        yield from families.values()
+
+    def describe(self) -> list[Metric]:
+        return []  # unchecked collector: the set of families depends on what backends report
+
+
+class MultiprocessPublisher:
+    """Multi-worker mode: writes a collector's samples into this worker's multiprocess files."""
+
+    def __init__(self, collector: MemoryCollector) -> None:
+        self.collector = collector
+        self._gauges: dict[str, Gauge] = {}
+        self._counters: dict[str, Counter] = {}
+        self._last: dict[tuple[str, Labels], float] = {}
+
+    def publish(self) -> None:
+        for s in self.collector.samples():
+            keys = tuple(k for k, _ in s.labels)
+            values = [v for _, v in s.labels]
+            if s.counter:
+                base = s.name
+                counter = self._counters.get(base)
+                if counter is None:
+                    counter = self._counters[base] = Counter(base, s.doc, keys, registry=None)
+                delta = s.value - self._last.get((s.name, s.labels), 0.0)
+                self._last[(s.name, s.labels)] = s.value
+                if delta > 0:
+                    (counter.labels(*values) if keys else counter).inc(delta)
+                continue
+            gauge = self._gauges.get(s.name)
+            if gauge is None:
+                mode = "livemax" if s.gpu else "livesum"
+                gauge = self._gauges[s.name] = Gauge(s.name, s.doc, keys, registry=None,
+                                                     multiprocess_mode=mode)
+            (gauge.labels(*values) if keys else gauge).set(s.value)

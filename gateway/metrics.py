@@ -1,0 +1,129 @@
+"""Prometheus metrics: one registry per app, the request-path instruments, and exposition.
+
+Label values come only from bounded sets: configured tenants and models, backends, policy
+names, decision actions, HTTP status codes. Nothing from a request body or header.
+
+Multi-worker mode (`gateway serve --workers N`): the CLI sets PROMETHEUS_MULTIPROC_DIR before
+the workers start; each worker then writes its values to files there and any worker's
+/metrics aggregates all of them (prometheus_client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+NONE = "none"  # the label value where a request ended before its tenant or model was known
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BYTE_BUCKETS = tuple(float(2**p) for p in range(14, 37, 2))  # 16 KiB .. 64 GiB
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+@dataclass(slots=True)
+class RequestObservation:
+    """What one finished request contributes to the metrics (all bounded labels)."""
+
+    tenant: str
+    model: str
+    backend: str
+    status: str
+    duration: float
+    ttft: float | None = None
+    tokens_per_second: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    gateway_queue_seconds: float | None = None
+    backend_queue_seconds: float | None = None
+    kv_bytes_reserved: int = 0
+    kv_bytes_peak: int = 0
+    context_tokens: int = 0
+    batch_size: int | None = None
+    decisions: Sequence[tuple[str, str]] = ()
+
+
+class GatewayMetrics:
+    """The instruments of one app. Hot-path cost: a few dict lookups and float adds."""
+
+    def __init__(self) -> None:
+        self.multiprocess = multiprocess_dir() is not None
+        # In multiprocess mode values live in files, not in a registry: the exposition
+        # registry is built at scrape time around a MultiProcessCollector.
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = None if self.multiprocess else self.registry
+        tm = ("tenant", "model")
+        self.requests = Counter("gateway_requests", "Requests answered, by HTTP status.",
+                                (*tm, "status"), registry=reg)
+        self.duration = Histogram("gateway_request_duration_seconds",
+                                  "Time from request start to the last response byte.", tm,
+                                  buckets=LATENCY_BUCKETS, registry=reg)
+        self.ttft = Histogram("gateway_time_to_first_token_seconds",
+                              "Time from request start to the first generated chunk.", tm,
+                              buckets=LATENCY_BUCKETS, registry=reg)
+        self.tps = Histogram("gateway_tokens_per_second",
+                             "Completion tokens per second of decode time, per request.", tm,
+                             buckets=RATE_BUCKETS, registry=reg)
+        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens processed.", tm,
+                                     registry=reg)
+        self.completion_tokens = Counter("gateway_completion_tokens",
+                                         "Completion tokens generated.", tm, registry=reg)
+        self.queue_wait = Histogram("gateway_queue_wait_seconds",
+                                    "Time a request waited: in gateway admission or in the backend.",
+                                    ("model", "stage"), buckets=LATENCY_BUCKETS, registry=reg)
+        self.kv_bytes = Histogram("gateway_request_kv_bytes",
+                                  "KV cache bytes per request: reserved, and peak used.",
+                                  ("model", "measure"), buckets=BYTE_BUCKETS, registry=reg)
+        self.context = Histogram("gateway_request_context_tokens",
+                                 "Prompt + completion tokens per request.", ("model",),
+                                 buckets=TOKEN_BUCKETS, registry=reg)
+        self.batch = Histogram("gateway_batch_size",
+                               "Requests in the backend batch when a request got its first token.",
+                               ("backend",), buckets=BATCH_BUCKETS, registry=reg)
+        self.decisions = Counter("gateway_policy_decisions", "Policy decisions, by action.",
+                                 ("policy", "action"), registry=reg)
+
+    def observe(self, o: RequestObservation) -> None:
+        self.requests.labels(o.tenant, o.model, o.status).inc()
+        self.duration.labels(o.tenant, o.model).observe(o.duration)
+        for policy, action in o.decisions:
+            self.decisions.labels(policy, action).inc()
+        if o.model == NONE:
+            return
+        if o.ttft is not None:
+            self.ttft.labels(o.tenant, o.model).observe(o.ttft)
+        if o.tokens_per_second is not None:
+            self.tps.labels(o.tenant, o.model).observe(o.tokens_per_second)
+        if o.prompt_tokens:
+            self.prompt_tokens.labels(o.tenant, o.model).inc(o.prompt_tokens)
+        if o.completion_tokens:
+            self.completion_tokens.labels(o.tenant, o.model).inc(o.completion_tokens)
+        if o.gateway_queue_seconds is not None:
+            self.queue_wait.labels(o.model, "gateway").observe(o.gateway_queue_seconds)
+        if o.backend_queue_seconds is not None:
+            self.queue_wait.labels(o.model, "backend").observe(o.backend_queue_seconds)
+        if o.kv_bytes_reserved:
+            self.kv_bytes.labels(o.model, "reserved").observe(o.kv_bytes_reserved)
+        if o.kv_bytes_peak:
+            self.kv_bytes.labels(o.model, "peak").observe(o.kv_bytes_peak)
+        if o.context_tokens:
+            self.context.labels(o.model).observe(o.context_tokens)
+        if o.batch_size is not None:
+            self.batch.labels(o.backend).observe(o.batch_size)
+
+    def exposition(self) -> bytes:
+        """The text format: every worker's instruments plus the scrape-time collectors."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)

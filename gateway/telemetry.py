@@ -1,0 +1,295 @@
+"""One app's telemetry: the request record, the ASGI middleware that opens and closes it, and
+the hooks the pipeline calls (begin, watch, policy). Metrics, spans and the in-flight table
+are all fed from here, once per request, when the last response byte has gone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, TracerProvider
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backends.base import Backend
+from gateway.context import Chunk, Decision, RequestContext
+from gateway.memory_collector import MemoryCollector, MultiprocessPublisher
+from gateway.metrics import NONE, GatewayMetrics, RequestObservation
+from gateway.procmem import GpuProbe
+from gateway.settings import Settings
+from gateway.tracing import OPERATION, TraceContext, request_attributes, set_usage
+from policies.base import Outcome, Policy, PolicyChain
+
+log = logging.getLogger("gateway.telemetry")
+
+GENERATION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Timings of one generation request (monotonic seconds) and its span."""
+
+    span: Span
+    start: float = field(default_factory=time.monotonic)
+    start_ns: int = field(default_factory=time.time_ns)
+    ctx: RequestContext | None = None
+    status: int = 500
+    generate_start: float | None = None
+    first_chunk: float | None = None
+    generate_end: float | None = None
+    completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    batch_size: int | None = None
+
+    def ns(self, t: float) -> int:
+        return self.start_ns + int((t - self.start) * 1e9)
+
+
+class Telemetry:
+    def __init__(self, settings: Settings, backends: Mapping[str, Backend],
+                 tracer_provider: TracerProvider) -> None:
+        self.backends = backends
+        self.metrics = GatewayMetrics()
+        self.tracer = tracer_provider.get_tracer("gateway")
+        self.trace_context = TraceContext()
+        self._current: ContextVar[RequestRecord | None] = ContextVar(
+            f"gateway_request_{id(self)}", default=None)
+        self._in_flight: dict[int, RequestRecord] = {}
+        self.gpu = GpuProbe()
+        self.collector = MemoryCollector(
+            backends, [t.name for t in settings.tenants], self.in_flight, self.gpu)
+        self.publisher: MultiprocessPublisher | None = None
+        if self.metrics.multiprocess:
+            self.publisher = MultiprocessPublisher(self.collector)
+        else:
+            self.metrics.registry.register(self.collector)  # type: ignore[arg-type]
+        self._publish_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.publisher is not None:
+            self._publish_task = asyncio.create_task(self._publish_loop(self.publisher))
+
+    async def _publish_loop(self, publisher: MultiprocessPublisher) -> None:
+        while True:
+            try:
+                publisher.publish()
+            except Exception:
+                log.exception("publishing memory metrics failed")
+            await asyncio.sleep(1.0)
+
+    async def aclose(self) -> None:
+        if self._publish_task is not None:
+            self._publish_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publish_task
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
+        self.gpu.close()
+
+    def attach_policies(self, chain: PolicyChain) -> None:
+        """Trace each policy's apply() as a child span; read reservations from the ledger."""
+        chain.policies = tuple(TracedPolicy(p, self.tracer) for p in chain.policies)
+        if chain.get("admission") is not None:
+            self.collector.reservations = chain.ledger.reserved_by_tenant
+
+    # ---- reads --------------------------------------------------------------------------
+
+    def in_flight(self) -> list[RequestContext]:
+        return [r.ctx for r in list(self._in_flight.values()) if r.ctx is not None]
+
+    def in_flight_records(self) -> list[RequestRecord]:
+        return [r for r in list(self._in_flight.values()) if r.ctx is not None]
+
+    def scrape(self) -> bytes:
+        if self.publisher is not None:
+            self.publisher.publish()
+        return self.metrics.exposition()
+
+    # ---- hooks for the pipeline ---------------------------------------------------------
+
+    def begin(self, ctx: RequestContext) -> None:
+        """The request's context is known: label its metrics and list it as in flight."""
+        rec = self._current.get()
+        if rec is not None:
+            rec.ctx = ctx
+
+    def generating(self, ctx: RequestContext) -> None:
+        """The policies are done and the backend is about to be called."""
+        rec = self._current.get()
+        if rec is not None:
+            rec.ctx = ctx
+            rec.generate_start = time.monotonic()
+
+    def chunk(self, ctx: RequestContext, chunk: Chunk) -> None:
+        """Called for every backend chunk: times the first and the last."""
+        rec = self._current.get()
+        if rec is None:
+            return
+        if rec.first_chunk is None:
+            rec.first_chunk = time.monotonic()
+            backend = self.backends.get(ctx.backend)
+            rec.batch_size = backend.stats().running if backend is not None else None
+        if chunk.usage is not None:
+            rec.prompt_tokens = chunk.usage.prompt_tokens
+            rec.completion_tokens = chunk.usage.completion_tokens
+        if chunk.finish_reason is not None:
+            rec.finish_reason = chunk.finish_reason
+            rec.generate_end = time.monotonic()
+
+    # ---- the request lifecycle (called by the middleware) -------------------------------
+
+    def open(self, kind: str, method: str, path: str, headers: Mapping[str, str]) -> RequestRecord:
+        parent = self.trace_context.extract(headers)
+        span = self.tracer.start_span(
+            OPERATION[kind], context=parent, kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "http.route": path,
+                        "gen_ai.operation.name": OPERATION[kind]})
+        rec = RequestRecord(span=span)
+        self._in_flight[id(rec)] = rec
+        return rec
+
+    def close(self, rec: RequestRecord) -> None:
+        self._in_flight.pop(id(rec), None)
+        end = time.monotonic()
+        ctx = rec.ctx
+        try:
+            self.metrics.observe(self._observation(rec, end))
+        except Exception:
+            log.exception("recording request metrics failed")
+        span = rec.span
+        span.set_attribute("http.response.status_code", rec.status)
+        if rec.status >= 400:
+            span.set_attribute("error.type", str(rec.status))
+        if rec.status >= 500:
+            span.set_status(StatusCode.ERROR)
+        if ctx is not None:
+            span.update_name(f"{OPERATION.get(ctx.kind, ctx.kind)} {ctx.requested_model}")
+            span.set_attributes(request_attributes(ctx))
+            set_usage(span, rec.prompt_tokens or ctx.prompt_tokens, rec.completion_tokens,
+                      rec.finish_reason)
+            self._phase_spans(rec, ctx, end)
+        span.end(end_time=rec.ns(end))
+
+    def _phase_spans(self, rec: RequestRecord, ctx: RequestContext, end: float) -> None:
+        """queue, prefill (until the first chunk) and decode (after it), from the timings."""
+        if rec.generate_start is None:
+            return
+        parent = trace.set_span_in_context(rec.span)
+        first = rec.first_chunk if rec.first_chunk is not None else end
+        queued = min(rec.generate_start + ctx.memory.queue_seconds, first)
+        last = rec.generate_end if rec.generate_end is not None else end
+        phases = (("queue", rec.generate_start, queued), ("prefill", queued, first),
+                  ("decode", first, last))
+        for name, t0, t1 in phases:
+            if name == "decode" and rec.first_chunk is None:
+                continue
+            child = self.tracer.start_span(name, context=parent, start_time=rec.ns(t0),
+                                           attributes={"gateway.phase": name})
+            if name == "queue":
+                child.set_attribute("gateway.memory.kv_bytes_reserved",
+                                    ctx.memory.kv_bytes_reserved)
+            if name == "decode" and rec.completion_tokens is not None:
+                child.set_attribute("gen_ai.usage.output_tokens", rec.completion_tokens)
+            child.end(end_time=rec.ns(t1))
+
+    def _observation(self, rec: RequestRecord, end: float) -> RequestObservation:
+        ctx = rec.ctx
+        if ctx is None:
+            return RequestObservation(NONE, NONE, NONE, str(rec.status), end - rec.start)
+        decode = None
+        if rec.first_chunk is not None and rec.generate_end is not None:
+            decode = rec.generate_end - rec.first_chunk
+        completion = rec.completion_tokens or 0
+        prompt = rec.prompt_tokens or ctx.prompt_tokens or 0
+        ok = rec.status < 400
+        return RequestObservation(
+            tenant=ctx.tenant,
+            model=ctx.requested_model,
+            backend=ctx.backend,
+            status=str(rec.status),
+            duration=end - rec.start,
+            ttft=rec.first_chunk - rec.start if rec.first_chunk is not None else None,
+            tokens_per_second=completion / decode if decode and completion > 1 else None,
+            prompt_tokens=prompt if ok else 0,
+            completion_tokens=completion,
+            gateway_queue_seconds=ctx.queue_seconds if rec.generate_start else None,
+            backend_queue_seconds=ctx.memory.queue_seconds if rec.generate_start else None,
+            kv_bytes_reserved=ctx.memory.kv_bytes_reserved,
+            kv_bytes_peak=ctx.memory.kv_bytes_peak,
+            context_tokens=prompt + completion if ok else 0,
+            batch_size=rec.batch_size,
+            decisions=[(d.policy, d.action) for d in ctx.decisions],
+        )
+
+    def current(self) -> ContextVar[RequestRecord | None]:
+        return self._current
+
+
+class TracedPolicy:
+    """A policy seen through a span: `policy NAME`, with its decision's action and reason."""
+
+    def __init__(self, policy: Policy, tracer: Tracer) -> None:
+        self.policy = policy
+        self.name = policy.name
+        self._tracer = tracer
+
+    async def apply(self, ctx: RequestContext) -> Decision:
+        with self._tracer.start_as_current_span(
+            f"policy {self.name}", attributes={"gateway.policy": self.name}
+        ) as span:
+            decision = await self.policy.apply(ctx)
+            span.set_attribute("gateway.policy.action", decision.action)
+            if decision.reason:
+                span.set_attribute("gateway.policy.reason", decision.reason)
+            return decision
+
+    async def on_finish(self, ctx: RequestContext, outcome: Outcome) -> None:
+        await self.policy.on_finish(ctx, outcome)
+
+    def __getattr__(self, name: str) -> Any:  # the policy's own attributes, for chain.get()
+        return getattr(self.policy, name)
+
+
+class TelemetryMiddleware:
+    """Pure ASGI: opens a record (and the request span, child of the client's traceparent) for
+    each generation request, makes the span current, and closes it after the last byte."""
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = GENERATION_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if kind is None:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+                   if k in (b"traceparent", b"tracestate")}
+        tel = self.telemetry
+        rec = tel.open(kind, scope.get("method", ""), scope["path"], headers)
+        token = otel_context.attach(trace.set_span_in_context(rec.span))
+        var_token = tel.current().set(rec)
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                rec.status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            tel.current().reset(var_token)
+            otel_context.detach(token)
+            tel.close(rec)

@@ -1,0 +1,85 @@
+"""OpenTelemetry tracing: the TracerProvider an app owns, W3C trace context in and out, and the
+span attributes of one request (GenAI semantic conventions, memory under gateway.memory.*)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.context import RequestContext
+from gateway.settings import TelemetryConfig
+
+OPERATION = {"chat": "chat", "completion": "text_completion"}
+
+
+def build_tracer_provider(cfg: TelemetryConfig) -> TracerProvider:
+    """A provider exporting OTLP over HTTP when `telemetry.otlp_endpoint` is set; without an
+    endpoint spans are created (so trace context still flows to upstreams) but not exported."""
+    provider = TracerProvider(resource=Resource.create({"service.name": cfg.service_name}))
+    if cfg.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        endpoint = cfg.otlp_endpoint.rstrip("/")
+        if not endpoint.endswith("/v1/traces"):
+            endpoint += "/v1/traces"
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    return provider
+
+
+class TraceContext:
+    """W3C traceparent/tracestate: read from client headers, written to upstream requests."""
+
+    def __init__(self) -> None:
+        self._propagator = TraceContextTextMapPropagator()
+
+    def extract(self, headers: Mapping[str, str]) -> Context:
+        return self._propagator.extract(headers)
+
+    def inject(self, headers: MutableMapping[str, str], context: Context | None = None) -> None:
+        self._propagator.inject(headers, context=context)
+
+
+def request_attributes(ctx: RequestContext) -> dict[str, Any]:
+    """GenAI request/response attributes plus the request's memory, for the request span."""
+    s = ctx.sampling
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": OPERATION.get(ctx.kind, ctx.kind),
+        "gen_ai.system": "memgate",
+        "gen_ai.request.model": ctx.requested_model,
+        "gen_ai.response.model": ctx.target_model,
+        "gen_ai.request.max_tokens": s.max_tokens,
+        "gen_ai.request.temperature": s.temperature,
+        "gen_ai.request.top_p": s.top_p,
+        "gen_ai.request.presence_penalty": s.presence_penalty,
+        "gen_ai.request.frequency_penalty": s.frequency_penalty,
+        "gateway.tenant": ctx.tenant,
+        "gateway.backend": ctx.backend,
+        "gateway.stream": ctx.stream,
+    }
+    if s.seed is not None:
+        attrs["gen_ai.request.seed"] = s.seed
+    if s.stop:
+        attrs["gen_ai.request.stop_sequences"] = list(s.stop)
+    for f in dataclasses.fields(ctx.memory):  # every RequestMemory field, as it grows
+        value = getattr(ctx.memory, f.name)
+        if value is not None:
+            attrs[f"gateway.memory.{f.name}"] = value
+    return attrs
+
+
+def set_usage(span: Span, prompt_tokens: int | None, completion_tokens: int | None,
+              finish_reason: str | None) -> None:
+    if prompt_tokens is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", prompt_tokens)
+    if completion_tokens is not None:
+        span.set_attribute("gen_ai.usage.output_tokens", completion_tokens)
+    if finish_reason is not None:
+        span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
