@@ -113,3 +113,16 @@ def test_drain_rate_and_wait_estimate() -> None:
     assert ledger.wait_estimate("b", 30) == pytest.approx(20 / 20)
     clock.now += 20
     assert ledger.drain_rate("b") is None  # the window forgot it
+
+
+def test_demo_config_enables_the_default_chain() -> None:
+    from pathlib import Path
+
+    from gateway.settings import load_settings
+
+    s = load_settings(Path(__file__).resolve().parents[2] / "examples" / "demo.yaml")
+    assert s.policies == DEFAULT_POLICIES
+    tenants = {t.name: t for t in s.tenants}
+    assert tenants["acme"].priority == "high" and tenants["globex"].trim.strategy == "middle_out"
+    assert tenants["globex"].limits.max_kv_share == 0.5
+    assert s.policy_options.admission.queue_timeout_s == 10
