@@ -39,3 +39,10 @@ typecheck: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) models build *.egg-info
+
+.PHONY: bench-engine bench-memory
+bench-engine: $(VENV)/.dev $(DEMO)
+	$(BIN)/python -m bench.engine
+
+bench-memory: $(VENV)/.dev $(DEMO)
+	$(BIN)/python -m bench.memory
