@@ -1,8 +1,8 @@
 """Bytes promised to admitted requests, per backend and per tenant, and how fast they drain.
 
 Plain Python, shared by the degrade and admission policies and read by telemetry and
-/debug/memory. The KV arithmetic is the engine's (backends/local/block_manager.py): a request
-needs (prompt + max_tokens) tokens rounded up to whole blocks of block_size tokens.
+/debug/memory. The KV arithmetic is the engine's (backends/local/memory_plan.py, plain Python):
+a request needs (prompt + max_tokens) tokens rounded up to whole blocks of block_size tokens.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from backends.local.memory_plan import blocks_for
+
 
 def kv_bytes_for(tokens: int, block_size: int, bytes_per_token: int) -> int:
     """KV bytes for `tokens` tokens in whole blocks: ceil(tokens / block) x block x bytes/token."""
     if tokens < 0 or block_size <= 0 or bytes_per_token < 0:
         raise ValueError("tokens >= 0, block_size > 0 and bytes_per_token >= 0 are required")
-    return -(-tokens // block_size) * block_size * bytes_per_token
+    return blocks_for(tokens, block_size) * block_size * bytes_per_token
 
 
 @dataclass(slots=True)
