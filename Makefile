@@ -6,7 +6,7 @@ PORT    ?= 8000
 CONFIG  ?= examples/demo.yaml
 DEMO    := models/demo/config.json
 
-.PHONY: setup setup-dev serve demo-model test lint typecheck clean
+.PHONY: setup setup-dev serve demo-model test lint typecheck clean obs-tools dashboards
 
 $(VENV)/.local: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,11 +28,20 @@ demo-model: $(DEMO)
 serve: $(VENV)/.local $(DEMO)
 	$(BIN)/gateway serve --config $(CONFIG) --port $(PORT)
 
-test: $(VENV)/.dev $(DEMO) lint
+test: $(VENV)/.dev $(DEMO) lint obs-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check gateway policies backends tests bench
+	$(BIN)/ruff check gateway policies backends tests bench grafana
+
+# Observability (issue #5): the Prometheus binary and docker-compose the tests use (Debian).
+obs-tools:
+	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }
+	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
+
+# Grafana dashboards as code: grafana/panels.py -> grafana/dashboards/*.json (committed).
+dashboards: $(VENV)/.dev
+	$(BIN)/python -m grafana.generate
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy gateway policies
