@@ -69,6 +69,11 @@ def run_ours(engine: Engine, prompts: list[list[int]], slots: list[int], new: in
     return time.perf_counter() - t0
 
 
+def decode_rate(tokens: int, seconds: float) -> float:
+    """Decode tok/s from (all - prefill-only) time; NaN when noise makes that non-positive."""
+    return tokens / seconds if seconds > 0 else float("nan")
+
+
 def bench_ours(batch: int, adapters: int, new: int, plen: int, paths: list[Path]) -> dict[str, float]:
     loaded = load_checkpoint(MODEL)
     for i, p in enumerate(paths[:adapters]):
@@ -86,7 +91,7 @@ def bench_ours(batch: int, adapters: int, new: int, plen: int, paths: list[Path]
         engine.stop()
     return {
         "prefill_tok_s": batch * plen / t_one,
-        "decode_tok_s": batch * (new - 1) / max(t_all - t_one, 1e-9),
+        "decode_tok_s": decode_rate(batch * (new - 1), t_all - t_one),
     }
 
 
@@ -112,7 +117,7 @@ def bench_hf(batch: int, adapters: int, new: int, plen: int, paths: list[Path]) 
         t_all = time.perf_counter() - t0
     return {
         "prefill_tok_s": batch * plen / t_one,
-        "decode_tok_s": batch * (new - 1) / max(t_all - t_one, 1e-9),
+        "decode_tok_s": decode_rate(batch * (new - 1), t_all - t_one),
     }
 
 
