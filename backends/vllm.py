@@ -1,0 +1,269 @@
+"""`vllm` backend kind: a vLLM OpenAI server, with tenant adapters loaded at run time.
+
+Generation goes through the `openai` kind's streaming client (the adapter is sent as the
+model name, as vLLM serves LoRA modules). Around it this kind adds what vLLM needs:
+- the tenant's adapter is loaded before dispatch (`POST /v1/load_lora_adapter`, vLLM started
+  with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`), once under concurrent
+  requests, and the least recently used unpinned adapter is unloaded when the byte budget is
+  full (`backends/remote_adapters.py`);
+- capacity in bytes from vLLM's `/metrics` (`vllm:cache_config_info`,
+  `vllm:kv_cache_usage_perc`, running/waiting) and the model's config.json;
+- exact prompt token counts from the model's own tokenizer.json and chat template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+
+from backends.base import BackendStats, Capacity, MemorySnapshot
+from backends.local import memory_plan
+from backends.local.config import ModelConfig
+from backends.local.tokenizer import ChatTokenizer
+from backends.openai import OpenAIBackend, OpenAIConfig
+from backends.remote_adapters import RemoteAdapters
+from gateway.context import Chunk, RequestContext
+from gateway.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True)
+class VLLMConfig(OpenAIConfig):
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("model_dir", "adapters_dir")
+
+    url: str = "http://127.0.0.1:8001/v1"
+    model_dir: str | None = None  # the checkpoint vLLM serves: config.json + tokenizer files
+    adapters_dir: str | None = None  # PEFT adapters, one per subdirectory, as vLLM sees them
+    adapter_budget_bytes: int = 64 * 2**20
+    kv_budget_bytes: int | None = None  # admit against at most this much of vLLM's KV cache
+    adapters_as_models: bool = True
+    metrics_max_age: float = 0.5  # seconds a /metrics reading is reused
+
+
+@dataclass(slots=True)
+class VLLMReading:
+    kv_bytes_total: int = 0
+    kv_usage: float = 0.0
+    block_size: int = 16
+    kv_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+    at: float = 0.0
+
+
+def parse_metrics(text: str) -> VLLMReading:
+    """The few vLLM metrics the gateway needs, from the Prometheus text format."""
+    r = VLLMReading(at=time.monotonic())
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None:
+            continue
+        name, value = m.group("name"), float(m.group("value"))
+        if name == "vllm:kv_cache_usage_perc":
+            r.kv_usage = value
+        elif name == "vllm:num_requests_running":
+            r.running += int(value)
+        elif name == "vllm:num_requests_waiting":
+            r.waiting += int(value)
+        elif name == "vllm:cache_config_info":
+            labels = dict(_LABEL.findall(m.group("labels") or ""))
+            with contextlib.suppress(ValueError, KeyError):
+                r.kv_bytes_total = int(float(labels["kv_cache_memory_bytes"]))
+            with contextlib.suppress(ValueError, KeyError):
+                r.block_size = int(labels["block_size"])
+            with contextlib.suppress(ValueError, KeyError):
+                r.kv_tokens = int(float(labels["kv_cache_size_tokens"]))
+    return r
+
+
+class VLLMBackend(OpenAIBackend):
+    Config = VLLMConfig
+
+    def __init__(self, name: str, cfg: VLLMConfig) -> None:
+        super().__init__(name, cfg)
+        self.vcfg = cfg
+        self._model: ModelConfig | None = None
+        self._tokenizer: ChatTokenizer | None = None
+        self._reading = VLLMReading()
+        self._refresh: asyncio.Task[None] | None = None
+        self._adapter_sizes: dict[str, int] = {}
+        self._served: str | None = cfg.model
+        self.remote = RemoteAdapters(cfg.adapter_budget_bytes, self._load, self._unload,
+                                     self._adapter_sizes.get)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await super().start()
+        if self.vcfg.model_dir:
+            model_dir = Path(self.vcfg.model_dir)
+            hf = json.loads((model_dir / "config.json").read_text())
+            self._model = ModelConfig.from_hf(hf)
+            self._tokenizer = await asyncio.to_thread(
+                ChatTokenizer.from_dir, model_dir, self._model.eos_token_ids)
+        if self.vcfg.adapters_dir:
+            elem = memory_plan.dtype_bytes(self._model.dtype if self._model else "float32")
+            for d in sorted(Path(self.vcfg.adapters_dir).iterdir()):
+                if (d / "adapter_config.json").exists():
+                    self._adapter_sizes[d.name] = memory_plan.adapter_bytes(d, elem)
+        await self._scrape()
+        self._served = self.vcfg.model or await self._base_model_name()
+
+    async def _base_model_name(self) -> str | None:
+        """The base model vLLM serves (the entry of /v1/models without a parent)."""
+        if self._client is None:
+            return None
+        try:
+            data = (await self._client.get("/models", timeout=5)).json().get("data", [])
+        except (httpx.HTTPError, ValueError):
+            return None  # not up yet; requests then name the public model
+        return next((m.get("id") for m in data if not m.get("parent")), None)
+
+    def _body(self, ctx: RequestContext) -> dict[str, Any]:
+        body = super()._body(ctx)
+        body["model"] = ctx.adapter or self._served or ctx.target_model
+        return body
+
+    async def aclose(self) -> None:
+        await super().aclose()
+
+    # ---- adapters --------------------------------------------------------------------------
+
+    async def _admin_post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        if self._client is None:
+            raise BackendError(f"backend {self.name} is not started", 503, "backend_not_ready")
+        try:
+            return await self._client.post(path, json=body, timeout=120)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"vLLM {self.name} is unreachable ({type(exc).__name__})",
+                               502, "upstream_unreachable") from None
+
+    async def _load(self, name: str) -> None:
+        adapter_dir = Path(self.vcfg.adapters_dir or ".") / name
+        resp = await self._admin_post("/load_lora_adapter",
+                                      {"lora_name": name, "lora_path": str(adapter_dir)})
+        if resp.status_code == 400 and "already been loaded" in resp.text:
+            return  # loaded before we started (or by another gateway): fine
+        if resp.status_code >= 400:
+            raise BackendError(f"vLLM refused to load adapter {name!r}: {resp.text[:300]}",
+                               502, "adapter_load_failed")
+        log.info("vLLM %s loaded adapter %s", self.name, name)
+
+    async def _unload(self, name: str) -> None:
+        resp = await self._admin_post("/unload_lora_adapter", {"lora_name": name})
+        if resp.status_code >= 400 and resp.status_code != 404:
+            log.warning("vLLM %s failed to unload %s: %s", self.name, name, resp.text[:200])
+        else:
+            log.info("vLLM %s unloaded adapter %s", self.name, name)
+
+    async def ensure_adapter(self, name: str) -> None:
+        await self.remote.acquire(name)
+        await self.remote.release(name)
+
+    def adapters(self) -> dict[str, int] | None:
+        return dict(self._adapter_sizes)
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+        adapter = ctx.adapter
+        if adapter is not None:
+            await self.remote.acquire(adapter)
+            ctx.memory.adapter = adapter
+            ctx.memory.adapter_bytes = self._adapter_sizes.get(adapter, 0)
+        try:
+            prompt = self.count_tokens(ctx)
+            if prompt is not None:
+                ctx.prompt_tokens = prompt
+                # vLLM allocates KV as tokens arrive; this is the most the request can hold.
+                ctx.memory.kv_bytes_reserved = self._bytes_per_token() * (prompt + ctx.sampling.max_tokens)
+            stream = super().generate(ctx)
+            try:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        ctx.memory.kv_bytes_peak = self._bytes_per_token() * chunk.usage.total_tokens
+                    yield chunk
+            finally:
+                await stream.aclose()
+        finally:
+            if adapter is not None:
+                await self.remote.release(adapter)
+
+    def count_tokens(self, ctx: RequestContext) -> int | None:
+        if self._tokenizer is None:
+            return None
+        if ctx.kind == "chat":
+            return self._tokenizer.count_chat(ctx.messages or [])
+        return len(self._tokenizer.encode(ctx.prompt or ""))
+
+    # ---- capacity and memory ---------------------------------------------------------------
+
+    async def _scrape(self) -> None:
+        if self._client is None:
+            return
+        root = self.vcfg.url.rstrip("/").removesuffix("/v1")
+        try:
+            resp = await self._client.get(f"{root}/metrics", timeout=2.0)
+        except httpx.HTTPError:
+            return
+        if resp.status_code == 200:
+            self._reading = parse_metrics(resp.text)
+
+    def _fresh(self) -> VLLMReading:
+        """The latest reading; schedules a refresh when it is older than metrics_max_age."""
+        age = time.monotonic() - self._reading.at
+        if age > self.vcfg.metrics_max_age and (self._refresh is None or self._refresh.done()):
+            with contextlib.suppress(RuntimeError):  # no running loop: keep the old reading
+                self._refresh = asyncio.get_running_loop().create_task(self._scrape())
+        return self._reading
+
+    def _bytes_per_token(self) -> int:
+        r = self._reading
+        if r.kv_bytes_total and r.kv_tokens:
+            return r.kv_bytes_total // r.kv_tokens
+        if self._model is not None:
+            m = self._model
+            return memory_plan.kv_bytes_per_token(
+                m.num_hidden_layers, m.num_key_value_heads, m.head_dim, memory_plan.dtype_bytes(m.dtype))
+        return 0
+
+    def capacity(self) -> Capacity | None:
+        r = self._fresh()
+        if not r.kv_bytes_total:
+            return None
+        total = min(r.kv_bytes_total, self.vcfg.kv_budget_bytes or r.kv_bytes_total)
+        used = int(r.kv_bytes_total * r.kv_usage)
+        return Capacity(
+            kv_bytes_total=total,
+            kv_bytes_free=max(0, total - used),
+            bytes_per_token=self._bytes_per_token(),
+            block_size=r.block_size,
+            context_window=self._model.context_window if self._model else 0,
+            adapter_budget_bytes=self.vcfg.adapter_budget_bytes,
+            resident_adapters=sorted(self.remote.resident),
+        )
+
+    def memory(self) -> MemorySnapshot:
+        r = self._fresh()
+        used = int(r.kv_bytes_total * r.kv_usage)
+        return MemorySnapshot(adapters=self.remote.resident, kv_used=used,
+                              kv_free=r.kv_bytes_total - used)
+
+    def stats(self) -> BackendStats:
+        r = self._fresh()
+        return BackendStats(waiting=r.waiting, running=r.running, adapter_loads=self.remote.loads,
+                            adapter_hits=self.remote.hits, adapter_evictions=self.remote.evictions)

@@ -1,0 +1,191 @@
+"""The `vllm` kind against a real vLLM CPU server (marker `vllm`; `make test-vllm`).
+
+vLLM runs from its own venv (.venv-vllm, `make vllm-venv`) on the demo model with LoRA
+enabled and no adapters preloaded; a real gateway sits in front with a vLLM tier that
+degrades to the local engine.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.server import ACME_SHA, GLOBEX_SHA, free_port, running_gateway
+
+pytestmark = pytest.mark.vllm
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+PROMPT = [{"role": "user", "content": "How do I get a refund for my order?"}]
+NOSY = "sk-nosy"  # a third tenant that may not degrade
+
+
+@pytest.fixture(scope="module")
+def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    if not VLLM_PY.exists():
+        pytest.fail("the vLLM CPU venv is missing: run `make vllm-venv` (make test-vllm does)")
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(demo_model),
+             "--served-model-name", "demo", "--host", "127.0.0.1", "--port", str(port),
+             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-model-len", "2048"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM not up in 300 s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield f"{url}/v1", proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def tiered_config(vllm_url: str, demo_model: Path, kv_budget: str = "1GiB") -> dict[str, Any]:
+    adapters = {"demo-large": None, "demo": None}
+    return {
+        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY", "default_max_tokens": 32},
+        "backends": {
+            "big": {"kind": "vllm", "url": vllm_url, "model_dir": str(demo_model),
+                    "adapters_dir": str(demo_model / "adapters"), "adapter_budget_bytes": "1MiB",
+                    "kv_budget_bytes": kv_budget, "read_timeout": 120},
+            "small": {"kind": "local", "model": str(demo_model), "kv_cache_bytes": "32MiB",
+                      "adapters_dir": str(demo_model / "adapters")},
+        },
+        "models": [{"name": "demo-large", "backend": "big", "degrade_to": "demo"},
+                   {"name": "demo", "backend": "small"}],
+        "tenants": [
+            {"name": "acme", "api_key_sha256": [ACME_SHA], "models": list(adapters),
+             "adapters": {"demo-large": "acme-support", "demo": "acme-support"}},
+            {"name": "globex", "api_key_sha256": [GLOBEX_SHA], "models": list(adapters),
+             "adapters": {"demo-large": "globex-legal", "demo": "globex-legal"}},
+            {"name": "nosy", "api_keys_env": "NOSY_KEYS", "models": list(adapters),
+             "allow_degrade": False},
+        ],
+        "policies": ["adapter_selection", "context_trim", "degrade", "admission"],
+        "policy_options": {"degrade": {"wait_threshold_s": 0.2}},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiered(vllm_server: tuple[str, Any], demo_model: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_gateway(tiered_config(vllm_server[0], demo_model), tmp_path_factory.mktemp("gw"),
+                         env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url:
+        yield url
+
+
+def sdk(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=120)
+
+
+def greedy(url: str, key: str, model: str, max_tokens: int = 24) -> Any:
+    return sdk(url, key).chat.completions.with_raw_response.create(
+        model=model, messages=PROMPT, temperature=0, max_tokens=max_tokens)
+
+
+def vllm_models(vllm_url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{vllm_url}/models").json()["data"]}
+
+
+def test_adapters_load_on_first_use_and_are_reused(tiered: str, vllm_server: tuple[str, Any]) -> None:
+    vllm_url = vllm_server[0]
+    assert vllm_models(vllm_url) == {"demo"}  # nothing preloaded
+    r = greedy(tiered, "sk-demo-acme", "demo-large")
+    assert r.headers["x-gateway-adapter"] == "acme-support"
+    assert vllm_models(vllm_url) == {"demo", "acme-support"}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda k: greedy(tiered, k, "demo-large"), ["sk-demo-acme", "sk-demo-globex"] * 3))
+    assert vllm_models(vllm_url) == {"demo", "acme-support", "globex-legal"}
+    stats = httpx.get(tiered.removesuffix("/v1") + "/debug/memory",
+                      headers={"authorization": "Bearer sk-admin"}).json()
+    big = stats["backends"]["big"]
+    assert sorted(big["memory"]["adapters"]) == ["acme-support", "globex-legal"]
+
+
+def test_vllm_tier_equals_local_engine(tiered: str) -> None:
+    for key in ("sk-demo-acme", "sk-demo-globex", NOSY):
+        via_vllm = greedy(tiered, key, "demo-large", 32).parse()
+        local = greedy(tiered, key, "demo", 32).parse()
+        assert via_vllm.model == "demo-large" and local.model == "demo"
+        assert via_vllm.choices[0].message.content == local.choices[0].message.content, key
+        assert via_vllm.usage.prompt_tokens == local.usage.prompt_tokens
+
+
+def test_streaming_through_vllm(tiered: str) -> None:
+    parts = list(sdk(tiered, "sk-demo-globex").chat.completions.create(
+        model="demo-large", messages=PROMPT, temperature=0, max_tokens=24, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+    assert text == greedy(tiered, "sk-demo-globex", "demo-large").parse().choices[0].message.content
+    assert parts[-1].usage is not None and parts[-1].usage.completion_tokens > 0
+
+
+def test_saturated_vllm_tier_degrades_to_local(vllm_server: tuple[str, Any], demo_model: Path,
+                                               tmp_path: Path) -> None:
+    # A KV budget for about one long request: the second concurrent one cannot be admitted.
+    cfg = tiered_config(vllm_server[0], demo_model, kv_budget="1200KiB")
+    with running_gateway(cfg, tmp_path, env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url:
+        long = sdk(url, "sk-demo-acme").chat.completions.create(
+            model="demo-large", messages=PROMPT, max_tokens=1000, stream=True,
+            extra_body={"ignore_eos": True})
+        first = next(iter(long))  # the long request holds the tier's budget
+        assert first.model == "demo-large"
+        r = greedy(url, "sk-demo-globex", "demo-large", 600)
+        assert r.headers["x-gateway-degraded-from"] == "demo-large"
+        assert r.parse().model == "demo"
+        with pytest.raises(openai.APIStatusError) as info:
+            greedy(url, NOSY, "demo-large", 600)
+        assert info.value.status_code == 503
+        assert info.value.response.headers.get("retry-after")
+        long.close()
+
+
+def test_vllm_dying_mid_stream(vllm_server: tuple[str, subprocess.Popen[bytes]], demo_model: Path,
+                               tmp_path: Path) -> None:
+    """Runs last in this module: it kills the shared vLLM server."""
+    vllm_url, proc = vllm_server
+    cfg = tiered_config(vllm_url, demo_model)
+    with running_gateway(cfg, tmp_path, env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url:
+        stream = sdk(url, "sk-demo-acme").chat.completions.create(
+            model="demo-large", messages=PROMPT, max_tokens=1500, stream=True,
+            extra_body={"ignore_eos": True})
+        got = 0
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                got += 1
+                if got == 3:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        assert got >= 3
+        root = url.removesuffix("/v1")
+        assert httpx.get(f"{root}/health").status_code == 200
+        local = greedy(url, "sk-demo-acme", "demo")  # the gateway and its local tier still serve
+        assert local.parse().choices[0].message.content
