@@ -55,6 +55,7 @@ class RequestMemory:
     kv_bytes_peak: int = 0
     adapter: str | None = None
     adapter_bytes: int = 0
+    workspace_bytes: int = 0  # the request's largest share of one step's activations
     queue_seconds: float = 0.0
 
 

@@ -227,6 +227,7 @@ class LocalBackend:
                     continue
                 done = True
                 ctx.memory.kv_bytes_peak = ev.kv_peak_bytes
+                ctx.memory.workspace_bytes = ev.workspace_bytes
                 ctx.memory.queue_seconds = ev.queue_seconds
                 if ev.text:
                     yield Chunk(text=ev.text)

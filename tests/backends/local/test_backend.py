@@ -103,6 +103,7 @@ def test_max_tokens_usage_and_memory(tiny_checkpoint: TinyCheckpoint) -> None:
         total = last.usage.prompt_tokens + 20
         assert ctx.memory.kv_bytes_reserved == -(-total // cap.block_size) * per_block
         assert ctx.memory.kv_bytes_peak == -(-(total - 1) // cap.block_size) * per_block
+        assert 0 < ctx.memory.workspace_bytes <= b.memory().workspace  # its share of a step
         comp = await collect(b, ctx_for("The quick", kind="completion", max_tokens=5))
         assert comp[1].usage is not None and comp[1].usage.completion_tokens == 5
         mem = b.memory()
