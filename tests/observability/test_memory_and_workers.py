@@ -66,16 +66,15 @@ def test_memory_adds_up_and_no_secret_leaks(demo_model: Path, tmp_path: Path) ->
     assert "authorization" not in scraped.lower() and "bearer" not in log.lower()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue #5 / engine: after warm-up `other` is ~25% of RSS on the demo model (runtime "
-    "baseline ~247 MB, other ~98 MB unexplained); strict: remove this marker once the local "
-    "engine's components explain 90% of what the OS measures"))
 def test_components_explain_measured_memory_within_10_percent(demo_model: Path,
                                                               tmp_path: Path) -> None:
     with running_gateway(demo_config(demo_model), tmp_path,
                          env={"GATEWAY_ADMIN_KEY": "sk-admin"}) as url:
         for key in ("sk-demo-acme", "sk-demo-globex", "sk-demo-acme"):
             chat(url, key, stream=True)  # warm-up
+        keys = ["sk-demo-acme", "sk-demo-globex"] * 8  # then a burst of both tenants at once
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda k: chat(url, k, stream=True), keys))
         report = httpx.get(url.removesuffix("/v1") + "/debug/memory",
                            headers={"authorization": "Bearer sk-admin"}, timeout=10).json()
     local = report["backends"]["local"]
