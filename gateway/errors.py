@@ -7,7 +7,9 @@
      ├── PermissionDenied             403 permission_error
      ├── NotFound                     404 invalid_request_error (model_not_found, ...)
      ├── MethodNotAllowed             405 invalid_request_error
+     ├── RequestTimeout               408 invalid_request_error (body not sent in time)
      ├── PayloadTooLarge              413 invalid_request_error
+     ├── UnsupportedMediaType         415 invalid_request_error
      ├── RateLimited                  429 rate_limit_error (+ Retry-After)
      ├── Unavailable                  503 service_unavailable (+ Retry-After)
      ├── BackendError                 502 by default; a backend may choose the status
@@ -96,10 +98,22 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class RateLimited(GatewayError):

@@ -35,7 +35,10 @@ def parse_bytes(value: object) -> int:
             raise ValueError("a byte size cannot be negative")
         return value
     if isinstance(value, str) and (m := _SIZE.match(value)):
-        return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+        size = float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()]
+        if not size < 2**63:
+            raise ValueError(f"byte size {value!r} is too large")
+        return int(size)
     raise ValueError(f"expected a byte size such as 256MiB, got {value!r}")
 
 
@@ -46,6 +49,22 @@ class ServerConfig:
     max_body_bytes: int = 4 * 2**20
     default_max_tokens: int = 256
     admin_api_key_env: str | None = None
+    # -- reliability (issue #8)
+    body_timeout_s: float = 30.0  # a request body not fully received by then: 408
+    keep_alive_timeout_s: float = 5.0  # idle keep-alive connections close after this
+    shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests get this long, then end
+    metrics_api_key_env: str | None = None  # set: /metrics needs this bearer key
+    # -- end reliability
+
+    def __post_init__(self) -> None:
+        for name in ("body_timeout_s", "keep_alive_timeout_s", "shutdown_grace_s"):
+            value = getattr(self, name)
+            if not 0 < value < 86400:
+                raise ValueError(f"server.{name} must be between 0 and 86400 seconds")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("server.port must be between 0 and 65535")
+        if self.max_body_bytes < 1 or self.default_max_tokens < 1:
+            raise ValueError("server.max_body_bytes and server.default_max_tokens must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -277,6 +296,8 @@ def _parse(data: Any, source: str, base: Path) -> Settings:
             raise ConfigError(f"{path}.kind: required field is missing")
         body = dict(raw)
         kind = body.pop("kind")
+        if not isinstance(kind, str):
+            raise ConfigError(f"{path}.kind: expected a string, got {kind!r}")
         try:
             cls = backend_class(kind)
         except KeyError as exc:
