@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from gateway.context import Chunk, RequestContext
 from gateway.errors import BackendError
 
-__all__ = ["Backend", "BackendError", "BackendStats", "Capacity", "MemorySnapshot"]
+__all__ = ["Backend", "BackendError", "BackendStats", "Capacity", "MemorySnapshot", "is_available"]
 
 
 @dataclass(slots=True)
@@ -87,6 +87,14 @@ class Backend(Protocol):
     async def health(self) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+
+def is_available(backend: Any) -> bool:
+    """Whether `backend` is in rotation. A kind that can be taken out of rotation (the
+    `openai` kind after a failure, until its re-probe passes) has `available() -> bool`;
+    a kind without it (the in-process `local` engine) is always in rotation."""
+    available = getattr(backend, "available", None)
+    return True if available is None else bool(available())
 
 
 BackendFactory = Any  # a class taking (name: str, config: BackendConfig)

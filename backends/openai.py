@@ -1,9 +1,25 @@
-"""`openai` backend kind: any OpenAI-compatible upstream over httpx, streamed through."""
+"""`openai` backend kind: any OpenAI-compatible upstream over httpx, streamed through.
+
+Reliability, all before the first byte only (once a token went out, a failure is the
+client's error event, never a silent replay):
+- retries: a connect error, or a 502/503/504 answered before any byte, is retried up to
+  `retries` times with a small exponential backoff (the request is idempotent until then);
+- rotation: a connect error or a 5xx takes the upstream out of rotation (`available()` is
+  False) for `cooldown_s`; a background probe (GET /models every cooldown_s) puts it back.
+  While out of rotation `generate` fails at once with 503, so the pipeline falls back to
+  the model's degrade_to tier and routing skips the replica.
+- `adapter_model`: how a tenant adapter is named upstream, a format over {model} and
+  {adapter}: "{model}:{adapter}" for another memgate gateway, "{adapter}" for vLLM.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,16 +31,41 @@ from backends.base import BackendStats, Capacity, MemorySnapshot
 from gateway.context import Chunk, RequestContext, Usage
 from gateway.errors import BackendError
 
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = (502, 503, 504)
+
 
 @dataclass(frozen=True)
 class OpenAIConfig:
     url: str  # base URL including the version prefix, e.g. http://127.0.0.1:8001/v1
     api_key_env: str | None = None  # name of the env variable holding the upstream key
     model: str | None = None  # upstream model name; default: the public model name
-    adapters_as_models: bool = False  # send the tenant's adapter as the model (vLLM LoRA style)
+    adapter_model: str | None = None  # upstream name for model + adapter: "{model}:{adapter}"
     connect_timeout: float = 5.0
     read_timeout: float = 300.0
     max_connections: int = 256
+    retries: int = 2  # extra tries of a connect error / 502 / 503 / 504 before any byte
+    retry_backoff_s: float = 0.05  # first backoff; doubles with each retry
+    cooldown_s: float = 5.0  # out of rotation this long after a failure, then re-probed
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.retry_backoff_s < 0 or self.cooldown_s <= 0:
+            raise ValueError("retries and retry_backoff_s must be >= 0, cooldown_s > 0")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if self.adapter_model is not None:
+            adapter_name(self.adapter_model, "m", "a")
+
+
+def adapter_name(fmt: str, model: str, adapter: str) -> str:
+    """The upstream model name for `adapter` on `model` ("{model}:{adapter}" -> "m:a")."""
+    try:
+        return fmt.format(model=model, adapter=adapter)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"adapter_model {fmt!r} is not a format over {{model}} and {{adapter}} ({exc})"
+        ) from None
 
 
 class OpenAIBackend:
@@ -35,6 +76,10 @@ class OpenAIBackend:
         self.cfg = cfg
         self._client: httpx.AsyncClient | None = None
         self._trace_context = TraceContextTextMapPropagator()
+        self._down_since: float | None = None  # out of rotation since (monotonic)
+        self._probe: asyncio.Task[None] | None = None
+        self.failures = 0  # upstream failures seen (connect errors, 5xx)
+        self.retried = 0  # retries made
 
     async def start(self) -> None:
         key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
@@ -47,13 +92,40 @@ class OpenAIBackend:
                                 max_keepalive_connections=self.cfg.max_connections),
         )
 
+    # ---- rotation --------------------------------------------------------------------------
+
+    def available(self) -> bool:
+        """False while out of rotation after a failure (until a probe succeeds)."""
+        return self._down_since is None
+
+    def _failed(self, why: str) -> None:
+        self.failures += 1
+        if self._down_since is not None:
+            return
+        log.warning("upstream %s out of rotation for %.1f s: %s", self.name, self.cfg.cooldown_s, why)
+        self._down_since = time.monotonic()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._reprobe())
+
+    async def _reprobe(self) -> None:
+        while self._down_since is not None:
+            await asyncio.sleep(self.cfg.cooldown_s)
+            if await self.health():
+                log.info("upstream %s back in rotation", self.name)
+                self._down_since = None
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def upstream_model(self, ctx: RequestContext) -> str:
+        model = self.cfg.model or ctx.target_model
+        if self.cfg.adapter_model and ctx.adapter:
+            return adapter_name(self.cfg.adapter_model, model, ctx.adapter)
+        return model
+
     def _body(self, ctx: RequestContext) -> dict[str, Any]:
         s = ctx.sampling
-        model = self.cfg.model or ctx.target_model
-        if self.cfg.adapters_as_models and ctx.adapter:
-            model = ctx.adapter
         body: dict[str, Any] = {
-            "model": model,
+            "model": self.upstream_model(ctx),
             "max_tokens": s.max_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
@@ -76,43 +148,84 @@ class OpenAIBackend:
             body["prompt"] = ctx.prompt
         return body
 
-    async def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
-        if self._client is None:
-            raise BackendError(f"backend {self.name} is not started", status=503)
+    async def _open(self, client: httpx.AsyncClient, ctx: RequestContext) -> httpx.Response:
+        """Send the request and return the streaming response with a status < 400, retrying
+        connect errors and 502/503/504 (nothing was generated yet, so a retry is safe)."""
         path = "/chat/completions" if ctx.kind == "chat" else "/completions"
         headers = {"x-request-id": ctx.request_id}
         self._trace_context.inject(headers)  # W3C traceparent of the current (request) span
+        body = self._body(ctx)
+        for attempt in range(self.cfg.retries + 1):
+            last = attempt == self.cfg.retries
+            if attempt:
+                self.retried += 1
+                await asyncio.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
+            try:
+                resp = await client.send(client.build_request("POST", path, json=body,
+                                                              headers=headers), stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if last:
+                    raise
+                continue
+            if resp.status_code < 400:
+                return resp
+            await resp.aread()
+            await resp.aclose()
+            if resp.status_code in RETRYABLE_STATUS and not last:
+                continue
+            if resp.status_code >= 500:
+                self._failed(f"answered {resp.status_code}")
+            raise _upstream_error(resp)
+        raise BackendError(f"upstream {self.name} failed", status=502)  # not reached
+
+    async def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+        client = self._client
+        if client is None:
+            raise BackendError(f"backend {self.name} is not started", status=503)
+        if not self.available():
+            err = BackendError(f"upstream {self.name} is out of rotation after failures",
+                               status=503, code="upstream_unavailable")
+            err.retry_after = self.cfg.cooldown_s
+            raise err
         try:
-            async with self._client.stream("POST", path, json=self._body(ctx), headers=headers) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    raise _upstream_error(resp)
-                usage: Usage | None = None
-                finish: str | None = None
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        yield Chunk(finish_reason=finish or "stop", usage=usage)
-                        return
-                    event = _parse_event(data)
-                    if event.get("usage"):
-                        u = event["usage"]
-                        usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
-                    for choice in event.get("choices") or []:
-                        text = choice.get("text") if ctx.kind != "chat" else (choice.get("delta") or {}).get("content")
-                        if text:
-                            yield Chunk(text=text)
-                        if choice.get("finish_reason"):
-                            finish = choice["finish_reason"]
-                raise BackendError(f"upstream {self.name} ended the stream early", status=502,
-                                   code="upstream_incomplete")
-        except httpx.TimeoutException:
+            resp = await self._open(client, ctx)
+            try:
+                async for chunk in self._chunks(resp, ctx):
+                    yield chunk
+            finally:
+                await resp.aclose()
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                self._failed("connect timeout")
             raise BackendError(f"upstream {self.name} timed out", status=504, code="upstream_timeout") from None
         except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.TransportError):
+                self._failed(type(exc).__name__)
             raise BackendError(f"upstream {self.name} is unreachable ({type(exc).__name__})",
                                status=502, code="upstream_unreachable") from None
+
+    async def _chunks(self, resp: httpx.Response, ctx: RequestContext) -> AsyncIterator[Chunk]:
+        usage: Usage | None = None
+        finish: str | None = None
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                yield Chunk(finish_reason=finish or "stop", usage=usage)
+                return
+            event = _parse_event(data)
+            if event.get("usage"):
+                u = event["usage"]
+                usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+            for choice in event.get("choices") or []:
+                text = choice.get("text") if ctx.kind != "chat" else (choice.get("delta") or {}).get("content")
+                if text:
+                    yield Chunk(text=text)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+        raise BackendError(f"upstream {self.name} ended the stream early", status=502,
+                           code="upstream_incomplete")
 
     def count_tokens(self, ctx: RequestContext) -> int | None:
         return None
@@ -142,6 +255,11 @@ class OpenAIBackend:
         return resp.status_code < 500
 
     async def aclose(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -30,7 +30,7 @@ from backends.base import BackendStats, Capacity, MemorySnapshot
 from backends.local import memory_plan
 from backends.local.config import ModelConfig
 from backends.local.tokenizer import ChatTokenizer
-from backends.openai import OpenAIBackend, OpenAIConfig
+from backends.openai import OpenAIBackend, OpenAIConfig, adapter_name
 from backends.remote_adapters import RemoteAdapters
 from gateway.context import Chunk, RequestContext
 from gateway.errors import BackendError
@@ -50,7 +50,7 @@ class VLLMConfig(OpenAIConfig):
     adapters_dir: str | None = None  # PEFT adapters, one per subdirectory, as vLLM sees them
     adapter_budget_bytes: int = 64 * 2**20
     kv_budget_bytes: int | None = None  # admit against at most this much of vLLM's KV cache
-    adapters_as_models: bool = True
+    adapter_model: str | None = "{adapter}"  # vLLM serves each LoRA under its own name
     metrics_max_age: float = 0.5  # seconds a /metrics reading is reused
 
 
@@ -135,7 +135,10 @@ class VLLMBackend(OpenAIBackend):
 
     def _body(self, ctx: RequestContext) -> dict[str, Any]:
         body = super()._body(ctx)
-        body["model"] = ctx.adapter or self._served or ctx.target_model
+        model = self._served or ctx.target_model
+        if self.cfg.adapter_model and ctx.adapter:
+            model = adapter_name(self.cfg.adapter_model, model, ctx.adapter)
+        body["model"] = model
         return body
 
     async def aclose(self) -> None:

@@ -69,9 +69,28 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """A public model: one backend (`backend: a`) or several replicas (`backends: [a, b]`).
+
+    After validation both are set: `backends` lists the replicas, `backend` is the first
+    (the one policies read before routing picks a replica; see policies/routing.py).
+    """
+
     name: str
-    backend: str
+    backend: str | None = None
     degrade_to: str | None = None
+    backends: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.backend is not None and self.backends:
+            raise ValueError(f"model {self.name!r}: give backend or backends, not both")
+        if self.backend is None and not self.backends:
+            raise ValueError(f"model {self.name!r}: give backend (one) or backends (replicas)")
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"model {self.name!r}: backends lists a replica twice")
+        if self.backends:
+            object.__setattr__(self, "backend", self.backends[0])
+        else:
+            object.__setattr__(self, "backends", (self.backend,))
 
 
 @dataclass(frozen=True)
@@ -150,12 +169,24 @@ class DegradeConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    # A replica keeps the adapters it holds while its requests in flight are fewer than the
+    # least loaded replica's + spill_inflight (and it reports free KV); beyond, spill over.
+    spill_inflight: int = 4
+
+    def __post_init__(self) -> None:
+        if self.spill_inflight < 0:
+            raise ValueError("routing.spill_inflight must be >= 0")
+
+
+@dataclass(frozen=True)
 class PolicyOptions:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
 
-DEFAULT_POLICIES = ("adapter_selection", "context_trim", "degrade", "admission")
+DEFAULT_POLICIES = ("adapter_selection", "routing", "context_trim", "degrade", "admission")
 
 
 @dataclass(frozen=True)
@@ -339,8 +370,10 @@ def _check_references(s: Settings) -> None:
     for i, m in enumerate(s.models):
         if names.count(m.name) > 1:
             raise ConfigError(f"models[{i}].name: duplicate model name {m.name!r}")
-        if m.backend not in s.backends:
-            raise ConfigError(f"models[{i}].backend: no backend named {m.backend!r}")
+        field_name = "backend" if len(m.backends) == 1 else "backends"
+        for b in m.backends:
+            if b not in s.backends:
+                raise ConfigError(f"models[{i}].{field_name}: no backend named {b!r}")
         if m.degrade_to is not None and m.degrade_to not in names:
             raise ConfigError(f"models[{i}].degrade_to: no model named {m.degrade_to!r}")
     seen: set[str] = set()

@@ -18,6 +18,7 @@ from gateway.context import Decision, RequestContext
 from gateway.errors import GatewayError
 from gateway.settings import Settings, TenantConfig
 from policies.ledger import Ledger
+from policies.replicas import Router
 
 if TYPE_CHECKING:
     from backends.base import Backend
@@ -46,10 +47,20 @@ class PolicyEnv:
     ledger: Ledger
     clock: Callable[[], float] = time.monotonic
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
+    router: Router | None = None  # replicas: which one serves a request (policies/replicas.py)
 
     def __post_init__(self) -> None:
         if not self.tenants:
             self.tenants = {t.name: t for t in self.settings.tenants}
+        if self.router is None:
+            self.router = Router(self.settings.policy_options.routing)
+
+    def route(self, ctx: RequestContext, model_name: str) -> str:
+        """Send ctx to a replica of `model_name` (sets ctx.backend); see policies/replicas."""
+        model = self.settings.model(model_name)
+        if model is None or self.router is None:
+            raise GatewayError(f"No model named {model_name!r} is configured.")
+        return self.router.route(ctx, model, self.backends)
 
     def tenant(self, ctx: RequestContext) -> TenantConfig:
         try:

@@ -52,12 +52,13 @@ class Degrade:
                 f"serving a smaller model; retry in {math.ceil(retry)} s.",
                 code="capacity_exceeded", retry_after=retry,
             )
-        ctx.degraded_from = ctx.target_model
+        ctx.degraded_from = ctx.degraded_from or ctx.target_model
         ctx.target_model = smaller.name
-        ctx.backend = smaller.backend
+        self.env.route(ctx, smaller.name)  # a replica of the smaller tier (sets ctx.backend)
         ctx.adapter = tenant.adapters.get(smaller.name)
         ctx.prompt_tokens = None  # the smaller tier counts with its own tokenizer
         return modified(self.name, f"{why}: served by {smaller.name}")
 
     async def on_finish(self, ctx: RequestContext, outcome: Outcome) -> None:
-        return None
+        if self.env.router is not None:
+            self.env.router.release(ctx)  # the replica route() counted (idempotent)

@@ -13,12 +13,14 @@ from policies.base import PolicyChain, PolicyEnv
 from policies.context_trim import ContextTrim
 from policies.degrade import Degrade
 from policies.ledger import Ledger
+from policies.routing import Routing
 
 if TYPE_CHECKING:
     from backends.base import Backend
 
 POLICY_KINDS: dict[str, Any] = {
     "adapter_selection": AdapterSelection,
+    "routing": Routing,
     "context_trim": ContextTrim,
     "degrade": Degrade,
     "admission": Admission,
