@@ -71,16 +71,31 @@ class LoraWeights:
 
 @dataclass
 class LoraBatch:
-    """Per-token adapter slots of one step, grouped once: [(slot, row indices)], slot 0 = base."""
+    """Per-token adapter slots of one step (slot 0 = base), with the per-column weights that
+    each set of adapters needs computed once per step and shared by every projection."""
 
-    groups: list[tuple[int, torch.Tensor]]
+    index: torch.Tensor  # [N] adapter slot of each flat token
+    slots: list[int]  # the adapter slots present, ascending, without 0
+    _weights: dict[tuple[tuple[int, int, float], ...], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_index(cls, index: torch.Tensor) -> LoraBatch | None:
         slots = [int(s) for s in torch.unique(index).tolist() if s != 0]
-        if not slots:
-            return None
-        return cls([(s, torch.nonzero(index == s).flatten()) for s in slots])
+        return cls(index, slots) if slots else None
+
+    def column_weights(self, layout: tuple[tuple[int, int, float], ...], dtype: torch.dtype) -> torch.Tensor:
+        """[N, sum r]: scale_i where the column belongs to the token's own adapter i, else 0.
+
+        `layout` lists (slot, rank, scale) in column order of the concatenated adapters.
+        """
+        w = self._weights.get(layout)
+        if w is None:
+            col_slot = torch.tensor([s for s, r, _ in layout for _ in range(r)], device=self.index.device)
+            col_scale = torch.tensor([c for _, r, c in layout for _ in range(r)], dtype=dtype,
+                                     device=self.index.device)
+            w = (self.index[:, None] == col_slot[None, :]).to(dtype) * col_scale
+            self._weights[layout] = w
+        return w
 
 
 class Proj(nn.Module):
@@ -98,15 +113,24 @@ class Proj(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        """y = base(x) + scale_i * (x A_i^T) B_i^T, i = the token's adapter slot (0: none).
+
+        All adapters of the step at once: x @ [A_1; ...; A_n]^T gives every token its rank
+        columns for every adapter, the step's column weights keep only its own (times its
+        scale), and one more matmul with [B_1 ... B_n] adds the delta: two matmuls per
+        projection however many adapters the batch mixes.
+        """
         y = self.base(x)
         if lora is None or not self.adapters:
             return y
-        for slot, rows in lora.groups:
-            w = self.adapters.get(slot)
-            if w is not None:
-                xs = x.index_select(0, rows)
-                y.index_add_(0, rows, F.linear(F.linear(xs, w.a), w.b) * w.scale)
-        return y
+        present = [(slot, self.adapters[slot]) for slot in lora.slots if slot in self.adapters]
+        if not present:
+            return y
+        layout = tuple((slot, int(w.a.shape[0]), float(w.scale)) for slot, w in present)
+        a = torch.cat([w.a for _, w in present]) if len(present) > 1 else present[0][1].a
+        b = torch.cat([w.b for _, w in present], dim=1) if len(present) > 1 else present[0][1].b
+        xa = F.linear(x, a) * lora.column_weights(layout, x.dtype)
+        return y.add_(F.linear(xa, b))
 
 
 class RMSNorm(nn.Module):
