@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from backends.base import is_available
 from gateway.context import Chunk, Decision, RequestContext
 from gateway.errors import BackendError, GatewayError
 from policies.base import Outcome
@@ -26,11 +27,13 @@ class Pipeline:
 
     Fallback: when the backend fails before its first chunk with a server-side error
     (BackendError with status >= 500: connection refused, timeout, 5xx, adapter load
-    failure) and the model names a `degrade_to` tier the tenant may be degraded to, the
-    first attempt is finished (on_finish releases its reservation and replica), ctx is
-    re-routed to the degrade_to model and the chain is applied once more. A Decision
-    ("fallback", "modify") records it; x-gateway-degraded-from names the model asked for.
-    Once a chunk went out there is no fallback: the client gets an error event.
+    failure), the attempt is finished (on_finish releases its reservation and replica) and
+    the chain is applied once more on
+      - another replica of the same model that is in rotation and has not failed it, else
+      - the model's `degrade_to` tier, once, when the tenant allows degrading
+        (x-gateway-degraded-from names the model asked for; `model` the one that answered).
+    Each is a Decision("fallback", "modify") on ctx.decisions, so metrics count it. Once a
+    chunk went out there is no fallback: the client gets an error event.
     """
 
     def __init__(self, state: Any) -> None:
@@ -46,7 +49,7 @@ class Pipeline:
             except GatewayError:
                 outcome = "rejected"
                 raise
-            fell_back = False
+            failed: list[str] = []  # backends that failed this request before its first byte
             while True:
                 stream = self._backend(ctx).generate(ctx)
                 telemetry.generating(ctx)
@@ -56,11 +59,11 @@ class Pipeline:
                     except StopAsyncIteration:
                         break
                     except BackendError as exc:
-                        if fell_back or not await self._fall_back(ctx, exc):
+                        failed.append(ctx.backend)
+                        if not await self._fall_back(ctx, exc, failed):
                             raise
-                        fell_back = True
                         try:
-                            await self._apply(ctx)  # the whole chain once more, on degrade_to
+                            await self._apply(ctx)  # the whole chain once more, on the new target
                         except GatewayError:
                             outcome = "rejected"
                             raise
@@ -74,6 +77,9 @@ class Pipeline:
                 finally:
                     await stream.aclose()
             outcome = "ok"
+        except BackendError as exc:  # issue #8: every backend failure the client sees is counted
+            telemetry.backend_failed(ctx, exc.code)
+            raise
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "cancelled"
             raise
@@ -93,32 +99,39 @@ class Pipeline:
             raise GatewayError(f"No backend named {ctx.backend!r} is configured.")
         return backend
 
-    async def _fall_back(self, ctx: RequestContext, exc: BackendError) -> bool:
-        """Finish the failed attempt and point ctx at its model's degrade_to tier (the caller
-        re-applies the chain); False (the error stands) when there is none or the tenant
-        may not degrade."""
+    async def _fall_back(self, ctx: RequestContext, exc: BackendError, failed: list[str]) -> bool:
+        """Finish the failed attempt and point ctx at another replica of its model (one in
+        rotation that has not failed it), else at the model's degrade_to tier (once, if the
+        tenant may be degraded); the caller re-applies the chain. False: the error stands."""
         settings = self.state.settings
         model = settings.model(ctx.target_model)
-        if exc.status < 500 or model is None or model.degrade_to is None:
+        if exc.status < 500 or model is None:
             return False
-        tenant = next((t for t in settings.tenants if t.name == ctx.tenant), None)
-        if tenant is None or not tenant.allow_degrade:
-            return False
-        failed = ctx.backend
-        asked = ctx.degraded_from or ctx.target_model
+        spare = [b for b in model.backends if b not in failed
+                 and b in self.state.backends and is_available(self.state.backends[b])]
+        if spare:
+            target, why = model.name, f"replica: retried on another replica of {model.name}"
+        else:
+            tenant = next((t for t in settings.tenants if t.name == ctx.tenant), None)
+            if model.degrade_to is None or tenant is None or not tenant.allow_degrade:
+                return False
+            if any(d.policy == FALLBACK and d.reason.startswith("degrade") for d in ctx.decisions):
+                return False  # one fallback to a smaller tier per request, no chains
+            target, why = model.degrade_to, f"degraded: served by {model.degrade_to}"
+        asked = ctx.degraded_from or (ctx.target_model if target != model.name else None)
         await self.state.policies.finish(ctx, "error")  # release the first attempt's holds
-        ctx.target_model = model.degrade_to
-        ctx.requested_adapter = None  # the tenant's own adapter for that tier, if any
+        if target != model.name:
+            ctx.requested_adapter = None  # the tenant's own adapter for that tier, if any
+        ctx.target_model = target
         ctx.adapter = None
         ctx.prompt_tokens = None  # the tier counts with its own tokenizer
         ctx.reservation = None
         ctx.memory.kv_bytes_reserved = 0
         ctx.decisions.append(Decision(
             policy=FALLBACK, action="modify", status=exc.status,
-            reason=f"backend {failed} failed before the first byte ({exc.code}): "
-                   f"served by {model.degrade_to}"))
-        log.warning("request %s: backend %s failed (%s); falling back to %s",
-                    ctx.request_id, failed, exc.message, model.degrade_to)
+            reason=f"{why} (backend {failed[-1]} failed before the first byte: {exc.code})"))
+        log.warning("request %s: backend %s failed (%s); %s",
+                    ctx.request_id, failed[-1], exc.message, why)
         ctx.degraded_from = asked
         return True
 
