@@ -12,6 +12,7 @@ BACKEND_KINDS: dict[str, str] = {
     "local": "backends.local.backend:LocalBackend",
     "openai": "backends.openai:OpenAIBackend",
     "vllm": "backends.vllm:VLLMBackend",
+    "litellm": "backends.litellm:LiteLLMBackend",  # optional extra: pip install -e '.[litellm]'
 }
 
 

@@ -48,17 +48,18 @@ def demo_config(model_dir: Path, **local: Any) -> dict[str, Any]:
 @contextlib.contextmanager
 def running_gateway(
     config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None, timeout: float = 120,
-    ready_path: str = "/ready",
+    ready_path: str = "/ready", python: str | None = None,
 ) -> Iterator[str]:
-    """Yields the base URL ending in /v1; the process log is at workdir/gateway.log."""
-    with gateway_process(config, workdir, env, timeout, ready_path) as (url, _):
+    """Yields the base URL ending in /v1; the process log is at workdir/gateway.log.
+    `python`: the interpreter to run it with (another venv); default: this one."""
+    with gateway_process(config, workdir, env, timeout, ready_path, python) as (url, _):
         yield url
 
 
 @contextlib.contextmanager
 def gateway_process(
     config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None, timeout: float = 120,
-    ready_path: str = "/ready",
+    ready_path: str = "/ready", python: str | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Like running_gateway, but also yields the process (for fault tests)."""
     cfg_path = workdir / "gateway.yaml"
@@ -68,7 +69,7 @@ def gateway_process(
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg_path),
+            [python or sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg_path),
              "--host", "127.0.0.1", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=full_env,
         )

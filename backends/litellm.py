@@ -1,0 +1,169 @@
+"""`litellm` backend kind (optional extra): a hosted provider through litellm, for overflow.
+
+Install with `pip install -e '.[litellm]'` (litellm pinned exactly; see pyproject). litellm is
+imported in start(), never at gateway import, with LITELLM_LOCAL_MODEL_COST_MAP=True so it
+reads its bundled cost map instead of fetching one. litellm holds `openai` below 3, so it
+runs in its own venv (.venv-litellm, `make litellm-venv`).
+
+`model` is litellm's model string ("openai/gpt-4o-mini", "anthropic/...", or "openai/<name>"
+with `api_base` for any OpenAI-compatible server); `adapter_model` names a tenant adapter
+("openai/{model}:{adapter}" for a memgate upstream, where {model} is the part after the
+provider prefix). Capacity and memory are unknown (the provider's); errors before the first
+byte keep litellm's status (>= 500 lets the pipeline fall back).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from backends.base import BackendStats, Capacity, MemorySnapshot
+from gateway.context import Chunk, RequestContext, Usage
+from gateway.errors import BackendError
+
+
+@dataclass(frozen=True)
+class LiteLLMConfig:
+    model: str  # litellm model string, e.g. "openai/demo"
+    api_base: str | None = None
+    api_key_env: str | None = None  # name of the env variable holding the provider key
+    adapter_model: str | None = None  # e.g. "openai/{model}:{adapter}"
+    timeout: float = 300.0
+    num_retries: int = 0  # litellm's own retries (the gateway falls back instead)
+
+    def __post_init__(self) -> None:
+        if "/" not in self.model:
+            raise ValueError("model must be a litellm model string such as openai/gpt-4o-mini")
+        if self.adapter_model is not None:
+            adapter_name(self.adapter_model, "m", "a")
+        if self.timeout <= 0 or self.num_retries < 0:
+            raise ValueError("timeout must be > 0 and num_retries >= 0")
+
+
+class LiteLLMBackend:
+    Config = LiteLLMConfig
+
+    def __init__(self, name: str, cfg: LiteLLMConfig) -> None:
+        self.name = name
+        self.cfg = cfg
+        self._litellm: Any = None
+
+    async def start(self) -> None:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        try:
+            self._litellm = importlib.import_module("litellm")
+        except ImportError as exc:
+            raise RuntimeError(
+                f"backend {self.name}: the litellm kind needs `pip install -e '.[litellm]'` ({exc})"
+            ) from None
+        self._litellm.suppress_debug_info = True  # no "Give Feedback" banners in our logs
+
+    def _model(self, ctx: RequestContext) -> str:
+        if self.cfg.adapter_model and ctx.adapter:
+            base = self.cfg.model.split("/", 1)[1]
+            return adapter_name(self.cfg.adapter_model, base, ctx.adapter)
+        return self.cfg.model
+
+    def _kwargs(self, ctx: RequestContext) -> dict[str, Any]:
+        s = ctx.sampling
+        kw: dict[str, Any] = {
+            "model": self._model(ctx), "max_tokens": s.max_tokens, "temperature": s.temperature,
+            "top_p": s.top_p, "stream": True, "stream_options": {"include_usage": True},
+            "timeout": self.cfg.timeout, "num_retries": self.cfg.num_retries,
+            "extra_headers": {"x-request-id": ctx.request_id},
+        }
+        if self.cfg.api_base:
+            kw["api_base"] = self.cfg.api_base
+        key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
+        if key or self.cfg.api_base:
+            kw["api_key"] = key or "none"  # a keyless OpenAI-compatible server still needs one
+        for name in ("seed", "presence_penalty", "frequency_penalty"):
+            if getattr(s, name):
+                kw[name] = getattr(s, name)
+        if s.stop:
+            kw["stop"] = s.stop
+        return kw
+
+    async def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+        if self._litellm is None:
+            raise BackendError(f"backend {self.name} is not started", status=503)
+        kw = self._kwargs(ctx)
+        try:
+            if ctx.kind == "chat":
+                stream = await self._litellm.acompletion(messages=ctx.messages, **kw)
+            else:
+                stream = await self._litellm.atext_completion(prompt=ctx.prompt, **kw)
+            usage: Usage | None = None
+            finish: str | None = None
+            async for event in stream:
+                u = getattr(event, "usage", None)
+                if u is not None and getattr(u, "completion_tokens", None) is not None:
+                    usage = Usage(int(u.prompt_tokens or 0), int(u.completion_tokens or 0))
+                for choice in event.choices or []:
+                    text = _text(choice, ctx.kind)
+                    if text:
+                        yield Chunk(text=text)
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+            yield Chunk(finish_reason=finish or "stop", usage=usage)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise _error(self.name, exc) from None
+
+    def count_tokens(self, ctx: RequestContext) -> int | None:
+        return None
+
+    def capacity(self) -> Capacity | None:
+        return None
+
+    def adapters(self) -> dict[str, int] | None:
+        return None
+
+    def memory(self) -> MemorySnapshot:
+        return MemorySnapshot()
+
+    def stats(self) -> BackendStats:
+        return BackendStats()
+
+    async def ensure_adapter(self, name: str) -> None:
+        return None
+
+    async def health(self) -> bool:
+        return self._litellm is not None
+
+    async def aclose(self) -> None:
+        self._litellm = None
+
+
+def adapter_name(fmt: str, model: str, adapter: str) -> str:
+    """The provider model string for `adapter` ("openai/{model}:{adapter}" -> "openai/m:a").
+    Same format as the `openai` kind's adapter_model; kept here so that this kind imports
+    nothing of the httpx/aiohttp upstream stack."""
+    try:
+        return fmt.format(model=model, adapter=adapter)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"adapter_model {fmt!r} is not a format over {{model}} and {{adapter}} ({exc})"
+        ) from None
+
+
+def _text(choice: Any, kind: str) -> str | None:
+    if kind == "chat":
+        delta = getattr(choice, "delta", None)
+        return getattr(delta, "content", None) if delta is not None else None
+    return getattr(choice, "text", None)
+
+
+def _error(name: str, exc: Exception) -> BackendError:
+    """litellm's exceptions carry the provider's status_code; keep client errors, map the rest."""
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int) or status < 400:
+        status = 502
+    if status not in (400, 404, 413, 422, 429):
+        status = 504 if "timeout" in type(exc).__name__.lower() else 502
+    message = str(getattr(exc, "message", "") or exc)[:300]
+    return BackendError(f"litellm {name}: {message}", status=status, code="upstream_error")

@@ -1,0 +1,76 @@
+"""The `litellm` kind (marker `litellm`; `make test-litellm`): a gateway running under
+.venv-litellm whose tier is litellm's OpenAI-compatible provider pointed at a local gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.server import ACME_SHA, running_gateway
+
+pytestmark = pytest.mark.litellm
+
+ROOT = Path(__file__).resolve().parents[2]
+LITELLM_PY = ROOT / ".venv-litellm" / "bin" / "python"
+PROMPT = [{"role": "user", "content": "Can I change my delivery address?"}]
+
+
+def litellm_config(upstream: str) -> dict[str, Any]:
+    return {
+        "backends": {"hosted": {"kind": "litellm", "model": "openai/demo", "api_base": upstream,
+                                "api_key_env": "UPSTREAM_KEY",
+                                "adapter_model": "openai/{model}:{adapter}", "timeout": 60}},
+        "models": [{"name": "overflow", "backend": "hosted"}],
+        "tenants": [{"name": "acme", "api_key_sha256": [ACME_SHA], "models": ["overflow"],
+                     "adapters": {"overflow": "acme-support"}}],
+    }
+
+
+@pytest.fixture(scope="module")
+def via_litellm(demo_gateway: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if not LITELLM_PY.exists():
+        pytest.fail("the litellm venv is missing: run `make litellm-venv` (make test-litellm does)")
+    with running_gateway(litellm_config(demo_gateway), tmp_path_factory.mktemp("litellm"),
+                         env={"UPSTREAM_KEY": "sk-demo-acme"}, python=str(LITELLM_PY)) as url:
+        yield url
+
+
+def sdk(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="sk-demo-acme", max_retries=0, timeout=60)
+
+
+def test_answers_equal_the_upstream(via_litellm: str, demo_gateway: str) -> None:
+    kw: dict[str, Any] = {"messages": PROMPT, "temperature": 0, "max_tokens": 20}
+    direct = sdk(demo_gateway).chat.completions.create(model="demo", **kw)  # acme-support
+    r = sdk(via_litellm).chat.completions.with_raw_response.create(model="overflow", **kw)
+    via = r.parse()
+    assert r.headers["x-gateway-adapter"] == "acme-support"
+    assert via.model == "overflow"
+    assert via.choices[0].message.content == direct.choices[0].message.content
+    assert via.usage is not None and direct.usage is not None
+    assert via.usage.completion_tokens == direct.usage.completion_tokens
+    ckw: dict[str, Any] = {"prompt": "Delivery takes", "temperature": 0, "max_tokens": 8}
+    assert (sdk(via_litellm).completions.create(model="overflow", **ckw).choices[0].text
+            == sdk(demo_gateway).completions.create(model="demo", **ckw).choices[0].text)
+
+
+def test_streaming_through_litellm(via_litellm: str, demo_gateway: str) -> None:
+    kw: dict[str, Any] = {"messages": PROMPT, "temperature": 0, "max_tokens": 20}
+    direct = sdk(demo_gateway).chat.completions.create(model="demo", **kw)
+    parts = list(sdk(via_litellm).chat.completions.create(
+        model="overflow", stream=True, stream_options={"include_usage": True}, **kw))
+    chunks = [p.choices[0].delta.content or "" for p in parts if p.choices]
+    assert len([c for c in chunks if c]) > 1  # streamed in pieces, not one blob
+    assert "".join(chunks) == direct.choices[0].message.content
+    assert parts[-1].usage is not None and direct.usage is not None
+    assert parts[-1].usage.completion_tokens == direct.usage.completion_tokens
+
+
+def test_upstream_client_errors_keep_their_status(via_litellm: str) -> None:
+    with pytest.raises(openai.BadRequestError):
+        sdk(via_litellm).chat.completions.create(
+            model="overflow", messages=[{"role": "user", "content": "hours " * 3000}], max_tokens=8)
