@@ -79,3 +79,12 @@ bench-engine: $(VENV)/.dev $(DEMO)
 
 bench-memory: $(VENV)/.dev $(DEMO)
 	$(BIN)/python -m bench.memory
+
+# Gateway hot-path overhead vs direct, a pass-through floor proxy and the LiteLLM proxy
+# (installed pinned in .venv-litellm-proxy). bench/results/overhead.{json,png}.
+.PHONY: bench-overhead bench-overhead-quick
+bench-overhead: $(VENV)/.dev
+	$(BIN)/python -m bench.overhead --peer litellm
+
+bench-overhead-quick: $(VENV)/.dev
+	$(BIN)/python -m bench.overhead --quick --out build/bench-overhead

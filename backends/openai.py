@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -25,9 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from backends.base import BackendStats, Capacity, MemorySnapshot
+from backends.upstream_http import Upstream, UpstreamHTTP, UpstreamResponse
 from gateway.context import Chunk, RequestContext, Usage
 from gateway.errors import BackendError
 
@@ -74,7 +75,8 @@ class OpenAIBackend:
     def __init__(self, name: str, cfg: OpenAIConfig) -> None:
         self.name = name
         self.cfg = cfg
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # control plane: health, admin calls
+        self._http: Upstream | None = None  # generation: the hot path (aiohttp, pooled)
         self._trace_context = TraceContextTextMapPropagator()
         self._down_since: float | None = None  # out of rotation since (monotonic)
         self._probe: asyncio.Task[None] | None = None
@@ -91,6 +93,8 @@ class OpenAIBackend:
             limits=httpx.Limits(max_connections=self.cfg.max_connections,
                                 max_keepalive_connections=self.cfg.max_connections),
         )
+        self._http = UpstreamHTTP(self.cfg.url, headers, self.cfg.connect_timeout,
+                                  self.cfg.read_timeout, self.cfg.max_connections)
 
     # ---- rotation --------------------------------------------------------------------------
 
@@ -148,21 +152,20 @@ class OpenAIBackend:
             body["prompt"] = ctx.prompt
         return body
 
-    async def _open(self, client: httpx.AsyncClient, ctx: RequestContext) -> httpx.Response:
+    async def _open(self, client: Upstream, ctx: RequestContext) -> UpstreamResponse:
         """Send the request and return the streaming response with a status < 400, retrying
         connect errors and 502/503/504 (nothing was generated yet, so a retry is safe)."""
         path = "/chat/completions" if ctx.kind == "chat" else "/completions"
         headers = {"x-request-id": ctx.request_id}
         self._trace_context.inject(headers)  # W3C traceparent of the current (request) span
-        body = self._body(ctx)
+        body = orjson.dumps(self._body(ctx))
         for attempt in range(self.cfg.retries + 1):
             last = attempt == self.cfg.retries
             if attempt:
                 self.retried += 1
                 await asyncio.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
             try:
-                resp = await client.send(client.build_request("POST", path, json=body,
-                                                              headers=headers), stream=True)
+                resp = await client.request("POST", path, body, headers)
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 if last:
                     raise
@@ -179,7 +182,7 @@ class OpenAIBackend:
         raise BackendError(f"upstream {self.name} failed", status=502)  # not reached
 
     async def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
-        client = self._client
+        client = self._http
         if client is None:
             raise BackendError(f"backend {self.name} is not started", status=503)
         if not self.available():
@@ -204,14 +207,14 @@ class OpenAIBackend:
             raise BackendError(f"upstream {self.name} is unreachable ({type(exc).__name__})",
                                status=502, code="upstream_unreachable") from None
 
-    async def _chunks(self, resp: httpx.Response, ctx: RequestContext) -> AsyncIterator[Chunk]:
+    async def _chunks(self, resp: UpstreamResponse, ctx: RequestContext) -> AsyncIterator[Chunk]:
         usage: Usage | None = None
         finish: str | None = None
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
+        async for line in resp.lines():
+            if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 yield Chunk(finish_reason=finish or "stop", usage=usage)
                 return
             event = _parse_event(data)
@@ -263,11 +266,14 @@ class OpenAIBackend:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
 
-def _parse_event(data: str) -> dict[str, Any]:
+def _parse_event(data: bytes) -> dict[str, Any]:
     try:
-        event = json.loads(data)
+        event = orjson.loads(data)
     except ValueError:
         raise BackendError("upstream sent malformed JSON in its stream", code="upstream_malformed") from None
     if not isinstance(event, dict):
@@ -278,7 +284,7 @@ def _parse_event(data: str) -> dict[str, Any]:
     return event
 
 
-def _upstream_error(resp: httpx.Response) -> BackendError:
+def _upstream_error(resp: UpstreamResponse) -> BackendError:
     message = f"upstream answered {resp.status_code}"
     try:
         err = resp.json().get("error", {})

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from backends.openai import OpenAIBackend, OpenAIConfig
+from backends.upstream_http import HttpxUpstream
 from backends.vllm import VLLMConfig
 from gateway.context import RequestContext, SamplingParams
 from gateway.errors import BackendError
@@ -35,6 +36,7 @@ def backend(handler: Handler, **cfg: object) -> OpenAIBackend:
     b = OpenAIBackend("up", OpenAIConfig(url="http://up/v1", retry_backoff_s=0.001,
                                          cooldown_s=0.05, **cfg))  # type: ignore[arg-type]
     b._client = httpx.AsyncClient(base_url="http://up/v1", transport=httpx.MockTransport(handler))
+    b._http = HttpxUpstream(b._client)  # the generation path over the same mock
     return b
 
 

@@ -1,0 +1,128 @@
+"""Which upstream client: the same streamed chat completion through httpx's own pool, httpx
+over backends/aiohttp_transport, and aiohttp directly, interleaved, this process on core 0,
+the fake upstream on core 1. Run: python -m bench.overhead.clients [--seconds 2]."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+from bench.overhead.httpx_aiohttp import AiohttpTransport
+from bench.overhead.loadgen import request_body
+from bench.overhead.report import pct, write
+from bench.overhead.targets import ROOT, cores, start_upstream
+
+Call = Callable[[], Awaitable[None]]
+
+
+def httpx_call(client: httpx.AsyncClient, body: bytes) -> Call:
+    async def call() -> None:
+        req = client.build_request("POST", "/v1/chat/completions", content=body,
+                                   headers={"content-type": "application/json"})
+        resp = await client.send(req, stream=True)
+        try:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: [DONE]"):
+                    break
+        finally:
+            await resp.aclose()
+    return call
+
+
+def aiohttp_call(session: aiohttp.ClientSession, url: str, body: bytes) -> Call:
+    async def call() -> None:
+        async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+            async for line in r.content:
+                if line.startswith(b"data: [DONE]"):
+                    break
+    return call
+
+
+async def drive(call: Call, conc: int, seconds: float) -> tuple[float, float]:
+    lat: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            await call()
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    return len(lat) / (time.perf_counter() - t0), (pct(lat, 0.5) or 0) * 1000
+
+
+async def measure(base: str, seconds: float, rounds: int) -> list[dict[str, object]]:
+    body = request_body("bench-model", True)
+    clients = {
+        "httpx": httpx.AsyncClient(base_url=base, limits=httpx.Limits(max_connections=256,
+                                                                      max_keepalive_connections=256)),
+        "httpx+aiohttp-transport": httpx.AsyncClient(base_url=base, transport=AiohttpTransport()),
+    }
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+    calls = {name: httpx_call(c, body) for name, c in clients.items()}
+    calls["aiohttp"] = aiohttp_call(session, base + "/v1/chat/completions", body)
+    rows: list[dict[str, object]] = []
+    try:
+        for conc in (1, 64):
+            got: dict[str, list[tuple[float, float]]] = {n: [] for n in calls}
+            for call in calls.values():
+                await drive(call, conc, 0.3)  # warm-up
+            for _ in range(rounds):
+                for name, call in calls.items():
+                    got[name].append(await drive(call, conc, seconds))
+            for name, runs in got.items():
+                rps = sum(r for r, _ in runs) / len(runs)
+                p50 = sorted(p for _, p in runs)[len(runs) // 2]
+                rows.append({"client": name, "concurrency": conc, "rps": round(rps, 1),
+                             "p50_ms": round(p50, 3)})
+                print(f"{name:>24} c={conc:<3} {rps:8.1f} req/s  p50 {p50:.3f} ms", flush=True)
+    finally:
+        for c in clients.values():
+            await c.aclose()
+        await session.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.overhead.clients")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "clients.json")
+    args = ap.parse_args(argv)
+    server = cores("server")
+    with tempfile.TemporaryDirectory() as tmp:
+        up = start_upstream(Path(tmp))
+        try:
+            if server is not None:
+                import os
+
+                os.sched_setaffinity(0, server)
+            try:
+                import uvloop
+
+                factory = uvloop.new_event_loop
+            except ImportError:
+                factory = None
+            with asyncio.Runner(loop_factory=factory) as runner:
+                rows = runner.run(measure(up.url, args.seconds, args.rounds))
+        finally:
+            up.stop()
+    write(args.out, {"command": "python -m bench.overhead.clients " + " ".join(sys.argv[1:]),
+                     "results": rows})
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
