@@ -76,14 +76,14 @@ class ModelConfig:
     """
 
     name: str
-    backend: str | None = None
+    backend: str = ""  # "" when the model lists replicas instead (set to the first below)
     degrade_to: str | None = None
     backends: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.backend is not None and self.backends:
+        if self.backend and self.backends:
             raise ValueError(f"model {self.name!r}: give backend or backends, not both")
-        if self.backend is None and not self.backends:
+        if not self.backend and not self.backends:
             raise ValueError(f"model {self.name!r}: give backend (one) or backends (replicas)")
         if len(set(self.backends)) != len(self.backends):
             raise ValueError(f"model {self.name!r}: backends lists a replica twice")
