@@ -115,7 +115,9 @@ def create_app(
     owned_provider = None
     if tracer_provider is None:
         tracer_provider = owned_provider = build_tracer_provider(settings.telemetry)
-    telemetry = Telemetry(settings, backends, tracer_provider)
+    # Spans are built only where they go somewhere: an injected provider, or an OTLP endpoint.
+    record = owned_provider is None or bool(settings.telemetry.otlp_endpoint)
+    telemetry = Telemetry(settings, backends, tracer_provider, record_spans=record)
     # -- end telemetry
     state = GatewayState(
         settings=settings,

@@ -24,6 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.server.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     common = {"host": host, "port": port, "log_level": "info", "timeout_graceful_shutdown": 30}
+    # uvicorn's access log: one INFO line per request, off unless asked (README "Performance")
+    common["access_log"] = args.access_log
     if args.workers > 1:
         os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
         _multiprocess_metrics_dir()
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--workers", type=int, default=1, help="worker processes")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log one line per request (off by default: it costs on the hot path)")
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo-model", help="write the demo checkpoint and tenant adapters")

@@ -25,7 +25,13 @@ from gateway.memory_collector import MemoryCollector, MultiprocessPublisher
 from gateway.metrics import NONE, GatewayMetrics, RequestObservation
 from gateway.procmem import GpuProbe
 from gateway.settings import Settings
-from gateway.tracing import OPERATION, TraceContext, request_attributes, set_usage
+from gateway.tracing import (
+    OPERATION,
+    TraceContext,
+    passthrough_span,
+    request_attributes,
+    set_usage,
+)
 from policies.base import Outcome, Policy, PolicyChain
 
 log = logging.getLogger("gateway.telemetry")
@@ -56,8 +62,11 @@ class RequestRecord:
 
 class Telemetry:
     def __init__(self, settings: Settings, backends: Mapping[str, Backend],
-                 tracer_provider: TracerProvider) -> None:
+                 tracer_provider: TracerProvider, record_spans: bool = True) -> None:
+        """`record_spans` False (no exporter configured): no spans are built; requests carry
+        a pass-through span context so trace context still reaches upstreams."""
         self.backends = backends
+        self.record_spans = record_spans
         self.metrics = GatewayMetrics()
         self.tracer = tracer_provider.get_tracer("gateway")
         self.trace_context = TraceContext()
@@ -100,7 +109,8 @@ class Telemetry:
 
     def attach_policies(self, chain: PolicyChain) -> None:
         """Trace each policy's apply() as a child span; read reservations from the ledger."""
-        chain.policies = tuple(TracedPolicy(p, self.tracer) for p in chain.policies)
+        if self.record_spans:
+            chain.policies = tuple(TracedPolicy(p, self.tracer) for p in chain.policies)
         if chain.get("admission") is not None:
             self.collector.reservations = chain.ledger.reserved_by_tenant
 
@@ -152,6 +162,10 @@ class Telemetry:
 
     def open(self, kind: str, method: str, path: str, headers: Mapping[str, str]) -> RequestRecord:
         parent = self.trace_context.extract(headers)
+        if not self.record_spans:
+            rec = RequestRecord(span=passthrough_span(parent))
+            self._in_flight[id(rec)] = rec
+            return rec
         span = self.tracer.start_span(
             OPERATION[kind], context=parent, kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "http.route": path,
@@ -168,6 +182,8 @@ class Telemetry:
             self.metrics.observe(self._observation(rec, end))
         except Exception:
             log.exception("recording request metrics failed")
+        if not self.record_spans:
+            return
         span = rec.span
         span.set_attribute("http.response.status_code", rec.status)
         if rec.status >= 400:

@@ -264,7 +264,10 @@ def test_request_id_is_echoed_when_sane(demo_gateway: str) -> None:
     r = httpx.get(demo_gateway.removesuffix("/v1") + "/health", headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
     r = httpx.get(demo_gateway.removesuffix("/v1") + "/health", headers={"x-request-id": "bad id\x01"})
-    assert r.headers["x-request-id"] != "bad id\x01"
+    # h11 lets the control character through (a fresh id replaces it); httptools refuses the
+    # request head with a 400 before the app sees it. Either way it is never echoed.
+    assert r.headers.get("x-request-id") != "bad id\x01"
+    assert r.status_code == 400 or r.headers["x-request-id"]
 
 
 # ---------------------------------------------------------------- disconnects
