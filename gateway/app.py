@@ -25,6 +25,7 @@ from backends.registry import backend_class
 from gateway import routes
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.settings import Settings, load_settings
+from gateway.shutdown import Drain
 from gateway.telemetry import Telemetry, TelemetryMiddleware
 from gateway.tenants import AdminKey, TenantDirectory
 from gateway.tracing import build_tracer_provider
@@ -46,6 +47,8 @@ class GatewayState:
     telemetry: Telemetry
     ready: bool = False
     started: float = field(default_factory=time.time)
+    drain: Drain = field(default_factory=lambda: Drain(10.0))  # graceful shutdown (issue #8)
+    metrics_key: AdminKey | None = None  # set: /metrics needs this bearer key
 
 
 class RequestIdMiddleware:
@@ -126,6 +129,9 @@ def create_app(
         backends=backends,
         policies=build_chain(settings, backends),
         telemetry=telemetry,
+        drain=Drain(settings.server.shutdown_grace_s),
+        metrics_key=(AdminKey(settings.server.metrics_api_key_env)
+                     if settings.server.metrics_api_key_env else None),
     )
     telemetry.attach_policies(state.policies)
 
@@ -158,6 +164,7 @@ def create_app(
             Route("/ready", routes.ready, methods=["GET"]),
             Route("/debug/memory", routes.debug_memory, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
+            Route("/openapi.json", routes.openapi_document, methods=["GET"]),
         ],
         exception_handlers={
             GatewayError: _on_gateway_error,

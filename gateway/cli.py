@@ -15,6 +15,8 @@ from gateway.settings import ConfigError, load_settings
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gateway.serving import http_protocol
+
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
@@ -23,7 +25,10 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    common = {"host": host, "port": port, "log_level": "info", "timeout_graceful_shutdown": 30}
+    server_cfg = settings.server
+    common = {"host": host, "port": port, "log_level": "info",
+              "timeout_graceful_shutdown": max(1, round(server_cfg.shutdown_grace_s)),
+              "timeout_keep_alive": server_cfg.keep_alive_timeout_s}
     # uvicorn's access log: one INFO line per request, off unless asked (README "Performance")
     common["access_log"] = args.access_log
     if args.workers > 1:
@@ -32,8 +37,12 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
     else:
         from gateway.app import create_app
+        from gateway.serving import DrainingServer
 
-        uvicorn.run(create_app(settings), **common)
+        app = create_app(settings)
+        config = uvicorn.Config(app, http=http_protocol(), **common)  # bounded request heads
+        server = DrainingServer(config, app.state.gateway.drain)
+        server.run_until_signalled()
     return 0
 
 

@@ -91,6 +91,9 @@ class GatewayMetrics:
                                ("backend",), buckets=BATCH_BUCKETS, registry=reg)
         self.decisions = Counter("gateway_policy_decisions", "Policy decisions, by action.",
                                  ("policy", "action"), registry=reg)
+        self.backend_errors = Counter(  # code: a BackendError code (a constant in our code)
+            "gateway_backend_errors", "Backend failures, before or after the first byte.",
+            ("backend", "code", "phase"), registry=reg)
 
     def observe(self, o: RequestObservation) -> None:
         self.requests.labels(o.tenant, o.model, o.status).inc()

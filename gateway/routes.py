@@ -13,14 +13,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from gateway import validation
+from gateway import openapi, validation
 from gateway.context import Chunk, RequestContext
 from gateway.errors import (
     ClientDisconnected,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     Unavailable,
+    UnsupportedMediaType,
 )
 from gateway.memory_report import memory_report
 from gateway.pipeline import Pipeline
@@ -36,15 +38,25 @@ def _state(request: Request) -> Any:
     return request.app.state.gateway
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
+async def read_json(request: Request, limit: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    ctype = request.headers.get("content-type")
+    if ctype is not None:  # absent: taken as JSON (curl -d without -H sends a form type)
+        media = ctype.partition(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaType(
+                f"Content-Type {media or '(empty)'!r} is not supported; send application/json.")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    try:
+        async with asyncio.timeout(timeout_s):  # a slow sender must not hold a worker
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    except TimeoutError:
+        raise RequestTimeout(f"The request body was not received within {timeout_s:g} s.") from None
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
@@ -100,7 +112,8 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
 async def _generate(request: Request, kind: str) -> Response:
     state = _state(request)
     tenant = state.tenants.authenticate(request.headers.get("authorization"))
-    body = await read_json(request, state.settings.server.max_body_bytes)
+    body = await read_json(request, state.settings.server.max_body_bytes,
+                           state.settings.server.body_timeout_s)
     chat = kind == "chat"
     validation.check_fields(body, validation.CHAT_FIELDS if chat else validation.COMPLETION_FIELDS)
     model, adapter = resolve_model(state, tenant, validation.model_name(body))
@@ -124,7 +137,7 @@ async def _generate(request: Request, kind: str) -> Response:
     if not state.ready:
         raise Unavailable("The gateway is starting; try again shortly.", retry_after=1)
     pipeline = Pipeline(state)
-    chunks = pipeline.run(ctx)
+    chunks = state.drain.guard(pipeline.run(ctx))  # ends cleanly at shutdown (gateway/shutdown.py)
     if not stream:
         result = await _until_disconnect(request, collect(ctx, chunks))
         return JSONResponse(result, headers=pipeline.headers(ctx))
@@ -217,5 +230,13 @@ async def debug_memory(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """Prometheus text format (no secrets, bounded labels; see gateway/metrics.py)."""
-    body = _state(request).telemetry.scrape()
+    state = _state(request)
+    if state.metrics_key is not None:  # server.metrics_api_key_env set: a bearer key is needed
+        state.metrics_key.authenticate(request.headers.get("authorization"))
+    body = state.telemetry.scrape()
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi_document(request: Request) -> Response:
+    """This gateway's own OpenAPI document (gateway/openapi.py)."""
+    return JSONResponse(openapi.document(_state(request).settings))

@@ -158,6 +158,12 @@ class Telemetry:
             rec.finish_reason = chunk.finish_reason
             rec.generate_end = time.monotonic()
 
+    def backend_failed(self, ctx: RequestContext, code: str | None) -> None:
+        """A backend raised: count it by backend, code and whether a chunk had gone out."""
+        rec = self._current.get()
+        phase = "mid_stream" if rec is not None and rec.first_chunk is not None else "before_first_byte"
+        self.metrics.backend_errors.labels(ctx.backend, code or "backend_error", phase).inc()
+
     # ---- the request lifecycle (called by the middleware) -------------------------------
 
     def open(self, kind: str, method: str, path: str, headers: Mapping[str, str]) -> RequestRecord:

@@ -62,6 +62,8 @@ def check_fields(body: dict[str, Any], known: set[str]) -> None:
         if name not in known:
             raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name,
                                  code="unknown_parameter")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise InvalidRequest("'user' must be a string.", param="user", code="invalid_type")
 
 
 def model_name(body: dict[str, Any]) -> str:

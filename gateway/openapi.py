@@ -1,0 +1,193 @@
+"""The gateway's own OpenAPI 3.1 document, written from the validation rules in
+gateway/validation.py (the same bounds, the same fields) and served at GET /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.settings import Settings
+from gateway.validation import ROLES
+
+INT_MAX = 1 << 31  # validation's upper bound for max_tokens
+ERROR_STATUSES = {
+    "400": "Invalid body or field (names `param`), or the context is too long.",
+    "401": "Missing or wrong API key.",
+    "403": "The key may not use this adapter or endpoint.",
+    "404": "Unknown model or adapter (or one this tenant may not see).",
+    "408": "The request body was not received in time.",
+    "413": "The body is larger than server.max_body_bytes.",
+    "415": "The Content-Type is not application/json.",
+    "422": "The tenant's adapter could not be loaded.",
+    "429": "A rate, concurrency or KV-share limit (Retry-After).",
+    "500": "The gateway failed (never expected).",
+    "502": "The backend failed or is unreachable.",
+    "503": "At capacity, starting or shutting down (Retry-After).",
+    "504": "The backend timed out.",
+}
+
+
+def _error_schema() -> dict[str, Any]:
+    nullable = {"type": ["string", "null"]}
+    return {
+        "type": "object", "required": ["error"], "additionalProperties": False,
+        "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"],
+            "additionalProperties": False,
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                           "param": nullable, "code": nullable},
+        }},
+    }
+
+
+def _sampling() -> dict[str, Any]:
+    """Fields both endpoints take; null means the default, as in validation.py."""
+    number = {"type": ["number", "null"]}
+    harmless = {name: {} for name in ("metadata", "store", "service_tier", "parallel_tool_calls")}
+    return {
+        "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": INT_MAX},
+        "temperature": {**number, "minimum": 0, "maximum": 2},
+        "top_p": {**number, "minimum": 0, "maximum": 1},
+        "presence_penalty": {**number, "minimum": -2, "maximum": 2},
+        "frequency_penalty": {**number, "minimum": -2, "maximum": 2},
+        "seed": {"type": ["integer", "null"], "minimum": -(1 << 63), "maximum": (1 << 63) - 1},
+        "n": {"enum": [1, None]},
+        "stream": {"type": ["boolean", "null"]},
+        "stop": {"oneOf": [{"type": ["string", "null"]},
+                           {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+        "stream_options": {"type": ["object", "null"], "additionalProperties": False,
+                           "properties": {"include_usage": {"type": "boolean"}}},
+        "ignore_eos": {"type": "boolean"},
+        "user": {"type": ["string", "null"]},
+        "logit_bias": {"oneOf": [{"type": "null"}, {"type": "object", "maxProperties": 0}]},
+        **harmless,
+    }
+
+
+def _chat_request(models: list[str]) -> dict[str, Any]:
+    text_part = {"type": "object", "required": ["type", "text"],
+                 "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+    message = {
+        "type": "object", "required": ["role", "content"],
+        "properties": {
+            "role": {"enum": list(ROLES)},
+            "content": {"oneOf": [{"type": "string"},
+                                  {"type": "array", "items": text_part}]},
+        },
+    }
+    return {
+        "type": "object", "required": ["model", "messages"], "additionalProperties": False,
+        "properties": {"model": {"enum": models},
+                       "messages": {"type": "array", "minItems": 1, "items": message},
+                       "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1,
+                                                 "maximum": INT_MAX},
+                       "logprobs": {"enum": [False, None]},
+                       "top_logprobs": {"type": "null"},
+                       "tools": {"type": ["array", "null"], "maxItems": 0},
+                       "functions": {"type": ["array", "null"], "maxItems": 0},
+                       "tool_choice": {"enum": ["none", None]},
+                       "function_call": {"enum": ["none", None]},
+                       "response_format": {"oneOf": [
+                           {"type": "null"},
+                           {"type": "object", "required": ["type"], "additionalProperties": False,
+                            "properties": {"type": {"const": "text"}}}]},
+                       **_sampling()},
+    }
+
+
+def _completion_request(models: list[str]) -> dict[str, Any]:
+    return {
+        "type": "object", "required": ["model", "prompt"], "additionalProperties": False,
+        "properties": {"model": {"enum": models},
+                       "prompt": {"oneOf": [{"type": "string"},
+                                            {"type": "array", "items": {"type": "string"},
+                                             "minItems": 1, "maxItems": 1}]},
+                       "logprobs": {"type": "null"},
+                       "echo": {"enum": [False, None]},
+                       "best_of": {"enum": [1, None]},
+                       "suffix": {"enum": ["", None]},
+                       **_sampling()},
+    }
+
+
+def _usage() -> dict[str, Any]:
+    n = {"type": "integer", "minimum": 0}
+    return {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+            "properties": {"prompt_tokens": n, "completion_tokens": n, "total_tokens": n}}
+
+
+def _completion_response(chat: bool) -> dict[str, Any]:
+    finish = {"type": ["string", "null"], "enum": ["stop", "length", None]}
+    if chat:
+        choice = {"type": "object", "required": ["index", "message", "finish_reason"],
+                  "properties": {"index": {"type": "integer"}, "finish_reason": finish,
+                                 "message": {"type": "object", "required": ["role", "content"],
+                                             "properties": {"role": {"const": "assistant"},
+                                                            "content": {"type": "string"}}}}}
+    else:
+        choice = {"type": "object", "required": ["index", "text", "finish_reason"],
+                  "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
+                                 "finish_reason": finish}}
+    return {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {"id": {"type": "string"}, "created": {"type": "integer"},
+                           "object": {"const": "chat.completion" if chat else "text_completion"},
+                           "model": {"type": "string"}, "usage": _usage(),
+                           "choices": {"type": "array", "items": choice}}}
+
+
+def _responses(ok: dict[str, Any], statuses: tuple[str, ...], stream: bool = False) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": ok}}
+    if stream:
+        # each server-sent event: `data: <JSON chunk, error object, or [DONE]>`
+        content["text/event-stream"] = {"schema": {
+            "type": "object", "required": ["data"],
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}
+    out: dict[str, Any] = {"200": {"description": "OK", "content": content}}
+    for status in statuses:
+        out[status] = {"description": ERROR_STATUSES[status],
+                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return out
+
+
+GENERATION_ERRORS = ("400", "401", "403", "404", "408", "413", "415", "422", "429", "500", "502",
+                     "503", "504")
+READ_ERRORS = ("401", "404", "500")
+
+
+def document(settings: Settings) -> dict[str, Any]:
+    models = sorted(m.name for m in settings.models)
+    model = {"type": "object", "required": ["id", "object", "created", "owned_by"],
+             "properties": {"id": {"type": "string"}, "object": {"const": "model"},
+                            "created": {"type": "integer"}, "owned_by": {"type": "string"}}}
+    model_list = {"type": "object", "required": ["object", "data"],
+                  "properties": {"object": {"const": "list"},
+                                 "data": {"type": "array", "items": model}}}
+    security = [{"bearer": []}]
+
+    def generation(op_id: str, schema: dict[str, Any], chat: bool) -> dict[str, Any]:
+        return {"post": {
+            "operationId": op_id, "security": security,
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema}}},
+            "responses": _responses(_completion_response(chat), GENERATION_ERRORS, stream=True),
+        }}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "memgate", "version": "0.1.0",
+                 "description": "OpenAI-compatible, memory-aware multi-tenant gateway."},
+        "paths": {
+            "/v1/chat/completions": generation("createChatCompletion", _chat_request(models), True),
+            "/v1/completions": generation("createCompletion", _completion_request(models), False),
+            "/v1/models": {"get": {"operationId": "listModels", "security": security,
+                                   "responses": _responses(model_list, READ_ERRORS)}},
+            "/v1/models/{model}": {"get": {
+                "operationId": "retrieveModel", "security": security,
+                "parameters": [{"name": "model", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": _responses(model, READ_ERRORS)}},
+        },
+        "components": {
+            "schemas": {"Error": _error_schema()},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
