@@ -80,6 +80,10 @@ def write(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=1) + "\n")
 
 
+COLORS = {"direct": "#1f77b4", "memgate": "#2ca02c", "memgate-2w": "#98df8a",
+          "floor": "#ff7f0e", "litellm": "#d62728"}
+
+
 def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     import matplotlib
 
@@ -100,7 +104,8 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             r = next((r for r in rows if r["target"] == t and r["stream"] == stream
                       and r["concurrency"] == lo), None)
             vals.append(r.get(key) or 0.0 if r else 0.0)
-        ax1.bar([m + i * width for m in range(len(metrics))], vals, width, label=t)
+        ax1.bar([m + i * width for m in range(len(metrics))], vals, width, label=t,
+                color=COLORS.get(t))
     ax1.set_xticks([m + width * (len(targets) - 1) / 2 for m in range(len(metrics))])
     ax1.set_xticklabels([m[0] for m in metrics])
     ax1.set_ylabel("added latency vs direct (ms)")
@@ -115,7 +120,7 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             r = next((r for r in rows if r["target"] == t and r["stream"] == stream
                       and r["concurrency"] == hi), None)
             vals.append(r["rps"] if r else 0.0)
-        ax2.bar([m + i * width for m in range(2)], vals, width, label=t)
+        ax2.bar([m + i * width for m in range(2)], vals, width, label=t, color=COLORS.get(t))
     ax2.set_xticks([m + width * (len(everyone) - 1) / 2 for m in range(2)])
     ax2.set_xticklabels(["non-streaming", "streaming"])
     ax2.set_ylabel("requests/s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -196,12 +197,14 @@ def ensure_litellm() -> Path:
 
 def start_litellm(upstream: str, workdir: Path) -> Proc:
     exe = ensure_litellm()
+    key = "sk-" + secrets.token_hex(24)  # the proxy refuses to start without a strong key
     cfg = workdir / "litellm.yaml"
     cfg.write_text(yaml.safe_dump({
         "model_list": [{"model_name": "bench-model",
                         "litellm_params": {"model": "openai/bench-model",
                                            "api_base": f"{upstream}/v1", "api_key": "sk-fake"}}],
         "litellm_settings": {"telemetry": False, "drop_params": True},
+        "general_settings": {"master_key": key},
     }))
     port = free_port()
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
@@ -210,4 +213,5 @@ def start_litellm(upstream: str, workdir: Path) -> Proc:
     proc = start("litellm", [str(exe), "--config", str(cfg), "--host", "127.0.0.1",
                              "--port", str(port), "--num_workers", "1"],
                  port, "/health/liveliness", workdir, env=env_clean, timeout=240)
+    proc.key = key
     return proc

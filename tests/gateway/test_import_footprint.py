@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "numpy", "safetensors", "tokenizers", "transformers", "litellm")
 
-PROBE = """
+PROBE = f"HEAVY = {HEAVY!r}\n" + """
 import json, sys, time
 t0 = time.perf_counter()
 import gateway.app
@@ -23,8 +23,8 @@ app = gateway.app.create_app(parse_settings({
     "tenants": [{"name": "t", "api_key_sha256": ["0" * 64], "models": ["m"]}],
 }))
 print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "heavy": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+                  "heavy": [m for m in HEAVY if m in sys.modules]}))
+"""
 
 
 def test_core_import_and_app_without_heavy_modules() -> None:
