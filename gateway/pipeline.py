@@ -105,7 +105,7 @@ class Pipeline:
         tenant may be degraded); the caller re-applies the chain. False: the error stands."""
         settings = self.state.settings
         model = settings.model(ctx.target_model)
-        if exc.status < 500 or model is None:
+        if exc.status < 500 or model is None or len(failed) > len(self.state.backends):
             return False
         spare = [b for b in model.backends if b not in failed
                  and b in self.state.backends and is_available(self.state.backends[b])]
@@ -123,6 +123,10 @@ class Pipeline:
         if target != model.name:
             ctx.requested_adapter = None  # the tenant's own adapter for that tier, if any
         ctx.target_model = target
+        # The routing policy, when configured, re-picks among the target's replicas; without
+        # it the target's first (or first spare) backend serves.
+        target_backends = model.backends if target == model.name else settings.model(target).backends
+        ctx.backend = spare[0] if spare else target_backends[0]
         ctx.adapter = None
         ctx.prompt_tokens = None  # the tier counts with its own tokenizer
         ctx.reservation = None
