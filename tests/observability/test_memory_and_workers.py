@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 
 from tests.server import demo_config, free_port, running_gateway
 
