@@ -58,6 +58,7 @@ class BackendStats:
     adapter_loads: int | None = None  # cumulative: adapters read from storage
     adapter_hits: int | None = None  # cumulative: requests whose adapter was resident
     adapter_evictions: int | None = None  # cumulative
+    adapters_pinned: dict[str, int] | None = None  # adapter -> requests holding it now
 
 
 class Backend(Protocol):

@@ -103,6 +103,10 @@ class AdapterCache:
     def sizes(self) -> dict[str, int]:
         return {name: r.nbytes for name, r in self.entries.items()}
 
+    def pinned(self) -> dict[str, int]:
+        """Adapters held by running requests -> how many (empty when idle)."""
+        return {name: r.pins for name, r in self.entries.items() if r.pins}
+
     def tiers(self) -> dict[str, str]:
         return {name: r.tier for name, r in self.entries.items()}
 

@@ -314,6 +314,7 @@ class LocalBackend:
             adapter_loads=adapters.loads,
             adapter_hits=adapters.hits + adapters.host_hits,
             adapter_evictions=adapters.evictions,
+            adapters_pinned=self._adapters.pinned(),
         )
 
     def adapter_stats(self) -> dict[str, int]:
