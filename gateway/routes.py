@@ -206,16 +206,29 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
+    """Ready when every model can be served: one of its replicas is healthy, or (through the
+    pre-first-byte fallback) a tier it degrades to is."""
     state = _state(request)
-    checks = {}
+    checks: dict[str, bool] = {}
     if state.ready:
         for name, backend in state.backends.items():
             try:
                 checks[name] = bool(await backend.health())
             except Exception:
                 checks[name] = False
-    ok = state.ready and all(checks.values())
-    body = {"status": "ready" if ok else "not_ready", "backends": checks}
+    settings = state.settings
+
+    def servable(name: str, seen: frozenset[str]) -> bool:
+        model = settings.model(name)
+        if model is None or name in seen:
+            return False
+        if any(checks.get(b, False) for b in model.backends):
+            return True
+        return model.degrade_to is not None and servable(model.degrade_to, seen | {name})
+
+    models = {m.name: servable(m.name, frozenset()) for m in settings.models}
+    ok = state.ready and all(models.values())
+    body = {"status": "ready" if ok else "not_ready", "backends": checks, "models": models}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

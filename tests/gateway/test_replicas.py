@@ -118,3 +118,6 @@ def test_adapters_stay_on_one_replica_then_fail_over(replicas: Replicas) -> None
     assert len(after) - len(errors) >= 4
     assert all(r == survivor for r in after[len(threads):] if not r.startswith("error"))
     assert ask(front, "acme").headers["x-gateway-backend"] == survivor
+    ready = httpx.get(front.removesuffix("/v1") + "/ready", timeout=10)
+    assert ready.status_code == 200, ready.text  # the model still has a healthy replica
+    assert ready.json()["backends"][victim] is False and ready.json()["models"]["demo"] is True
