@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from gateway.settings import ConfigError, load_settings
 
@@ -26,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.server.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server_cfg = settings.server
-    common = {"host": host, "port": port, "log_level": "info",
+    common: dict[str, Any] = {"host": host, "port": port, "log_level": "info",
               "timeout_graceful_shutdown": max(1, round(server_cfg.shutdown_grace_s)),
               "timeout_keep_alive": server_cfg.keep_alive_timeout_s}
     # uvicorn's access log: one INFO line per request, off unless asked (README "Performance")

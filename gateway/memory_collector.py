@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -103,17 +103,21 @@ class MemoryCollector:
             yield Sample("gateway_kv_reserved_bytes", "KV cache bytes reserved by requests.", b,
                          cap.kv_bytes_total - cap.kv_bytes_free)
         st = backend.stats()
-        gauges = {"gateway_queue_depth": (st.waiting, "Requests waiting inside the backend."),
-                  "gateway_batch_running": (st.running, "Requests in the backend's batch.")}
-        for metric, (value, doc) in gauges.items():
-            if value is not None:
-                yield Sample(metric, doc, b, value)
-        counters = {"gateway_adapter_loads": (st.adapter_loads, "Adapters loaded from storage."),
-                    "gateway_adapter_hits": (st.adapter_hits, "Requests whose adapter was resident."),
-                    "gateway_adapter_evictions": (st.adapter_evictions, "Adapters evicted.")}
-        for metric, (value, doc) in counters.items():
-            if value is not None:
-                yield Sample(metric, doc, b, value, counter=True)
+        gauges: dict[str, tuple[int | None, str]] = {
+            "gateway_queue_depth": (st.waiting, "Requests waiting inside the backend."),
+            "gateway_batch_running": (st.running, "Requests in the backend's batch."),
+        }
+        for metric, (level, doc) in gauges.items():
+            if level is not None:
+                yield Sample(metric, doc, b, level)
+        counters: dict[str, tuple[int | None, str]] = {
+            "gateway_adapter_loads": (st.adapter_loads, "Adapters loaded from storage."),
+            "gateway_adapter_hits": (st.adapter_hits, "Requests whose adapter was resident."),
+            "gateway_adapter_evictions": (st.adapter_evictions, "Adapters evicted."),
+        }
+        for metric, (count, doc) in counters.items():
+            if count is not None:
+                yield Sample(metric, doc, b, count, counter=True)
 
     def _tenants(self) -> Iterator[Sample]:
         reserved = dict.fromkeys(self.tenants, 0)
@@ -189,7 +193,7 @@ class MultiprocessPublisher:
                 continue
             gauge = self._gauges.get(s.name)
             if gauge is None:
-                mode = "livemax" if s.gpu else "livesum"
+                mode: Literal["livemax", "livesum"] = "livemax" if s.gpu else "livesum"
                 gauge = self._gauges[s.name] = Gauge(s.name, s.doc, keys, registry=None,
                                                      multiprocess_mode=mode)
             (gauge.labels(*values) if keys else gauge).set(s.value)

@@ -42,7 +42,7 @@ def _error_schema() -> dict[str, Any]:
 def _sampling() -> dict[str, Any]:
     """Fields both endpoints take; null means the default, as in validation.py."""
     number = {"type": ["number", "null"]}
-    harmless = {name: {} for name in ("metadata", "store", "service_tier", "parallel_tool_calls")}
+    harmless: dict[str, dict[str, Any]] = {name: {} for name in ("metadata", "store", "service_tier", "parallel_tool_calls")}
     return {
         "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": INT_MAX},
         "temperature": {**number, "minimum": 0, "maximum": 2},
@@ -161,7 +161,7 @@ def document(settings: Settings) -> dict[str, Any]:
     model_list = {"type": "object", "required": ["object", "data"],
                   "properties": {"object": {"const": "list"},
                                  "data": {"type": "array", "items": model}}}
-    security = [{"bearer": []}]
+    security: list[dict[str, list[str]]] = [{"bearer": []}]
 
     def generation(op_id: str, schema: dict[str, Any], chat: bool) -> dict[str, Any]:
         return {"post": {

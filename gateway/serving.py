@@ -25,7 +25,7 @@ def http_protocol() -> type[Any]:
 
         return H11Protocol
 
-    class BoundedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc]
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes = 0
 
         def on_message_begin(self) -> None:

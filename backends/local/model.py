@@ -338,7 +338,7 @@ class Llama(nn.Module):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return cast(Embedding, self.model.embed_tokens).project(h)
+            return self.model.embed_tokens.project(h)
         return self.lm_head.forward(h)
 
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
