@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from backends.base import BackendError
+from backends.local.loader import CheckpointError
 from backends.local.lora import AdapterError, LoraAdapter, install, load_adapter, uninstall
 from backends.local.memory_plan import PlanError, adapter_bytes
 from backends.local.model import Llama
@@ -176,10 +177,8 @@ class AdapterCache:
         path = self._path(name)
         try:
             need = adapter_bytes(path, self._elem)
-        except (PlanError, OSError) as e:
-            raise BackendError(
-                f"adapter {name!r}: {e}", status=422, code="adapter_invalid"
-            ) from None
+        except (PlanError, CheckpointError, OSError) as e:
+            raise self._invalid(name, e) from None
         if need > self.budget_bytes:
             raise BackendError(
                 f"adapter {name!r} needs {need} bytes, over the adapter cache budget "
@@ -198,8 +197,8 @@ class AdapterCache:
             self.stats.loads += 1
             self.entries[name] = Resident(adapter, None, last_used=next(self._clock))
             fut.set_result(None)
-        except AdapterError as e:
-            err = BackendError(f"adapter {name!r}: {e}", status=422, code="adapter_invalid")
+        except (AdapterError, CheckpointError, OSError) as e:  # truncated, missing, wrong shape
+            err = self._invalid(name, e)
             fut.set_exception(err)
             raise err from None
         except BaseException as e:
@@ -214,6 +213,14 @@ class AdapterCache:
             if fut.done() and not fut.cancelled():
                 fut.exception()  # mark retrieved
             self._notify()
+
+    def _invalid(self, name: str, e: Exception) -> BackendError:
+        """422 adapter_invalid naming the adapter; the server's directories left out."""
+        detail = str(e)
+        if self.dir is not None:
+            detail = detail.replace(f"{self.dir / name}/", "").replace(str(self.dir / name), name)
+        return BackendError(f"adapter {name!r} cannot be loaded: {detail}", status=422,
+                            code="adapter_invalid")
 
     def _make_room(self, need: int) -> bool:
         """Evict idle adapters (host tier first, then LRU) until `need` more bytes fit."""
