@@ -268,10 +268,18 @@ class TracedPolicy:
         self._tracer = tracer
 
     async def apply(self, ctx: RequestContext) -> Decision:
+        # No exception message in the span: a reject's message echoes client input (a model or
+        # adapter name, where a careless client may paste a key). Its type and status go in.
         with self._tracer.start_as_current_span(
-            f"policy {self.name}", attributes={"gateway.policy": self.name}
+            f"policy {self.name}", attributes={"gateway.policy": self.name},
+            record_exception=False, set_status_on_exception=False,
         ) as span:
-            decision = await self.policy.apply(ctx)
+            try:
+                decision = await self.policy.apply(ctx)
+            except Exception as e:
+                span.set_attributes({"gateway.policy.action": "reject",
+                                     "error.type": str(getattr(e, "status", type(e).__name__))})
+                raise
             span.set_attribute("gateway.policy.action", decision.action)
             if decision.reason:
                 span.set_attribute("gateway.policy.reason", decision.reason)
