@@ -6,7 +6,7 @@ PORT    ?= 8000
 CONFIG  ?= examples/demo.yaml
 DEMO    := models/demo/config.json
 
-.PHONY: setup setup-dev serve demo-model test test-vllm vllm-venv test-litellm litellm-venv lint typecheck clean obs-tools dashboards
+.PHONY: setup setup-dev serve demo-model test test-soak test-vllm vllm-venv test-litellm litellm-venv lint typecheck clean obs-tools dashboards
 
 $(VENV)/.local: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,7 +29,7 @@ serve: $(VENV)/.local $(DEMO)
 	$(BIN)/gateway serve --config $(CONFIG) --port $(PORT)
 
 test: $(VENV)/.dev $(DEMO) lint obs-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not vllm and not litellm"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not vllm and not litellm and not soak"
 
 # vLLM CPU in its own venv (about 3 GB, 2-3 minutes); its CUDA-built extras break imports.
 .venv-vllm/.installed:
@@ -54,6 +54,10 @@ litellm-venv: .venv-litellm/.installed
 
 test-litellm: $(VENV)/.dev $(DEMO) .venv-litellm/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m litellm
+
+# The 2-minute soak (bench/soak.py): RSS growth after warm-up < 5%, nothing held at the end.
+test-soak: $(VENV)/.dev $(DEMO)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m soak
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check gateway policies backends tests bench grafana
