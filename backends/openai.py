@@ -133,9 +133,14 @@ class OpenAIBackend:
             "max_tokens": s.max_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
         }
+        # A non-streaming client gets the upstream's JSON answer (one body to parse instead
+        # of an SSE event per token); a streaming one gets the stream, with usage at its end.
+        if ctx.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        else:
+            body["stream"] = False
         if s.seed is not None:
             body["seed"] = s.seed
         if s.stop:
@@ -193,8 +198,11 @@ class OpenAIBackend:
         try:
             resp = await self._open(client, ctx)
             try:
-                async for chunk in self._chunks(resp, ctx):
-                    yield chunk
+                if resp.is_json():  # asked with stream false
+                    yield self._whole(await resp.aread(), ctx)
+                else:  # SSE (an upstream may stream whatever was asked)
+                    async for chunk in self._chunks(resp, ctx):
+                        yield chunk
             finally:
                 await resp.aclose()
         except httpx.TimeoutException as exc:
@@ -208,27 +216,48 @@ class OpenAIBackend:
                                status=502, code="upstream_unreachable") from None
 
     async def _chunks(self, resp: UpstreamResponse, ctx: RequestContext) -> AsyncIterator[Chunk]:
-        usage: Usage | None = None
-        finish: str | None = None
-        async for line in resp.lines():
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                yield Chunk(finish_reason=finish or "stop", usage=usage)
+        """The upstream's SSE as chunks. Read a block at a time (whatever arrived), so that
+        the chunks of one block go out together (Chunk.more) in one write to the client."""
+        state = _SSEState()
+        rest = b""
+        async for block in resp.blocks():
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()  # an incomplete last line waits for the next block
+            out = state.feed(lines, ctx.kind == "chat")
+            for i, chunk in enumerate(out):
+                chunk.more = i < len(out) - 1 or state.done  # after [DONE]: the end
+                yield chunk
+            if state.error is not None:
+                raise state.error
+            if state.done:
                 return
-            event = _parse_event(data)
-            if event.get("usage"):
-                u = event["usage"]
-                usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
-            for choice in event.get("choices") or []:
-                text = choice.get("text") if ctx.kind != "chat" else (choice.get("delta") or {}).get("content")
-                if text:
-                    yield Chunk(text=text)
-                if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
-        raise BackendError(f"upstream {self.name} ended the stream early", status=502,
-                           code="upstream_incomplete")
+        for chunk in state.feed([rest], ctx.kind == "chat"):  # a last line without newline
+            yield chunk
+        if state.error is not None:
+            raise state.error
+        if not state.done:
+            raise BackendError(f"upstream {self.name} ended the stream early", status=502,
+                               code="upstream_incomplete")
+
+    def _whole(self, data: bytes, ctx: RequestContext) -> Chunk:
+        """A non-streamed completion as one chunk: its text, finish_reason and usage."""
+        event = _parse_event(data)
+        choices = event.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise BackendError(f"upstream {self.name} answered without choices", status=502,
+                               code="upstream_malformed")
+        choice = choices[0]
+        if ctx.kind == "chat":
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else None
+        else:
+            text = choice.get("text")
+        usage = None
+        u = event.get("usage")
+        if isinstance(u, dict):
+            usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+        return Chunk(text=text if isinstance(text, str) else "",
+                     finish_reason=choice.get("finish_reason") or "stop", usage=usage)
 
     def count_tokens(self, ctx: RequestContext) -> int | None:
         return None
@@ -271,13 +300,54 @@ class OpenAIBackend:
             self._http = None
 
 
+class _SSEState:
+    """Parsing state of one upstream stream: usage and finish_reason seen so far, whether
+    [DONE] came, and an error met after some chunks of the same block (raised after them)."""
+
+    __slots__ = ("done", "error", "finish", "usage")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.finish: str | None = None
+        self.done = False
+        self.error: BackendError | None = None
+
+    def feed(self, lines: list[bytes], chat: bool) -> list[Chunk]:
+        out: list[Chunk] = []
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                out.append(Chunk(finish_reason=self.finish or "stop", usage=self.usage))
+                self.done = True
+                return out
+            try:
+                event = _parse_event(data)
+            except BackendError as exc:
+                if not out:
+                    raise
+                self.error = exc  # the chunks before it still go out first
+                return out
+            if event.get("usage"):
+                u = event["usage"]
+                self.usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+            for choice in event.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                if text:
+                    out.append(Chunk(text=text))
+                if choice.get("finish_reason"):
+                    self.finish = choice["finish_reason"]
+        return out
+
+
 def _parse_event(data: bytes) -> dict[str, Any]:
     try:
         event = orjson.loads(data)
     except ValueError:
-        raise BackendError("upstream sent malformed JSON in its stream", code="upstream_malformed") from None
+        raise BackendError("upstream sent malformed JSON", code="upstream_malformed") from None
     if not isinstance(event, dict):
-        raise BackendError("upstream sent an unexpected stream event", code="upstream_malformed")
+        raise BackendError("upstream sent an unexpected JSON value", code="upstream_malformed")
     if isinstance(event.get("error"), dict):
         message = str(event["error"].get("message") or "upstream error")
         raise BackendError(f"upstream error: {message}", status=502, code="upstream_error")

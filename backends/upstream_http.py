@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import aiohttp
 import httpx
 import orjson
+import yarl
 
 
 class Upstream(Protocol):
@@ -53,15 +54,43 @@ class UpstreamResponse:
         except aiohttp.ClientError as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
 
+    async def blocks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives: whatever bytes are there at each read."""
+        resp = self._resp
+        if isinstance(resp, httpx.Response):
+            async for part in resp.aiter_bytes():
+                yield part
+            return
+        try:
+            async for part in resp.content.iter_any():
+                yield part
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise httpx.ReadTimeout(str(exc) or "upstream read timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+
     async def aread(self) -> bytes:
         if isinstance(self._resp, httpx.Response):
             self.content = await self._resp.aread()
             return self.content
         try:
             self.content = await self._resp.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise httpx.ReadTimeout(str(exc) or "upstream read timed out") from exc
+        except aiohttp.ClientError as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
         return self.content
+
+    def is_json(self) -> bool:
+        """The body is one JSON document (application/json or +json); anything else, a
+        missing type included, is read as server-sent events."""
+        resp = self._resp
+        if isinstance(resp, httpx.Response):
+            ctype = resp.headers.get("content-type", "")
+        else:
+            ctype = resp.headers.get("Content-Type", "")
+        media = ctype.partition(";")[0].strip().lower()
+        return media == "application/json" or media.endswith("+json")
 
     def json(self) -> Any:
         """The body read by aread(), parsed (ValueError if it is not JSON)."""
@@ -99,6 +128,7 @@ class UpstreamHTTP:
     def __init__(self, base_url: str, headers: Mapping[str, str], connect_timeout: float,
                  read_timeout: float, max_connections: int) -> None:
         self.base_url = base_url.rstrip("/")
+        self._urls: dict[str, yarl.URL] = {}
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                               sock_read=read_timeout)
         connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30.0)
@@ -116,7 +146,10 @@ class UpstreamHTTP:
         if body is not None:
             hdrs["content-type"] = "application/json"
         try:
-            resp = await self._session.request(method, self.base_url + path, data=body,
+            url = self._urls.get(path)
+            if url is None:  # parsed once per path, not per request
+                url = self._urls[path] = yarl.URL(self.base_url + path)
+            resp = await self._session.request(method, url, data=body,
                                                headers=hdrs, timeout=t, allow_redirects=False)
         except aiohttp.ConnectionTimeoutError as exc:
             raise httpx.ConnectTimeout(str(exc) or "upstream connect timed out") from exc

@@ -45,6 +45,9 @@ class Chunk:
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | None while generating
     usage: Usage | None = None
+    # True: the backend already holds the next chunk (they arrived together), so a streaming
+    # response may write both at once: one socket write per arrival instead of per chunk.
+    more: bool = field(default=False, compare=False)
 
 
 @dataclass(slots=True)
