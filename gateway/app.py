@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -65,7 +65,10 @@ class RequestIdMiddleware:
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
-        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        # A new id: 128 random bits as hex (uuid4().hex's shape) from the process's PRNG, which
+        # costs no getrandom() syscall per request; ids only need to be unique, not secret.
+        request_id = (incoming if incoming and _REQUEST_ID.match(incoming)
+                      else f"{random.getrandbits(128):032x}")
         scope.setdefault("state", {})["request_id"] = request_id
         raw_id = request_id.encode()
 
@@ -75,6 +78,30 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class GenerationRoutes:
+    """Pure ASGI, innermost: POST /v1/chat/completions and /v1/completions go straight to
+    their handlers, without the Router and ExceptionMiddleware layers (their per-request and
+    per-message wrappers were a measurable share of the gateway's own work). Same answers:
+    a GatewayError from a handler becomes its OpenAI error response; anything else goes to
+    ServerErrorMiddleware as before; every other request (other methods and paths, a
+    root_path prefix) takes the Router."""
+
+    def __init__(self, app: ASGIApp, handlers: dict[str, Any]) -> None:
+        self.app = app
+        self.handlers = handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.handlers.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            response = await handler(Request(scope, receive, send))
+        except GatewayError as exc:
+            response = error_response(exc)
+        await response(scope, receive, send)
 
 
 def error_response(exc: GatewayError) -> JSONResponse:
@@ -174,6 +201,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = state
+    app.add_middleware(GenerationRoutes, handlers={
+        "/v1/chat/completions": routes.chat_completions, "/v1/completions": routes.completions})
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(TelemetryMiddleware, telemetry=telemetry)
     return app

@@ -11,8 +11,10 @@ the workers start; each worker then writes its values to files there and any wor
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -50,6 +52,26 @@ class RequestObservation:
     context_tokens: int = 0
     batch_size: int | None = None
     decisions: Sequence[tuple[str, str]] = ()
+
+
+def _fast_observe(child: Any) -> Callable[[float], None]:
+    """Histogram.observe of one labelled child, with a binary search for the bucket instead of
+    prometheus_client's linear scan (same bucket: the first upper bound >= the value). Falls
+    back to child.observe where the client's internals differ."""
+    try:
+        bounds, buckets, total = list(child._upper_bounds), child._buckets, child._sum
+    except AttributeError:
+        return child.observe  # type: ignore[no-any-return]
+    if len(bounds) != len(buckets) or not hasattr(total, "inc"):
+        return child.observe  # type: ignore[no-any-return]
+
+    def observe(value: float) -> None:
+        total.inc(value)
+        i = bisect_left(bounds, value)
+        if i < len(buckets):
+            buckets[i].inc(1)
+
+    return observe
 
 
 class GatewayMetrics:
@@ -94,34 +116,58 @@ class GatewayMetrics:
         self.backend_errors = Counter(  # code: a BackendError code (a constant in our code)
             "gateway_backend_errors", "Backend failures, before or after the first byte.",
             ("backend", "code", "phase"), registry=reg)
+        # Labelled children, cached: labels() costs a lock and a few checks per call.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _hist(self, metric: Any, *labels: str) -> Callable[[float], None]:
+        """The observe() of metric.labels(*labels), looked up once: labels() takes a lock and
+        checks the values on each call. Every label set here is bounded (module docstring),
+        and a child is created only when first observed, so the exposition is unchanged."""
+        key = (id(metric), labels)
+        fn = self._children.get(key)
+        if fn is None:
+            fn = self._children[key] = _fast_observe(metric.labels(*labels))
+        return fn
+
+    def _count(self, metric: Any, *labels: str) -> Callable[[float], None]:
+        """The inc() of metric.labels(*labels), looked up once (amounts here are >= 0)."""
+        key = (id(metric), labels)
+        fn = self._children.get(key)
+        if fn is None:
+            child = metric.labels(*labels)
+            value = getattr(child, "_value", None)
+            fn = self._children[key] = value.inc if hasattr(value, "inc") else child.inc
+        return fn
 
     def observe(self, o: RequestObservation) -> None:
-        self.requests.labels(o.tenant, o.model, o.status).inc()
-        self.duration.labels(o.tenant, o.model).observe(o.duration)
+        hist, count = self._hist, self._count
+        tenant, model = o.tenant, o.model
+        count(self.requests, tenant, model, o.status)(1)
+        hist(self.duration, tenant, model)(o.duration)
         for policy, action in o.decisions:
-            self.decisions.labels(policy, action).inc()
-        if o.model == NONE:
+            count(self.decisions, policy, action)(1)
+        if model == NONE:
             return
         if o.ttft is not None:
-            self.ttft.labels(o.tenant, o.model).observe(o.ttft)
+            hist(self.ttft, tenant, model)(o.ttft)
         if o.tokens_per_second is not None:
-            self.tps.labels(o.tenant, o.model).observe(o.tokens_per_second)
+            hist(self.tps, tenant, model)(o.tokens_per_second)
         if o.prompt_tokens:
-            self.prompt_tokens.labels(o.tenant, o.model).inc(o.prompt_tokens)
+            count(self.prompt_tokens, tenant, model)(o.prompt_tokens)
         if o.completion_tokens:
-            self.completion_tokens.labels(o.tenant, o.model).inc(o.completion_tokens)
+            count(self.completion_tokens, tenant, model)(o.completion_tokens)
         if o.gateway_queue_seconds is not None:
-            self.queue_wait.labels(o.model, "gateway").observe(o.gateway_queue_seconds)
+            hist(self.queue_wait, model, "gateway")(o.gateway_queue_seconds)
         if o.backend_queue_seconds is not None:
-            self.queue_wait.labels(o.model, "backend").observe(o.backend_queue_seconds)
+            hist(self.queue_wait, model, "backend")(o.backend_queue_seconds)
         if o.kv_bytes_reserved:
-            self.kv_bytes.labels(o.model, "reserved").observe(o.kv_bytes_reserved)
+            hist(self.kv_bytes, model, "reserved")(o.kv_bytes_reserved)
         if o.kv_bytes_peak:
-            self.kv_bytes.labels(o.model, "peak").observe(o.kv_bytes_peak)
+            hist(self.kv_bytes, model, "peak")(o.kv_bytes_peak)
         if o.context_tokens:
-            self.context.labels(o.model).observe(o.context_tokens)
+            hist(self.context, model)(o.context_tokens)
         if o.batch_size is not None:
-            self.batch.labels(o.backend).observe(o.batch_size)
+            hist(self.batch, o.backend)(o.batch_size)
 
     def exposition(self) -> bytes:
         """The text format: every worker's instruments plus the scrape-time collectors."""

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from gateway import openapi, validation
 from gateway.context import Chunk, RequestContext
@@ -27,7 +28,8 @@ from gateway.errors import (
 from gateway.memory_report import memory_report
 from gateway.pipeline import Pipeline
 from gateway.settings import ModelConfig, TenantConfig
-from gateway.sse import collect, stream_events
+from gateway.shutdown import Drain
+from gateway.sse import DONE, collect, stream_events
 
 T = TypeVar("T")
 
@@ -59,14 +61,32 @@ async def read_json(request: Request, limit: int, timeout_s: float = 30.0) -> di
         raise RequestTimeout(f"The request body was not received within {timeout_s:g} s.") from None
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        data = json.loads(bytes(body))
-    except (ValueError, RecursionError) as exc:
-        reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "not valid JSON"
-        raise InvalidRequest(f"The request body is {reason}.", code="invalid_json") from None
+    data: Any = _STDLIB_PARSE_FAILED
+    if _LONG_DIGITS.search(body) is None:  # orjson reads integers past 64 bits as floats
+        try:
+            data = orjson.loads(body)  # the common case, fast
+        except orjson.JSONDecodeError:
+            pass
+    if data is _STDLIB_PARSE_FAILED:
+        data = _parse_json_stdlib(bytes(body))  # same answer and errors as before
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     return data
+
+
+_STDLIB_PARSE_FAILED = object()
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _parse_json_stdlib(body: bytes) -> Any:
+    """json.loads, whose behaviour is the reference: NaN/Infinity literals and integers past
+    64 bits parse (and the validators name the param), UTF-16/32 bodies are decoded. orjson
+    refuses those, so a body orjson refuses is parsed again here."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "not valid JSON"
+        raise InvalidRequest(f"The request body is {reason}.", code="invalid_json") from None
 
 
 def resolve_model(state: Any, tenant: TenantConfig, name: str) -> tuple[ModelConfig, str | None]:
@@ -87,26 +107,89 @@ def resolve_model(state: Any, tenant: TenantConfig, name: str) -> tuple[ModelCon
     return model, adapter
 
 
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the client goes away first (non-streaming requests)."""
-    task = asyncio.ensure_future(work)
+class _DisconnectWatch:
+    """Cancel the current task when the client goes away (an ASGI `http.disconnect`).
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+    One watcher task per request: the work itself runs in the request's own task (no second
+    task, no asyncio.wait). `gone` tells a client-caused cancellation from any other (server
+    shutdown), which stays a CancelledError.
+    """
+
+    __slots__ = ("_receive", "_task", "_watcher", "gone", "done")
+
+    def __init__(self, receive: Any) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self.gone = False
+        self.done = False
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
             pass
+        if not self.done and self._task is not None:
+            self.gone = True
+            self._task.cancel()
 
-    watcher = asyncio.ensure_future(disconnected())
+    def stop(self) -> None:
+        self.done = True
+        self._watcher.cancel()
+
+    def client_gone(self) -> bool:
+        """Called on CancelledError: True (and the cancellation absorbed) if it was ours."""
+        if self.gone and self._task is not None and self._task.uncancel() == 0:
+            return True
+        return False
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away first (non-streaming requests)."""
+    watch = _DisconnectWatch(request.receive)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work  # cancelled here, the generation releases what it holds
+    except asyncio.CancelledError:
+        if watch.client_gone():
+            raise ClientDisconnected("The client closed the connection.") from None
+        raise
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # let the generation release what it holds before we answer
-    if task.cancelled():
-        raise ClientDisconnected("The client closed the connection.")
-    return task.result()
+        watch.stop()
+
+
+class EventStreamResponse(Response):
+    """SSE without StreamingResponse's task group: one watcher task cancels the stream when
+    the client disconnects, and the events generator is always closed (releasing the
+    generation). Same status line and headers as StreamingResponse(media_type=SSE)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        self.events = events
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        events = self.events
+        watch = _DisconnectWatch(receive)
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            ended = False
+            async for event in events:
+                if event.endswith(DONE):  # the last event: sent with the end of the body
+                    watch.done = ended = True
+                    await send({"type": "http.response.body", "body": event, "more_body": False})
+                    break
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            if not ended:
+                watch.done = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not watch.client_gone():
+                raise
+        finally:
+            watch.stop()
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 async def _generate(request: Request, kind: str) -> Response:
@@ -137,41 +220,29 @@ async def _generate(request: Request, kind: str) -> Response:
     if not state.ready:
         raise Unavailable("The gateway is starting; try again shortly.", retry_after=1)
     pipeline = Pipeline(state)
-    chunks = state.drain.guard(pipeline.run(ctx))  # ends cleanly at shutdown (gateway/shutdown.py)
+    chunks = pipeline.run(ctx)
+    drain = state.drain  # ends generations cleanly at shutdown (gateway/shutdown.py)
     if not stream:
-        result = await _until_disconnect(request, collect(ctx, chunks))
-        return JSONResponse(result, headers=pipeline.headers(ctx))
+        result = await _until_disconnect(request, collect(ctx, drain.guard(chunks)))
+        return Response(orjson.dumps(result), headers=pipeline.headers(ctx),
+                        media_type="application/json")
     # Wait for the first chunk so that failures before the first byte get a real status code.
-    first = await _until_disconnect(request, _first(chunks))
-    return StreamingResponse(
-        stream_events(ctx, _prepend(first, chunks)),
-        media_type="text/event-stream",
-        headers={**SSE_HEADERS, **pipeline.headers(ctx)},
-    )
+    first = await _until_disconnect(request, _first(chunks, drain))
+    return EventStreamResponse(stream_events(ctx, chunks, first, drain),
+                               headers={**SSE_HEADERS, **pipeline.headers(ctx)})
 
 
-async def _first(chunks: AsyncIterator[Chunk]) -> Chunk | None:
+async def _first(chunks: AsyncIterator[Chunk], drain: Drain) -> Chunk | None:
     try:
-        return await chunks.__anext__()
+        return await drain.next(chunks)
     except StopAsyncIteration:
+        await chunks.aclose()  # type: ignore[attr-defined]
         return None
     except BaseException:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
         raise
-
-
-async def _prepend(first: Chunk | None, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    try:
-        if first is not None:
-            yield first
-            async for chunk in rest:
-                yield chunk
-    finally:
-        aclose = getattr(rest, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 async def chat_completions(request: Request) -> Response:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from gateway.context import Chunk
 from gateway.errors import Unavailable
@@ -35,6 +35,23 @@ class Drain:
     def _error(self) -> Unavailable:
         return Unavailable("The gateway is shutting down; retry on another instance.",
                            code="shutting_down", retry_after=1)
+
+    def next(self, it: AsyncIterator[Chunk]) -> Awaitable[Chunk]:
+        """anext(it); once shutdown began, raises Unavailable when the grace period is over
+        (the fused form of `guard`, for loops that pull chunks themselves)."""
+        if self.deadline is None:
+            return anext(it)
+        return self._next_before_deadline(it)
+
+    async def _next_before_deadline(self, it: AsyncIterator[Chunk]) -> Chunk:
+        assert self.deadline is not None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self._error()
+        try:
+            return await asyncio.wait_for(anext(it), left)
+        except TimeoutError:
+            raise self._error() from None
 
     async def guard(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         """`chunks`, ended with Unavailable once the grace period is over."""

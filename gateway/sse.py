@@ -10,6 +10,7 @@ import orjson
 
 from gateway.context import Chunk, RequestContext, Usage
 from gateway.errors import GatewayError
+from gateway.shutdown import Drain
 
 log = logging.getLogger("gateway.sse")
 
@@ -54,35 +55,52 @@ def _choice(ctx: RequestContext, text: str | None, finish: str | None, first: bo
     return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
 
-async def stream_events(ctx: RequestContext, chunks: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+async def stream_events(ctx: RequestContext, chunks: AsyncIterator[Chunk],
+                        first: Chunk | None = None, drain: Drain | None = None) -> AsyncIterator[bytes]:
     """SSE exactly as OpenAI streams: one id, role first, finish_reason, usage, [DONE].
 
-    A failure after the first byte becomes an `error` event, and the stream ends without
-    [DONE] so that no client mistakes it for a complete answer.
+    `first`: a chunk already taken from `chunks` (None: the stream ended before one came).
+    `drain`: pulls each chunk through Drain.next (ends the stream at shutdown) without an
+    extra generator layer per chunk. A failure after the first byte becomes an `error` event,
+    and the stream ends without [DONE] so that no client mistakes it for a complete answer.
     """
     env = _envelope(ctx)
     usage_field = {"usage": None} if ctx.include_usage else {}
     usage: Usage | None = None
     text_event = _TextFrames(ctx, env, usage_field)
+    pull = drain.next if drain is not None else anext
+    # Events are written together while the backend already holds the next chunk
+    # (Chunk.more): one socket write per arrival from the backend, not one per event.
+    pending: list[bytes] = []
     try:
         if ctx.kind == "chat":
-            yield _event({**env, "choices": [_choice(ctx, "", None, True)], **usage_field})
-        async for chunk in chunks:
+            pending.append(_event({**env, "choices": [_choice(ctx, "", None, True)], **usage_field}))
+        chunk = first
+        while chunk is not None:
             if chunk.usage is not None:
                 usage = chunk.usage
             if chunk.text:
-                yield text_event(chunk.text)
+                pending.append(text_event(chunk.text))
             if chunk.finish_reason is not None:
                 last = _choice(ctx, None, chunk.finish_reason, False)
-                yield _event({**env, "choices": [last], **usage_field})
+                pending.append(_event({**env, "choices": [last], **usage_field}))
+            if not chunk.more and pending:
+                yield b"".join(pending) if len(pending) > 1 else pending[0]
+                pending = []
+            try:
+                chunk = await pull(chunks)
+            except StopAsyncIteration:
+                break
         if ctx.include_usage and usage is not None:
-            yield _event({**env, "choices": [], "usage": usage.as_dict()})
-        yield DONE
+            pending.append(_event({**env, "choices": [], "usage": usage.as_dict()}))
+        pending.append(DONE)
+        yield b"".join(pending)
     except GatewayError as exc:
-        yield exc.sse_event()
+        yield b"".join([*pending, exc.sse_event()])
     except Exception:
         log.exception("request %s failed mid-stream", ctx.request_id)
-        yield GatewayError("The backend failed while streaming this response.").sse_event()
+        error = GatewayError("The backend failed while streaming this response.").sse_event()
+        yield b"".join([*pending, error])
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:

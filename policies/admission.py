@@ -92,6 +92,14 @@ class Admission:
             tenant.rpm.take(1)
         if tenant.tpm is not None:
             tenant.tpm.take(need.tokens)
+        if not self._waiters and self._fits_now(ctx, tenant, need):
+            # Nobody queued and it fits: what queueing then dispatching would grant at once,
+            # without a future and a queue pass (the common case, on the hot path).
+            res = Reservation(ctx.backend, tenant.cfg.name, need.kv_bytes, need.tokens,
+                              ctx.adapter, need.adapter_bytes)
+            self.ledger.reserve(res)
+            tenant.active += 1
+            return self._admitted(ctx, res, 0.0)
         waiter = Waiter(ctx, tenant, need, PRIORITY_RANK[tenant.cfg.priority], next(self._seq),
                         asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
@@ -102,6 +110,21 @@ class Admission:
             res = await self._wait(waiter)
         finally:
             ctx.queue_seconds = self.env.clock() - start
+        return self._admitted(ctx, res, ctx.queue_seconds)
+
+    def _fits_now(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> bool:
+        """_tenant_fits and the backend's pool fits, for a request not queued yet."""
+        limit = tenant.cfg.limits.max_concurrency
+        if limit is not None and tenant.active >= limit:
+            return False
+        pool = self.ledger.pools[ctx.backend]
+        cap = tenant.share_cap(need.budget)
+        if cap is not None and pool.tenant_bytes(tenant.cfg.name) + need.kv_bytes > cap:
+            return False
+        return pool.fits(need.kv_bytes)
+
+    def _admitted(self, ctx: RequestContext, res: Reservation, queued_s: float) -> Decision:
+        ctx.queue_seconds = queued_s
         ctx.reservation = res
         ctx.memory.kv_bytes_reserved = res.kv_bytes
         reason = f"reserved {res.kv_bytes} KV bytes"
