@@ -258,7 +258,12 @@ class Engine:
             if seq.cancelled:
                 self.scheduler.finish(seq)
             elif not seq.prefilling:  # a chunk that ends the prompt yields the first token
-                self._advance(seq, logits[i])
+                try:
+                    self._advance(seq, logits[i])
+                except Exception as e:  # one sequence's failure never stops the engine
+                    log.exception("local engine: sequence %s failed", seq.seq_id)
+                    self.scheduler.finish(seq)
+                    self._send(seq, Event(error=e))
 
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
         st: SeqState = seq.state

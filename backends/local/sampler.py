@@ -41,7 +41,9 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / T overflows float32 (1e-289 even rounds to 0): the softmax is
+        # a one-hot on the argmax anyway, so take it directly.
+        return self.temperature < 1e-4
 
     def observe(self, token: int) -> None:
         """Record a generated token (for presence/frequency penalties)."""
@@ -60,7 +62,8 @@ class Sampler:
             )
         if self.greedy:
             return int(torch.argmax(logits).item())
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        # Shift by the max first: a tiny temperature then sends the others to -inf, not NaN.
+        probs = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)
         if self.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < self.top_p

@@ -75,6 +75,14 @@ def _check_ledger(a: Admission, live: list[Any]) -> None:
         assert pool.queued >= 0
 
 
+async def _settle() -> None:
+    """Let every ready task run until the loop is quiet: a grant resolves the waiter's
+    future at once, but the waiting task learns of it (ctx.reservation) a few loop turns
+    later, through asyncio.wait's own callbacks."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
 async def _drive(blocks: int, ops: list[tuple[str, Any]]) -> None:
     s = make_settings(TENANTS, policy_options={"admission": {"queue_timeout_s": 30}})
     a = Admission(env(s, {"big": FakeBackend("big", blocks * BLOCK, window=512),
@@ -96,8 +104,7 @@ async def _drive(blocks: int, ops: list[tuple[str, Any]]) -> None:
                 else:
                     t.cancel()
                 tasks.remove((t, c))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await _settle()
         _check_ledger(a, [c for _, c in tasks])
     while tasks:  # the end: everyone leaves, one way or another
         t, c = tasks.pop()
@@ -106,7 +113,7 @@ async def _drive(blocks: int, ops: list[tuple[str, Any]]) -> None:
         with contextlib.suppress(asyncio.CancelledError, GatewayError):
             await t
         await a.on_finish(c, "cancelled")
-        await asyncio.sleep(0)
+        await _settle()
         _check_ledger(a, [c for _, c in tasks])
     assert a.ledger.total_reserved() == 0 and a.waiting == 0
     assert all(p.queued == 0 and not p.by_tenant for p in a.ledger.pools.values())

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import torch
 
 from backends.base import BackendError
 from backends.local.backend import LocalBackend, LocalConfig
@@ -249,3 +250,40 @@ def test_config_validation() -> None:
         LocalConfig(model="x", quantize="int3")
     with pytest.raises(ValueError, match="dtype"):
         LocalConfig(model="x", dtype="float64")
+
+
+def test_one_sequence_failing_never_stops_the_engine(
+    tiny_checkpoint: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backends.local.sampler import Sampler
+
+    real = Sampler.sample
+
+    def sample(self: Sampler, logits: torch.Tensor) -> int:
+        if self.temperature == 0.5:  # the one request this test breaks
+            raise RuntimeError("sampling blew up")
+        return real(self, logits)
+
+    monkeypatch.setattr(Sampler, "sample", sample)
+
+    async def body(b: LocalBackend) -> None:
+        bad = collect(b, ctx_for(PROMPTS[0], temperature=0.5, max_tokens=8))
+        good = collect(b, ctx_for(PROMPTS[1], max_tokens=8))
+        results = await asyncio.gather(bad, good, return_exceptions=True)
+        assert isinstance(results[0], BackendError)
+        assert not isinstance(results[1], BaseException) and results[1][1].finish_reason
+        assert await b.health()
+        text, last = await collect(b, ctx_for(PROMPTS[2], max_tokens=4))  # still serving
+        assert last.usage is not None and last.usage.completion_tokens == 4
+        await wait_kv_free(b)
+
+    run_with(tiny_checkpoint, body)
+
+
+def test_a_tiny_temperature_samples_like_greedy(tiny_checkpoint: TinyCheckpoint) -> None:
+    async def body(b: LocalBackend) -> None:
+        greedy, _ = await collect(b, ctx_for(PROMPTS[0], max_tokens=8))
+        tiny, _ = await collect(b, ctx_for(PROMPTS[0], temperature=1e-289, max_tokens=8, seed=1))
+        assert tiny == greedy  # no NaN from logits / 1e-289, and the engine lives on
+
+    run_with(tiny_checkpoint, body)
