@@ -136,7 +136,8 @@ class GatewayMetrics:
         if fn is None:
             child = metric.labels(*labels)
             value = getattr(child, "_value", None)
-            fn = self._children[key] = value.inc if hasattr(value, "inc") else child.inc
+            inc: Callable[[float], None] = value.inc if value is not None and hasattr(value, "inc") else child.inc
+            fn = self._children[key] = inc
         return fn
 
     def observe(self, o: RequestObservation) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -63,10 +64,8 @@ async def read_json(request: Request, limit: int, timeout_s: float = 30.0) -> di
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     data: Any = _STDLIB_PARSE_FAILED
     if _LONG_DIGITS.search(body) is None:  # orjson reads integers past 64 bits as floats
-        try:
+        with contextlib.suppress(orjson.JSONDecodeError):
             data = orjson.loads(body)  # the common case, fast
-        except orjson.JSONDecodeError:
-            pass
     if data is _STDLIB_PARSE_FAILED:
         data = _parse_json_stdlib(bytes(body))  # same answer and errors as before
     if not isinstance(data, dict):
@@ -115,7 +114,7 @@ class _DisconnectWatch:
     shutdown), which stays a CancelledError.
     """
 
-    __slots__ = ("_receive", "_task", "_watcher", "gone", "done")
+    __slots__ = ("_receive", "_task", "_watcher", "done", "gone")
 
     def __init__(self, receive: Any) -> None:
         self._receive = receive
@@ -137,9 +136,7 @@ class _DisconnectWatch:
 
     def client_gone(self) -> bool:
         """Called on CancelledError: True (and the cancellation absorbed) if it was ours."""
-        if self.gone and self._task is not None and self._task.uncancel() == 0:
-            return True
-        return False
+        return self.gone and self._task is not None and self._task.uncancel() == 0
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
