@@ -273,7 +273,7 @@ def test_one_sequence_failing_never_stops_the_engine(
         assert isinstance(results[0], BackendError)
         assert not isinstance(results[1], BaseException) and results[1][1].finish_reason
         assert await b.health()
-        text, last = await collect(b, ctx_for(PROMPTS[2], max_tokens=4))  # still serving
+        _, last = await collect(b, ctx_for(PROMPTS[2], max_tokens=4))  # still serving
         assert last.usage is not None and last.usage.completion_tokens == 4
         await wait_kv_free(b)
 
