@@ -12,7 +12,7 @@ from backends.base import BackendError, BackendStats, Capacity, MemorySnapshot
 from backends.local.adapter_cache import AdapterCache, Resident
 from backends.local.engine import Engine, EngineClosed, Event
 from backends.local.loader import CheckpointError, LoadedModel, load_checkpoint, parse_dtype
-from backends.local.runtime_memory import baseline_rss
+from backends.local.runtime_memory import baseline_rss, resident_bytes
 from backends.local.sampler import Sampler
 from backends.local.tokenizer import ChatTokenizer, TokenizerError
 from gateway.context import Chunk, RequestContext, Usage
@@ -49,18 +49,6 @@ class LocalConfig:
             raise ValueError(
                 "max_batch_size, block_size, max_prefill_tokens and max_loras must be positive"
             )
-
-
-def process_rss_bytes() -> int | None:
-    """Resident set size of this process (VmRSS in /proc/self/status), None where unknown."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 class LocalBackend:
@@ -324,7 +312,7 @@ class LocalBackend:
         return dict(vars(self._adapters.stats))
 
     def memory(self) -> MemorySnapshot:
-        snap = MemorySnapshot(measured=process_rss_bytes(), runtime=self._runtime)
+        snap = MemorySnapshot(measured=resident_bytes(), runtime=self._runtime)
         if self._loaded is not None:
             snap.weights = self._loaded.weight_bytes
         if self._adapters is not None:

@@ -1,4 +1,4 @@
-"""The process's runtime baseline: RSS once freed heap is handed back, before weights load."""
+"""Process memory as the OS sees it: RSS, and RSS once freed heap is handed back."""
 
 from __future__ import annotations
 
