@@ -80,7 +80,7 @@ class Telemetry:
         if self.metrics.multiprocess:
             self.publisher = MultiprocessPublisher(self.collector)
         else:
-            self.metrics.registry.register(self.collector)  # type: ignore[arg-type]
+            self.metrics.registry.register(self.collector)
         self._publish_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -104,7 +104,7 @@ class Telemetry:
                 await self._publish_task
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(os.getpid())
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
         self.gpu.close()
 
     def attach_policies(self, chain: PolicyChain) -> None:
