@@ -98,4 +98,28 @@ def is_available(backend: Any) -> bool:
     return True if available is None else bool(available())
 
 
+class RemoteBackend:
+    """What a backend over someone else's server reports when that server tells it nothing:
+    no token counts, capacity, adapter list, memory, counters or adapter loading of its own.
+    Kinds that know more (vllm) override the methods they can answer."""
+
+    def count_tokens(self, ctx: RequestContext) -> int | None:
+        return None
+
+    def capacity(self) -> Capacity | None:
+        return None
+
+    def adapters(self) -> dict[str, int] | None:
+        return None  # the upstream decides; adapter names pass through unchecked
+
+    def memory(self) -> MemorySnapshot:
+        return MemorySnapshot()
+
+    def stats(self) -> BackendStats:
+        return BackendStats()
+
+    async def ensure_adapter(self, name: str) -> None:
+        return None
+
+
 BackendFactory = Any  # a class taking (name: str, config: BackendConfig)

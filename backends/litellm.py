@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import BackendStats, Capacity, MemorySnapshot
+from backends.base import RemoteBackend
 from gateway.context import Chunk, RequestContext, Usage
 from gateway.errors import BackendError
 
@@ -43,7 +43,7 @@ class LiteLLMConfig:
             raise ValueError("timeout must be > 0 and num_retries >= 0")
 
 
-class LiteLLMBackend:
+class LiteLLMBackend(RemoteBackend):
     Config = LiteLLMConfig
 
     def __init__(self, name: str, cfg: LiteLLMConfig) -> None:
@@ -113,24 +113,6 @@ class LiteLLMBackend:
             raise
         except Exception as exc:
             raise _error(self.name, exc) from None
-
-    def count_tokens(self, ctx: RequestContext) -> int | None:
-        return None
-
-    def capacity(self) -> Capacity | None:
-        return None
-
-    def adapters(self) -> dict[str, int] | None:
-        return None
-
-    def memory(self) -> MemorySnapshot:
-        return MemorySnapshot()
-
-    def stats(self) -> BackendStats:
-        return BackendStats()
-
-    async def ensure_adapter(self, name: str) -> None:
-        return None
 
     async def health(self) -> bool:
         return self._litellm is not None

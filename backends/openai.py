@@ -27,7 +27,7 @@ import httpx
 import orjson
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from backends.base import BackendStats, Capacity, MemorySnapshot
+from backends.base import RemoteBackend
 from backends.upstream_http import Upstream, UpstreamHTTP, UpstreamResponse
 from gateway.context import Chunk, RequestContext, Usage
 from gateway.errors import BackendError
@@ -69,7 +69,7 @@ def adapter_name(fmt: str, model: str, adapter: str) -> str:
         ) from None
 
 
-class OpenAIBackend:
+class OpenAIBackend(RemoteBackend):
     Config = OpenAIConfig
 
     def __init__(self, name: str, cfg: OpenAIConfig) -> None:
@@ -258,24 +258,6 @@ class OpenAIBackend:
             usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
         return Chunk(text=text if isinstance(text, str) else "",
                      finish_reason=choice.get("finish_reason") or "stop", usage=usage)
-
-    def count_tokens(self, ctx: RequestContext) -> int | None:
-        return None
-
-    def capacity(self) -> Capacity | None:
-        return None
-
-    def adapters(self) -> dict[str, int] | None:
-        return None  # the upstream decides; adapter names pass through unchecked
-
-    def memory(self) -> MemorySnapshot:
-        return MemorySnapshot()
-
-    def stats(self) -> BackendStats:
-        return BackendStats()
-
-    async def ensure_adapter(self, name: str) -> None:
-        return None
 
     async def health(self) -> bool:
         if self._client is None:

@@ -141,9 +141,6 @@ class VLLMBackend(OpenAIBackend):
         body["model"] = model
         return body
 
-    async def aclose(self) -> None:
-        await super().aclose()
-
     # ---- adapters --------------------------------------------------------------------------
 
     async def _admin_post(self, path: str, body: dict[str, Any]) -> httpx.Response:

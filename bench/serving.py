@@ -20,6 +20,7 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backends.local.runtime_memory import resident_bytes  # noqa: E402
 from tests.server import demo_config, gateway_process  # noqa: E402
 
 PROMPTS = ["How do I get a refund for my order?", "What are your opening hours?",
@@ -27,10 +28,7 @@ PROMPTS = ["How do I get a refund for my order?", "What are your opening hours?"
 
 
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return resident_bytes(pid) or 0
 
 
 def one(url: str, key: str, prompt: str, max_tokens: int) -> tuple[int, float]:

@@ -7,10 +7,10 @@ import ctypes.util
 import gc
 
 
-def resident_bytes() -> int | None:
-    """VmRSS of this process from /proc/self/status, None where unknown."""
+def resident_bytes(pid: int | str = "self") -> int | None:
+    """VmRSS of a process (this one by default) from /proc/PID/status, None where unknown."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
