@@ -1,4 +1,4 @@
-"""`openai` backend kind: any OpenAI-compatible upstream over httpx, streamed through.
+"""`openai` backend kind: any OpenAI-compatible upstream, streamed through.
 
 Reliability, all before the first byte only (once a token went out, a failure is the
 client's error event, never a silent replay):
@@ -76,7 +76,7 @@ class OpenAIBackend(RemoteBackend):
         self.name = name
         self.cfg = cfg
         self._client: httpx.AsyncClient | None = None  # control plane: health, admin calls
-        self._http: Upstream | None = None  # generation: the hot path (aiohttp, pooled)
+        self._http: Upstream | None = None  # generation: the hot path (backends/upstream_http.py)
         self._trace_context = TraceContextTextMapPropagator()
         self._down_since: float | None = None  # out of rotation since (monotonic)
         self._probe: asyncio.Task[None] | None = None
@@ -230,6 +230,7 @@ class OpenAIBackend(RemoteBackend):
             if state.error is not None:
                 raise state.error
             if state.done:
+                resp.expect_end()  # the body's end may still be on its way: keep the connection
                 return
         for chunk in state.feed([rest], ctx.kind == "chat"):  # a last line without newline
             yield chunk

@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
               "timeout_keep_alive": server_cfg.keep_alive_timeout_s}
     # uvicorn's access log: one INFO line per request, off unless asked (README "Performance")
     common["access_log"] = args.access_log
+    common["http"] = http_protocol()  # bounded request heads; the generation fast path
     if args.workers > 1:
         os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
         _multiprocess_metrics_dir()
@@ -41,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         from gateway.serving import DrainingServer
 
         app = create_app(settings)
-        config = uvicorn.Config(app, http=http_protocol(), **common)  # bounded request heads
+        config = uvicorn.Config(app, **common)
         server = DrainingServer(config, app.state.gateway.drain)
         server.run_until_signalled()
     return 0

@@ -41,25 +41,27 @@ def _state(request: Request) -> Any:
     return request.app.state.gateway
 
 
-async def read_json(request: Request, limit: int, timeout_s: float = 30.0) -> dict[str, Any]:
-    ctype = request.headers.get("content-type")
+def check_body_headers(ctype: str | None, declared: str | None, limit: int) -> None:
+    """Content-Type JSON (or absent) and a declared Content-Length within the limit."""
     if ctype is not None:  # absent: taken as JSON (curl -d without -H sends a form type)
         media = ctype.partition(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise UnsupportedMediaType(
                 f"Content-Type {media or '(empty)'!r} is not supported; send application/json.")
-    declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):  # a slow sender must not hold a worker
-            async for part in request.stream():
-                body += part
-                if len(body) > limit:
-                    raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-    except TimeoutError:
-        raise RequestTimeout(f"The request body was not received within {timeout_s:g} s.") from None
+        raise too_large(limit)
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+
+
+def body_timeout(timeout_s: float) -> RequestTimeout:
+    return RequestTimeout(f"The request body was not received within {timeout_s:g} s.")
+
+
+def parse_body(body: bytes | bytearray) -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidRequest naming what is wrong."""
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     data: Any = _STDLIB_PARSE_FAILED
@@ -71,6 +73,21 @@ async def read_json(request: Request, limit: int, timeout_s: float = 30.0) -> di
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     return data
+
+
+async def read_json(request: Request, limit: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    check_body_headers(request.headers.get("content-type"), request.headers.get("content-length"),
+                       limit)
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):  # a slow sender must not hold a worker
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise too_large(limit)
+    except TimeoutError:
+        raise body_timeout(timeout_s) from None
+    return parse_body(body)
 
 
 _STDLIB_PARSE_FAILED = object()
@@ -189,17 +206,16 @@ class EventStreamResponse(Response):
             await events.aclose()  # type: ignore[attr-defined]
 
 
-async def _generate(request: Request, kind: str) -> Response:
-    state = _state(request)
-    tenant = state.tenants.authenticate(request.headers.get("authorization"))
-    body = await read_json(request, state.settings.server.max_body_bytes,
-                           state.settings.server.body_timeout_s)
+def begin_generation(state: Any, kind: str, tenant: TenantConfig, body: dict[str, Any],
+                     request_id: str) -> tuple[RequestContext, Pipeline]:
+    """A validated body -> the request's context and its pipeline (both HTTP paths)."""
     chat = kind == "chat"
     validation.check_fields(body, validation.CHAT_FIELDS if chat else validation.COMPLETION_FIELDS)
     model, adapter = resolve_model(state, tenant, validation.model_name(body))
     stream, include_usage = validation.stream_flags(body)
+    user = body.get("user")
     ctx = RequestContext(
-        request_id=request.scope["state"]["request_id"],
+        request_id=request_id,
         tenant=tenant.name,
         kind=kind,
         requested_model=model.name,
@@ -211,25 +227,35 @@ async def _generate(request: Request, kind: str) -> Response:
         messages=validation.messages(body) if chat else None,
         prompt=None if chat else validation.prompt(body),
         requested_adapter=adapter,  # the adapter_selection policy sets ctx.adapter
-        user=body.get("user") if isinstance(body.get("user"), str) else None,
+        user=user if isinstance(user, str) else None,
         created=time.time(),
     )
     if not state.ready:
         raise Unavailable("The gateway is starting; try again shortly.", retry_after=1)
-    pipeline = Pipeline(state)
+    return ctx, Pipeline(state)
+
+
+async def _generate(request: Request, kind: str) -> Response:
+    """The ASGI path (any ASGI server, in-process tests); `gateway serve` answers these routes
+    on gateway/fastpath.py's path, with the same steps."""
+    state = _state(request)
+    tenant = state.tenants.authenticate(request.headers.get("authorization"))
+    body = await read_json(request, state.settings.server.max_body_bytes,
+                           state.settings.server.body_timeout_s)
+    ctx, pipeline = begin_generation(state, kind, tenant, body, request.scope["state"]["request_id"])
     chunks = pipeline.run(ctx)
     drain = state.drain  # ends generations cleanly at shutdown (gateway/shutdown.py)
-    if not stream:
-        result = await _until_disconnect(request, collect(ctx, drain.guard(chunks)))
+    if not ctx.stream:
+        result = await _until_disconnect(request, collect(ctx, chunks, drain))
         return Response(orjson.dumps(result), headers=pipeline.headers(ctx),
                         media_type="application/json")
     # Wait for the first chunk so that failures before the first byte get a real status code.
-    first = await _until_disconnect(request, _first(chunks, drain))
+    first = await _until_disconnect(request, first_chunk(chunks, drain))
     return EventStreamResponse(stream_events(ctx, chunks, first, drain),
                                headers={**SSE_HEADERS, **pipeline.headers(ctx)})
 
 
-async def _first(chunks: AsyncIterator[Chunk], drain: Drain) -> Chunk | None:
+async def first_chunk(chunks: AsyncIterator[Chunk], drain: Drain) -> Chunk | None:
     try:
         return await drain.next(chunks)
     except StopAsyncIteration:

@@ -10,42 +10,18 @@ import uvicorn
 
 from gateway.shutdown import Drain
 
-MAX_HEADER_BYTES = 64 * 1024  # request line + all headers; beyond: 400 and the connection closes
 
-
-def http_protocol() -> type[Any]:
-    """uvicorn's httptools protocol with a bound on the request head (httptools has none, so a
-    client could make the gateway buffer megabytes of headers); h11 where httptools is missing
-    (h11 bounds the head itself, at 16 KiB)."""
+def http_protocol() -> type[Any] | str:
+    """The protocol `gateway serve` runs: GatewayHttpProtocol where httptools is installed
+    (an import string, so that `--workers N` processes load it too), else uvicorn's h11 one
+    (h11 bounds the request head itself, at 16 KiB; generation routes take the ASGI path)."""
     try:
-        import httptools
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        import httptools  # noqa: F401
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol
 
         return H11Protocol
-
-    class BoundedHttpToolsProtocol(HttpToolsProtocol):
-        _head_bytes = 0
-
-        def on_message_begin(self) -> None:
-            self._head_bytes = 0
-            super().on_message_begin()
-
-        def _count(self, n: int) -> None:
-            self._head_bytes += n
-            if self._head_bytes > MAX_HEADER_BYTES:  # the parser turns this into a 400
-                raise httptools.HttpParserError("request head too large")
-
-        def on_url(self, url: bytes) -> None:
-            self._count(len(url))
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._count(len(name) + len(value))
-            super().on_header(name, value)
-
-    return BoundedHttpToolsProtocol
+    return "gateway.protocol:GatewayHttpProtocol"
 
 
 class DrainingServer(uvicorn.Server):

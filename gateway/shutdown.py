@@ -3,8 +3,8 @@ with an OpenAI-shaped error (an `error` event inside a stream) instead of being 
 
 uvicorn stops accepting connections at SIGTERM and waits `timeout_graceful_shutdown` for the
 requests in flight; `Drain.begin` (called from the CLI's server when the signal arrives)
-starts the clock, and `Drain.guard` wraps each request's chunk stream so that it ends cleanly
-a little before uvicorn would cancel it.
+starts the clock, and each request pulls its chunks through `Drain.next`, so that its stream
+ends cleanly a little before uvicorn would cancel it.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ class Drain:
                            code="shutting_down", retry_after=1)
 
     def next(self, it: AsyncIterator[Chunk]) -> Awaitable[Chunk]:
-        """anext(it); once shutdown began, raises Unavailable when the grace period is over
-        (the fused form of `guard`, for loops that pull chunks themselves)."""
+        """anext(it); once shutdown began, raises Unavailable when the grace period is over."""
         if self.deadline is None:
             return anext(it)
         return self._next_before_deadline(it)
@@ -52,29 +51,3 @@ class Drain:
             return await asyncio.wait_for(anext(it), left)
         except TimeoutError:
             raise self._error() from None
-
-    async def guard(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        """`chunks`, ended with Unavailable once the grace period is over."""
-        it = aiter(chunks)
-        try:
-            while True:
-                if self.deadline is None:
-                    try:
-                        chunk = await anext(it)
-                    except StopAsyncIteration:
-                        return
-                else:
-                    left = self.deadline - time.monotonic()
-                    if left <= 0:
-                        raise self._error()
-                    try:
-                        chunk = await asyncio.wait_for(anext(it), left)
-                    except StopAsyncIteration:
-                        return
-                    except TimeoutError:
-                        raise self._error() from None
-                yield chunk
-        finally:
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:
-                await aclose()

@@ -107,17 +107,30 @@ async def stream_events(ctx: RequestContext, chunks: AsyncIterator[Chunk],
             await aclose()
 
 
-async def collect(ctx: RequestContext, chunks: AsyncIterator[Chunk]) -> dict[str, Any]:
-    """Aggregate a whole generation into one OpenAI response object."""
+async def collect(ctx: RequestContext, chunks: AsyncIterator[Chunk],
+                  drain: Drain | None = None) -> dict[str, Any]:
+    """Aggregate a whole generation into one OpenAI response object. `drain`: each chunk is
+    pulled through Drain.next (ends the generation at shutdown); `chunks` is closed at the
+    end whatever happens (releasing the generation)."""
     parts: list[str] = []
     finish = "stop"
     usage = Usage(prompt_tokens=ctx.prompt_tokens or 0, completion_tokens=0)
-    async for chunk in chunks:
-        parts.append(chunk.text)
-        if chunk.finish_reason is not None:
-            finish = chunk.finish_reason
-        if chunk.usage is not None:
-            usage = chunk.usage
+    pull = drain.next if drain is not None else anext
+    try:
+        while True:
+            try:
+                chunk = await pull(chunks)
+            except StopAsyncIteration:
+                break
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                finish = chunk.finish_reason
+            if chunk.usage is not None:
+                usage = chunk.usage
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
     text = "".join(parts)
     env = _envelope(ctx)
     if ctx.kind == "chat":

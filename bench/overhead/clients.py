@@ -1,6 +1,7 @@
 """Which upstream client: the same streamed chat completion through httpx's own pool, httpx
-over backends/aiohttp_transport, and aiohttp directly, interleaved, this process on core 0,
-the fake upstream on core 1. Run: python -m bench.overhead.clients [--seconds 2]."""
+over an aiohttp transport, aiohttp directly, and the `openai` kind's own pool
+(backends/upstream_http.py), interleaved, this process on core 0, the fake upstream on
+core 1. Run: python -m bench.overhead.clients [--seconds 2]."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
+from backends.upstream_http import UpstreamHTTP
 from bench.overhead.httpx_aiohttp import AiohttpTransport
 from bench.overhead.loadgen import request_body
 from bench.overhead.report import pct, write
@@ -47,6 +49,17 @@ def aiohttp_call(session: aiohttp.ClientSession, url: str, body: bytes) -> Call:
     return call
 
 
+def memgate_call(pool: UpstreamHTTP, body: bytes) -> Call:
+    async def call() -> None:
+        resp = await pool.request("POST", "/v1/chat/completions", body)
+        try:
+            async for _ in resp.blocks():
+                pass
+        finally:
+            await resp.aclose()
+    return call
+
+
 async def drive(call: Call, conc: int, seconds: float) -> tuple[float, float]:
     lat: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -72,6 +85,8 @@ async def measure(base: str, seconds: float, rounds: int) -> list[dict[str, obje
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
     calls = {name: httpx_call(c, body) for name, c in clients.items()}
     calls["aiohttp"] = aiohttp_call(session, base + "/v1/chat/completions", body)
+    pool = UpstreamHTTP(base, {}, 5.0, 60.0, 256)
+    calls["memgate-pool"] = memgate_call(pool, body)
     rows: list[dict[str, object]] = []
     try:
         for conc in (1, 64):
@@ -91,6 +106,7 @@ async def measure(base: str, seconds: float, rounds: int) -> list[dict[str, obje
         for c in clients.values():
             await c.aclose()
         await session.close()
+        await pool.aclose()
     return rows
 
 

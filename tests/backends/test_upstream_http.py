@@ -1,0 +1,288 @@
+"""The `openai` kind's own HTTP client (backends/upstream_http.py) against raw asyncio servers
+on loopback whose bytes each test chooses: framing, keep-alive, pool bounds, every error."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from backends.upstream_http import UpstreamHTTP
+
+pytestmark = pytest.mark.anyio
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+JSON_BODY = b'{"ok":true}'
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Server:
+    """A loopback server running `handler` per connection; counts connections."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.open = 0
+        self.most_open = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        body = await reader.readexactly(length) if length else b""
+        self.requests.append(head + body)
+        return head + body
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Callable[[Server, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                  **pool: float) -> AsyncIterator[tuple[Server, UpstreamHTTP]]:
+    srv = Server(lambda r, w: handler(srv, r, w))
+    srv.server = await asyncio.start_server(srv._serve, "127.0.0.1", 0)
+    client = UpstreamHTTP(srv.url, {"authorization": "Bearer up-key"},
+                          connect_timeout=float(pool.get("connect", 2.0)),
+                          read_timeout=float(pool.get("read", 5.0)),
+                          max_connections=int(pool.get("max", 8)))
+    try:
+        yield srv, client
+    finally:
+        await client.aclose()
+        srv.server.close()
+
+
+def json_answer(body: bytes = JSON_BODY, extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n"
+            % (len(body), extra)) + body
+
+
+async def keep_alive_json(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await srv.read_request(reader)
+        writer.write(json_answer())
+        await writer.drain()
+
+
+async def test_json_answers_reuse_one_connection() -> None:
+    async with serving(keep_alive_json) as (srv, client):
+        for _ in range(5):
+            resp = await client.request("POST", "/chat/completions", b'{"a":1}', {"x-request-id": "r1"})
+            assert resp.status_code == 200 and resp.is_json()
+            assert await resp.aread() == JSON_BODY and resp.json() == {"ok": True}
+            await resp.aclose()
+        assert srv.connections == 1
+        first = srv.requests[0]
+        assert first.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        for line in (b"authorization: Bearer up-key", b"x-request-id: r1",
+                     b"content-type: application/json", b"content-length: 7"):
+            assert line in first
+        assert first.endswith(b'\r\n\r\n{"a":1}')
+
+
+async def test_chunked_stream_arrives_as_it_is_sent() -> None:
+    release = asyncio.Event()
+
+    async def handler(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await srv.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        writer.write(b"7\r\ndata: 1\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"7\r\ndata: 2\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with serving(handler) as (_, client):
+        resp = await client.request("POST", "/chat/completions", b"{}")
+        assert not resp.is_json()
+        blocks = resp.blocks()
+        assert await anext(blocks) == b"data: 1"  # before the rest was even sent
+        release.set()
+        assert [b async for b in blocks] == [b"data: 2"]
+        await resp.aclose()
+
+
+async def test_body_until_close() -> None:
+    async def handler(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await srv.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{\"a\":")
+        await writer.drain()
+        writer.write(b"2}")
+        await writer.drain()
+
+    async with serving(handler) as (srv, client):
+        resp = await client.request("POST", "/completions", b"{}")
+        assert await resp.aread() == b'{"a":2}'
+        await resp.aclose()
+        resp = await client.request("POST", "/completions", b"{}")  # a new connection
+        assert await resp.aread() == b'{"a":2}'
+        assert srv.connections == 2
+
+
+async def test_idle_connection_closed_by_upstream_is_replaced() -> None:
+    async def handler(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await srv.read_request(reader)
+        writer.write(json_answer())
+        await writer.drain()
+        # then close the kept-alive connection without a word (an upstream's idle timeout)
+
+    async with serving(handler) as (srv, client):
+        for _ in range(3):
+            resp = await client.request("POST", "/chat/completions", b"{}")
+            assert await resp.aread() == JSON_BODY
+            await resp.aclose()
+            await asyncio.sleep(0.05)
+        assert srv.connections == 3
+
+
+async def test_refused_is_connect_error() -> None:
+    async with serving(keep_alive_json) as (srv, client):
+        assert srv.server is not None
+        srv.server.close()
+        await srv.server.wait_closed()
+        with pytest.raises(httpx.ConnectError):
+            await client.request("POST", "/chat/completions", b"{}")
+        with pytest.raises(httpx.ConnectError):  # and again: the failed slot was given back
+            await client.request("POST", "/chat/completions", b"{}")
+
+
+async def test_no_answer_is_read_timeout_and_closes() -> None:
+    async def handler(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await srv.read_request(reader)
+        await reader.read()  # never answers
+
+    async with serving(handler, read=0.2) as (srv, client):
+        with pytest.raises(httpx.ReadTimeout):
+            await client.request("POST", "/chat/completions", b"{}")
+        await asyncio.sleep(0.05)
+        assert srv.open == 0  # the connection was closed, not pooled
+
+
+async def test_cut_mid_body_is_read_error() -> None:
+    async def handler(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await srv.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"a\"")
+        await writer.drain()
+
+    async with serving(handler) as (_, client):
+        resp = await client.request("POST", "/chat/completions", b"{}")
+        with pytest.raises(httpx.ReadError):
+            await resp.aread()
+        await resp.aclose()
+
+
+async def test_malformed_answer_is_read_error() -> None:
+    async def handler(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await srv.read_request(reader)
+        writer.write(b"this is not http\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with serving(handler) as (_, client):
+        with pytest.raises(httpx.ReadError):
+            await client.request("POST", "/chat/completions", b"{}")
+
+
+async def test_pool_bound_is_kept_under_concurrency() -> None:
+    async def handler(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await srv.read_request(reader)
+            await asyncio.sleep(0.02)
+            writer.write(json_answer())
+            await writer.drain()
+
+    async with serving(handler, max=2) as (srv, client):
+        async def one() -> bytes:
+            resp = await client.request("POST", "/chat/completions", b"{}")
+            try:
+                return await resp.aread()
+            finally:
+                await resp.aclose()
+
+        assert await asyncio.gather(*(one() for _ in range(12))) == [JSON_BODY] * 12
+        assert srv.most_open <= 2 and srv.connections == 2
+
+
+async def test_released_early_closes_unless_the_end_was_seen() -> None:
+    tail = asyncio.Event()
+
+    async def handler(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await srv.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\ne\r\ndata: [DONE]\n\n\r\n")
+            await writer.drain()
+            eof = asyncio.ensure_future(reader.read(1))
+            await asyncio.wait([eof, asyncio.ensure_future(tail.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if eof.done():  # the client closed the connection
+                return
+            eof.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await eof
+            tail.clear()
+            writer.write(b"0\r\n\r\n")  # the terminating chunk in a later segment
+            await writer.drain()
+
+    async with serving(handler) as (srv, client):
+        # 1. the reader saw its last event: the connection waits for the end and is reused
+        resp = await client.request("POST", "/chat/completions", b"{}")
+        assert await anext(resp.blocks()) == b"data: [DONE]\n\n"
+        resp.expect_end()
+        await resp.aclose()
+        tail.set()
+        await asyncio.sleep(0.05)
+        resp = await client.request("POST", "/chat/completions", b"{}")
+        assert srv.connections == 1
+        # 2. a reader that stops early (a client gone) closes: the upstream stops generating
+        await anext(resp.blocks())
+        await resp.aclose()
+        await asyncio.sleep(0.05)
+        assert srv.open == 0
+
+
+async def test_cancelled_while_waiting_frees_the_slot() -> None:
+    async def handler(srv: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await srv.read_request(reader)
+        await reader.read()
+
+    async with serving(handler, max=1) as (srv, client):
+        task = asyncio.ensure_future(client.request("POST", "/chat/completions", b"{}"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)
+        assert srv.open == 0
+        # the one slot is free again: the next request gets a connection (and times out there)
+        client.read_timeout = 0.1
+        with pytest.raises(httpx.ReadTimeout):
+            await client.request("POST", "/chat/completions", b"{}")
+        assert srv.connections == 2
