@@ -25,12 +25,12 @@ from typing import Any
 
 import httpx
 import orjson
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from backends.base import RemoteBackend
 from backends.upstream_http import Upstream, UpstreamHTTP, UpstreamResponse
 from gateway.context import Chunk, RequestContext, Usage
 from gateway.errors import BackendError
+from gateway.tracing import inject_current
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ class OpenAIBackend(RemoteBackend):
         self.cfg = cfg
         self._client: httpx.AsyncClient | None = None  # control plane: health, admin calls
         self._http: Upstream | None = None  # generation: the hot path (backends/upstream_http.py)
-        self._trace_context = TraceContextTextMapPropagator()
         self._down_since: float | None = None  # out of rotation since (monotonic)
         self._probe: asyncio.Task[None] | None = None
         self.failures = 0  # upstream failures seen (connect errors, 5xx)
@@ -162,7 +161,7 @@ class OpenAIBackend(RemoteBackend):
         connect errors and 502/503/504 (nothing was generated yet, so a retry is safe)."""
         path = "/chat/completions" if ctx.kind == "chat" else "/completions"
         headers = {"x-request-id": ctx.request_id}
-        self._trace_context.inject(headers)  # W3C traceparent of the current (request) span
+        inject_current(headers)  # W3C traceparent of the current (request) span
         body = orjson.dumps(self._body(ctx))
         for attempt in range(self.cfg.retries + 1):
             last = attempt == self.cfg.retries

@@ -246,9 +246,12 @@ class GenerationHandler:
         chunks = pipeline.run(ctx)
         drain = state.drain
         if not ctx.stream:
-            payload = orjson.dumps(await collect(ctx, chunks, drain))
-            rec.status = 200
-            ex.respond(200, _JSON + header_lines(pipeline.headers(ctx)) + id_line, payload)
+            try:
+                payload = orjson.dumps(await collect(ctx, chunks, drain))
+                rec.status = 200
+                ex.respond(200, _JSON + header_lines(pipeline.headers(ctx)) + id_line, payload)
+            finally:  # after the answer: the backend's and the policies' releases
+                await chunks.aclose()  # type: ignore[attr-defined]
             return
         # The first chunk first: a failure before it still gets its own status code.
         first = await routes.first_chunk(chunks, drain)

@@ -21,7 +21,9 @@ class Pipeline:
     """One request's way through policies and its backend.
 
     `run` is an async generator: closing it early (client gone) closes the backend stream,
-    which frees whatever the backend held for this request. The policy chain (state.policies)
+    which frees whatever the backend held for this request. The chunk with a finish_reason is
+    the last one (Chunk's contract): callers answer the client with it and close the
+    generator after, so the releases below run after the answer went out. The policy chain (state.policies)
     runs first; its on_finish hooks run whatever happens after (done, error, rejection,
     client gone), so nothing a policy reserved stays reserved.
 
@@ -69,9 +71,13 @@ class Pipeline:
                             raise
                         continue
                     telemetry.chunk(ctx, first)
+                    if first.finish_reason is not None:
+                        outcome = "ok"  # the last chunk: closing after it is no cancellation
                     yield first
                     async for chunk in stream:
                         telemetry.chunk(ctx, chunk)
+                        if chunk.finish_reason is not None:
+                            outcome = "ok"
                         yield chunk
                     break
                 finally:
@@ -81,7 +87,8 @@ class Pipeline:
             telemetry.backend_failed(ctx, exc.code)
             raise
         except (GeneratorExit, asyncio.CancelledError):
-            outcome = "cancelled"
+            if outcome != "ok":
+                outcome = "cancelled"
             raise
         finally:
             await self.state.policies.finish(ctx, outcome)

@@ -246,7 +246,10 @@ async def _generate(request: Request, kind: str) -> Response:
     chunks = pipeline.run(ctx)
     drain = state.drain  # ends generations cleanly at shutdown (gateway/shutdown.py)
     if not ctx.stream:
-        result = await _until_disconnect(request, collect(ctx, chunks, drain))
+        try:
+            result = await _until_disconnect(request, collect(ctx, chunks, drain))
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
         return Response(orjson.dumps(result), headers=pipeline.headers(ctx),
                         media_type="application/json")
     # Wait for the first chunk so that failures before the first byte get a real status code.

@@ -81,9 +81,10 @@ async def stream_events(ctx: RequestContext, chunks: AsyncIterator[Chunk],
                 usage = chunk.usage
             if chunk.text:
                 pending.append(text_event(chunk.text))
-            if chunk.finish_reason is not None:
+            if chunk.finish_reason is not None:  # the last chunk: answer now, release after
                 last = _choice(ctx, None, chunk.finish_reason, False)
                 pending.append(_event({**env, "choices": [last], **usage_field}))
+                break
             if not chunk.more and pending:
                 yield b"".join(pending) if len(pending) > 1 else pending[0]
                 pending = []
@@ -109,28 +110,24 @@ async def stream_events(ctx: RequestContext, chunks: AsyncIterator[Chunk],
 
 async def collect(ctx: RequestContext, chunks: AsyncIterator[Chunk],
                   drain: Drain | None = None) -> dict[str, Any]:
-    """Aggregate a whole generation into one OpenAI response object. `drain`: each chunk is
-    pulled through Drain.next (ends the generation at shutdown); `chunks` is closed at the
-    end whatever happens (releasing the generation)."""
+    """Aggregate a whole generation into one OpenAI response object, up to its last chunk
+    (the one with a finish_reason). `drain`: each chunk is pulled through Drain.next (ends
+    the generation at shutdown). The caller closes `chunks` (after answering)."""
     parts: list[str] = []
     finish = "stop"
     usage = Usage(prompt_tokens=ctx.prompt_tokens or 0, completion_tokens=0)
     pull = drain.next if drain is not None else anext
-    try:
-        while True:
-            try:
-                chunk = await pull(chunks)
-            except StopAsyncIteration:
-                break
-            parts.append(chunk.text)
-            if chunk.finish_reason is not None:
-                finish = chunk.finish_reason
-            if chunk.usage is not None:
-                usage = chunk.usage
-    finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+    while True:
+        try:
+            chunk = await pull(chunks)
+        except StopAsyncIteration:
+            break
+        parts.append(chunk.text)
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if chunk.finish_reason is not None:
+            finish = chunk.finish_reason
+            break
     text = "".join(parts)
     env = _envelope(ctx)
     if ctx.kind == "chat":

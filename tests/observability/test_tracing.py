@@ -178,3 +178,28 @@ def test_traceparent_reaches_openai_upstream(upstream: tuple[str, list[dict[str,
     assert version == "00" and trace_id == TRACE_ID
     assert parent_id == format(root.context.span_id, "016x")  # the gateway's span, not the client's
     assert "sk-demo-acme" not in json.dumps(seen[0])  # the client's key never goes upstream
+
+
+@pytest.mark.parametrize("state", [None, "vendor=abc,other=1"])
+def test_inject_current_writes_what_the_w3c_propagator_writes(state: str | None) -> None:
+    from opentelemetry import context, trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from gateway.tracing import inject_current
+
+    empty: dict[str, str] = {}
+    inject_current(empty)  # no current span: nothing to write
+    assert empty == {}
+    span = NonRecordingSpan(SpanContext(
+        trace_id=int(TRACE_ID, 16), span_id=int(CLIENT_SPAN, 16), is_remote=False,
+        trace_flags=TraceFlags(1), trace_state=TraceState.from_header([state]) if state else None))
+    token = context.attach(trace.set_span_in_context(span))
+    try:
+        ours: dict[str, str] = {}
+        theirs: dict[str, str] = {}
+        inject_current(ours)
+        TraceContextTextMapPropagator().inject(theirs)
+    finally:
+        context.detach(token)
+    assert ours == theirs and ours["traceparent"] == TRACEPARENT
