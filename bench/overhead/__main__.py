@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--count", type=int, default=None, help="requests per batch at most")
     ap.add_argument("--seconds", type=float, default=None, help="seconds per batch at most")
     ap.add_argument("--no-workers2", action="store_true", help="skip the 2-worker gateway")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout of another commit (git worktree add DIR REV): its gateway "
+                         "runs as target 'baseline', side by side with this one")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="overhead", help="output file stem")
     args = ap.parse_args(argv)
@@ -62,9 +65,14 @@ async def measure(procs: list[Proc], args: argparse.Namespace) -> list[dict[str,
                 for rnd in range(args.rounds):
                     order = procs[rnd % len(procs):] + procs[:rnd % len(procs)]
                     for p in order:
-                        got[p.name].extend(await run_batch(
+                        cpu0 = p.cpu_seconds()
+                        batch = await run_batch(
                             sessions[p.name], p.url + "/v1/chat/completions", p.model, p.key,
-                            stream, conc, args.count, args.seconds))
+                            stream, conc, args.count, args.seconds)
+                        cpu1 = p.cpu_seconds()
+                        if cpu0 is not None and cpu1 is not None:
+                            batch.cpu_s = cpu1 - cpu0
+                        got[p.name].extend(batch)
             finally:
                 for s in sessions.values():
                     await s.close()
@@ -72,7 +80,8 @@ async def measure(procs: list[Proc], args: argparse.Namespace) -> list[dict[str,
                 rows.append(report.row(p.name, stream, conc, got[p.name]))
                 r = rows[-1]
                 print(f"  {p.name:>10} stream={stream!s:5} c={conc:<3} {r['rps']:>8} req/s "
-                      f"p50 {r['p50_ms']} ms errors {r['errors']} {r['last_error'][:120]}",
+                      f"p50 {r['p50_ms']} ms cpu/req {r['cpu_us_per_req']} us "
+                      f"errors {r['errors']} {r['last_error'][:120]}",
                       flush=True)
     report.add_overheads(rows)
     return rows
@@ -93,6 +102,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             started.append(gw)
             targets = [direct, gw, start_floor(upstream.url, work)]
             started.append(targets[-1])
+            if args.baseline is not None:
+                targets.append(start_gateway(upstream.url, work, name="baseline",
+                                             source=args.baseline.resolve()))
+                started.append(targets[-1])
             if not args.no_workers2:
                 targets.append(start_gateway(upstream.url, work, workers=2, name="memgate-2w"))
                 started.append(targets[-1])

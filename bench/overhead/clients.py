@@ -1,7 +1,8 @@
 """Which upstream client: the same streamed chat completion through httpx's own pool, httpx
 over an aiohttp transport, aiohttp directly, and the `openai` kind's own pool
 (backends/upstream_http.py), interleaved, this process on core 0, the fake upstream on
-core 1. Run: python -m bench.overhead.clients [--seconds 2]."""
+core 1. Each reads the body as it arrives, in whatever pieces (no line splitting: that is the
+caller's work, the same whatever the client). Run: python -m bench.overhead.clients."""
 
 from __future__ import annotations
 
@@ -32,9 +33,8 @@ def httpx_call(client: httpx.AsyncClient, body: bytes) -> Call:
                                    headers={"content-type": "application/json"})
         resp = await client.send(req, stream=True)
         try:
-            async for line in resp.aiter_lines():
-                if line.startswith("data: [DONE]"):
-                    break
+            async for _ in resp.aiter_bytes():
+                pass
         finally:
             await resp.aclose()
     return call
@@ -43,9 +43,8 @@ def httpx_call(client: httpx.AsyncClient, body: bytes) -> Call:
 def aiohttp_call(session: aiohttp.ClientSession, url: str, body: bytes) -> Call:
     async def call() -> None:
         async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
-            async for line in r.content:
-                if line.startswith(b"data: [DONE]"):
-                    break
+            async for _ in r.content.iter_any():
+                pass
     return call
 
 

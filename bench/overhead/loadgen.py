@@ -22,8 +22,11 @@ class Samples:
     errors: int = 0
     elapsed: float = 0.0
     last_error: str = ""
+    cpu_s: float | None = None  # the server's CPU seconds over the batch (None: not ours)
 
     def extend(self, other: Samples) -> None:
+        if other.cpu_s is not None:
+            self.cpu_s = (self.cpu_s or 0.0) + other.cpu_s
         self.latency += other.latency
         self.ttft += other.ttft
         self.errors += other.errors
@@ -104,6 +107,10 @@ async def run_batch(session: aiohttp.ClientSession, url: str, model: str, key: s
 
 
 def new_session(concurrency: int) -> aiohttp.ClientSession:
+    """Keep-alive connections, dropped by this side after 3 s idle: every server measured
+    closes them after 5 s (uvicorn's default, memgate's keep_alive_timeout_s), and a batch
+    that reuses one at the moment its server closes it fails with "Can not write request
+    body" (seen when the other targets' batches took ~5 s between two of one target's)."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency, force_close=False),
+        connector=aiohttp.TCPConnector(limit=concurrency, force_close=False, keepalive_timeout=3.0),
         timeout=aiohttp.ClientTimeout(total=60))

@@ -27,6 +27,10 @@ def row(target: str, stream: bool, concurrency: int, s: Samples) -> dict[str, An
         "rps": round(len(s.latency) / s.elapsed, 1) if s.elapsed else 0.0,
         "p50_ms": _ms(pct(s.latency, 0.5)), "p99_ms": _ms(pct(s.latency, 0.99)),
         "ttft_p50_ms": _ms(pct(s.ttft, 0.5)), "ttft_p99_ms": _ms(pct(s.ttft, 0.99)),
+        # the server process tree's CPU per answered request: steadier than latency on a
+        # shared machine (a batch's CPU includes its failed requests, if any)
+        "cpu_us_per_req": (round(s.cpu_s / len(s.latency) * 1e6, 1)
+                           if s.cpu_s is not None and s.latency else None),
     }
 
 
@@ -47,7 +51,8 @@ def _fmt(v: Any) -> str:
 
 
 COLUMNS = ("target", "stream", "concurrency", "rps", "p50_ms", "p99_ms", "added_p50_ms",
-           "added_p99_ms", "ttft_p50_ms", "added_ttft_p50_ms", "added_ttft_p99_ms", "errors")
+           "added_p99_ms", "ttft_p50_ms", "added_ttft_p50_ms", "added_ttft_p99_ms",
+           "cpu_us_per_req", "errors")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -80,7 +85,7 @@ def write(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=1) + "\n")
 
 
-COLORS = {"direct": "#1f77b4", "memgate": "#2ca02c", "memgate-2w": "#98df8a",
+COLORS = {"direct": "#1f77b4", "memgate": "#2ca02c", "memgate-2w": "#98df8a", "baseline": "#9467bd",
           "floor": "#ff7f0e", "litellm": "#d62728"}
 
 

@@ -3,6 +3,7 @@ the LiteLLM proxy, each started on a free loopback port and pinned to its cores.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -85,6 +86,21 @@ class Proc:
             pids = pids[1:]
         return sum(rss_bytes(p, key) for p in pids)
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the process tree has used so far (every thread; /proc schedstat, ns)."""
+        if self.popen is None:
+            return None
+        total = 0
+        for pid in tree_pids(self.popen.pid):
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    total += int((task / "schedstat").read_text().split()[0])
+        return total / 1e9
+
     def stop(self) -> None:
         if self.popen is None or self.popen.poll() is not None:
             return
@@ -115,10 +131,11 @@ def _ready(url: str, port: int, path: str | None) -> bool:
 
 
 def start(name: str, argv: Sequence[str], port: int, ready: str | None, workdir: Path,
-          pin: str = "server", env: dict[str, str] | None = None, timeout: float = 120) -> Proc:
+          pin: str = "server", env: dict[str, str] | None = None, timeout: float = 120,
+          cwd: Path = ROOT) -> Proc:
     log = workdir / f"{name}.log"
     with open(log, "wb") as fh:
-        popen = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+        popen = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, cwd=cwd,
                                  env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                  preexec_fn=_pinned(pin))
     proc = Proc(name, f"http://127.0.0.1:{port}", popen, log=log)
@@ -159,14 +176,16 @@ def gateway_config(upstream: str) -> dict[str, object]:
 
 
 def start_gateway(upstream: str, workdir: Path, workers: int = 1,
-                  extra_env: dict[str, str] | None = None, name: str = "memgate") -> Proc:
+                  extra_env: dict[str, str] | None = None, name: str = "memgate",
+                  source: Path = ROOT) -> Proc:
+    """`source`: the checkout whose gateway runs (another commit's, for --baseline)."""
     cfg = workdir / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(gateway_config(upstream)))
     port = free_port()
     argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg),
             "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     proc = start(name, argv, port, "/ready", workdir, pin="server" if workers == 1 else "all",
-                 env=extra_env)
+                 env=extra_env, cwd=source)
     proc.key = BENCH_KEY
     return proc
 

@@ -32,6 +32,10 @@ def test_quick_overhead_run_writes_table_json_and_plot(tmp_path: Path) -> None:
         assert r["requests"] > 0 and r["p50_ms"] is not None
         if r["stream"]:
             assert r["ttft_p50_ms"] is not None
+        # the servers' CPU per request is measured (the upstream, behind `direct`, is not ours)
+        assert (r["cpu_us_per_req"] is None) == (r["target"] == "direct"), r
+        if r["cpu_us_per_req"] is not None:
+            assert r["cpu_us_per_req"] > 0, r
     assert result["memory"]["memgate"]["idle_rss_mb"] > 0
     png = (tmp_path / "overhead.png").read_bytes()
     assert png.startswith(b"\x89PNG")
