@@ -130,8 +130,12 @@ class FastCycle(RequestResponseCycle):
                          close, b"\r\n"))
 
     def respond(self, status: int, headers: bytes, body: bytes) -> None:
-        """A whole answer, in one write."""
-        if self.disconnected or self.response_started:
+        """A whole answer, in one write. After a stream began (an error past its head) there
+        is no other answer to give: the connection closes, so the client sees it cut."""
+        if self.disconnected or self.response_complete:
+            return
+        if self.response_started:
+            self.transport.close()
             return
         self.transport.write(self._head(status, headers, len(body)) + body)
         self._complete()

@@ -154,8 +154,12 @@ def test_saturated_vllm_tier_degrades_to_local(vllm_server: tuple[str, Any], dem
     # A KV budget for about one long request: the second concurrent one cannot be admitted.
     cfg = tiered_config(vllm_server[0], demo_model, kv_budget="1200KiB")
     with running_gateway(cfg, tmp_path, env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url:
+        # Greedy: its first tokens are text. Sampled, the demo model may open with its
+        # end-of-sequence token, whose deltas are empty (ignore_eos keeps it going), and the
+        # first chunk a client sees is the first non-empty one: then next() returned only
+        # when the long request was over and nothing was saturated any more (a flake, seen).
         long = sdk(url, "sk-demo-acme").chat.completions.create(
-            model="demo-large", messages=PROMPT, max_tokens=1000, stream=True,
+            model="demo-large", messages=PROMPT, max_tokens=1000, stream=True, temperature=0,
             extra_body={"ignore_eos": True})
         first = next(iter(long))  # the long request holds the tier's budget
         assert first.model == "demo-large"
@@ -176,7 +180,7 @@ def test_vllm_dying_mid_stream(vllm_server: tuple[str, subprocess.Popen[bytes]],
     cfg = tiered_config(vllm_url, demo_model)
     with running_gateway(cfg, tmp_path, env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url:
         stream = sdk(url, "sk-demo-acme").chat.completions.create(
-            model="demo-large", messages=PROMPT, max_tokens=1500, stream=True,
+            model="demo-large", messages=PROMPT, max_tokens=1500, stream=True, temperature=0,
             extra_body={"ignore_eos": True})
         got = 0
         with pytest.raises(openai.APIError):

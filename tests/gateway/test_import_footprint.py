@@ -1,5 +1,5 @@
-"""`import gateway.app` (what `gateway serve` loads for openai/vllm backends) pulls in no
-torch, numpy or litellm, and stays fast: the local engine is imported only when a `local`
+"""`import gateway.app` and the server's protocol (what `gateway serve` loads for openai/vllm
+backends) pull in no torch, numpy, aiohttp or litellm, and stay fast: the local engine is imported only when a `local`
 backend is configured (backends/registry.py)."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "numpy", "safetensors", "tokenizers", "transformers", "litellm")
+HEAVY = ("torch", "numpy", "safetensors", "tokenizers", "transformers", "litellm", "aiohttp")
 
 PROBE = f"HEAVY = {HEAVY!r}\n" + """
 import json, sys, time
 t0 = time.perf_counter()
 import gateway.app
+import gateway.protocol
 from gateway.settings import parse_settings
 app = gateway.app.create_app(parse_settings({
     "backends": {"up": {"kind": "openai", "url": "http://127.0.0.1:9/v1"}},
