@@ -295,15 +295,34 @@ class _SSEState:
         self.error: BackendError | None = None
 
     def feed(self, lines: list[bytes], chat: bool) -> list[Chunk]:
-        out: list[Chunk] = []
+        datas: list[bytes] = []
+        done = False
         for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                out.append(Chunk(finish_reason=self.finish or "stop", usage=self.usage))
-                self.done = True
-                return out
+            if line.startswith(b"data:"):
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    break
+                datas.append(data)
+        events: Any = None
+        if datas:  # the block's events in one parse; anything odd takes the careful path
+            try:
+                events = orjson.loads(b"[" + b",".join(datas) + b"]")
+            except orjson.JSONDecodeError:
+                events = None
+            if events is None or not all(type(e) is dict and "error" not in e for e in events):
+                return self._feed_each(datas, done, chat)
+        out: list[Chunk] = []
+        for event in events or ():
+            self._take(event, chat, out)
+        if done:
+            self._done(out)
+        return out
+
+    def _feed_each(self, datas: list[bytes], done: bool, chat: bool) -> list[Chunk]:
+        """Event by event: a malformed or error event raises after the chunks before it."""
+        out: list[Chunk] = []
+        for data in datas:
             try:
                 event = _parse_event(data)
             except BackendError as exc:
@@ -311,16 +330,25 @@ class _SSEState:
                     raise
                 self.error = exc  # the chunks before it still go out first
                 return out
-            if event.get("usage"):
-                u = event["usage"]
-                self.usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
-            for choice in event.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                if text:
-                    out.append(Chunk(text=text))
-                if choice.get("finish_reason"):
-                    self.finish = choice["finish_reason"]
+            self._take(event, chat, out)
+        if done:
+            self._done(out)
         return out
+
+    def _take(self, event: dict[str, Any], chat: bool, out: list[Chunk]) -> None:
+        u = event.get("usage")
+        if u:
+            self.usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+        for choice in event.get("choices") or ():
+            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            if text:
+                out.append(Chunk(text=text))
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+
+    def _done(self, out: list[Chunk]) -> None:
+        out.append(Chunk(finish_reason=self.finish or "stop", usage=self.usage))
+        self.done = True
 
 
 def _parse_event(data: bytes) -> dict[str, Any]:
