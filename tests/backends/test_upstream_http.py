@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -286,3 +289,34 @@ async def test_cancelled_while_waiting_frees_the_slot() -> None:
         with pytest.raises(httpx.ReadTimeout):
             await client.request("POST", "/chat/completions", b"{}")
         assert srv.connections == 2
+
+
+async def test_https_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TLS with certificate checks: a self-signed certificate for 127.0.0.1, trusted through
+    SSL_CERT_FILE (as a deployment trusts a private CA)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    srv = Server(lambda r, w: keep_alive_json(srv, r, w))
+    srv.server = await asyncio.start_server(srv._serve, "127.0.0.1", 0, ssl=server_ctx)
+    url = srv.url.replace("http://", "https://")
+    try:
+        untrusted = UpstreamHTTP(url, {}, 2.0, 5.0, 4)
+        with pytest.raises(httpx.ConnectError):  # not trusted yet: refused, not answered
+            await untrusted.request("POST", "/chat/completions", b"{}")
+        await untrusted.aclose()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        client = UpstreamHTTP(url, {}, 2.0, 5.0, 4)
+        for _ in range(3):
+            resp = await client.request("POST", "/chat/completions", b"{}")
+            assert resp.status_code == 200 and await resp.aread() == JSON_BODY
+            await resp.aclose()
+        # the refused handshake never reached the handler; one connection served all three
+        assert srv.connections == 1
+        assert srv.requests[-1].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        await client.aclose()
+    finally:
+        srv.server.close()
