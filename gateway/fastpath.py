@@ -74,13 +74,10 @@ class FastCycle(RequestResponseCycle):
         except asyncio.CancelledError:
             if not (self.gone and self.task is not None and self.task.uncancel() == 0):
                 raise  # a server shutdown, not the client
-        except BaseException as exc:  # a bug: the client still gets an answer
+        except BaseException as exc:  # a bug: the client still gets an answer (or a cut)
             log.error("Exception in the generation handler", exc_info=exc)
-            if not self.response_started:
-                self.respond(500, b"", orjson.dumps(
-                    GatewayError("The gateway failed to handle this request.").body()))
-            else:
-                self.transport.close()
+            self.respond(500, _JSON, orjson.dumps(
+                GatewayError("The gateway failed to handle this request.").body()))
         finally:
             self.task = None
             self.on_response = lambda: None

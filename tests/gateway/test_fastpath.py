@@ -199,3 +199,75 @@ def test_a_client_gone_mid_request_leaves_the_gateway_serving(gateway: str) -> N
     r = httpx.post(gateway + "/v1/chat/completions", content=_body(), timeout=30,
                    headers={"authorization": f"Bearer {KEY}"})
     assert r.status_code == 200
+
+
+class _Transport:
+    """What FastCycle writes, kept (a fault test: a bug cannot be caused on a real server)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_a_bug_in_the_handler_is_an_openai_shaped_500() -> None:
+    import asyncio
+    import logging
+
+    from uvicorn.protocols.http.flow_control import FlowControl
+
+    from gateway.fastpath import FastCycle, GenerationHandler
+
+    class Broken:
+        def authenticate(self, authorization: str | None) -> None:
+            raise RuntimeError("a bug")
+
+    class State:
+        tenants = Broken()
+        telemetry: Any = None
+
+    async def run() -> tuple[_Transport, list[int]]:
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from gateway.settings import parse_settings
+        from gateway.telemetry import Telemetry
+
+        settings = parse_settings({
+            "backends": {"up": {"kind": "openai", "url": "http://127.0.0.1:9/v1"}},
+            "models": [{"name": "m", "backend": "up"}],
+            "tenants": [{"name": "t", "api_key_sha256": ["0" * 64], "models": ["m"]}]})
+        State.telemetry = Telemetry(settings, {}, TracerProvider(), record_spans=False)
+        transport = _Transport()
+        done: list[int] = []
+        cycle = FastCycle(
+            scope={"type": "http", "path": "/v1/chat/completions", "http_version": "1.1",
+                   "client": ("127.0.0.1", 1), "headers": [(b"x-request-id", b"bug-1")]},
+            transport=transport, flow=FlowControl(transport), logger=logging.getLogger("t"),
+            access_logger=logging.getLogger("t.access"), access_log=False, default_headers=[],
+            message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
+            on_response=lambda: done.append(1), handler=GenerationHandler(State()), kind="chat")
+        cycle.more_body = False
+        await cycle.run_asgi(None)
+        return transport, done
+
+    transport, done = asyncio.run(run())
+    head, _, body = transport.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ")
+    assert b"content-type: application/json" in head and b"x-request-id: bug-1" in head
+    err = json.loads(body)["error"]
+    assert err["type"] == "api_error" and "a bug" not in err["message"]
+    assert done == [1] and not transport.closed  # complete; the connection stays usable
