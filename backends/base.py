@@ -9,7 +9,8 @@ from typing import Any, Protocol
 from gateway.context import Chunk, RequestContext
 from gateway.errors import BackendError
 
-__all__ = ["Backend", "BackendError", "BackendStats", "Capacity", "MemorySnapshot", "is_available"]
+__all__ = ["Backend", "BackendError", "BackendStats", "Capacity", "MemorySnapshot", "adapter_name",
+           "is_available"]
 
 
 @dataclass(slots=True)
@@ -88,6 +89,18 @@ class Backend(Protocol):
     async def health(self) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+
+def adapter_name(fmt: str, model: str, adapter: str) -> str:
+    """A remote kind's name for `adapter` on `model`: its `adapter_model` format over {model}
+    and {adapter} ("{model}:{adapter}" -> "m:a" for another memgate, "{adapter}" for vLLM,
+    "openai/{model}:{adapter}" for litellm). ValueError names a format that is not one."""
+    try:
+        return fmt.format(model=model, adapter=adapter)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"adapter_model {fmt!r} is not a format over {{model}} and {{adapter}} ({exc})"
+        ) from None
 
 
 def is_available(backend: Any) -> bool:

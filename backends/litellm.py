@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import RemoteBackend
+from backends.base import RemoteBackend, adapter_name
 from gateway.context import Chunk, RequestContext, Usage
 from gateway.errors import BackendError
 
@@ -119,18 +119,6 @@ class LiteLLMBackend(RemoteBackend):
 
     async def aclose(self) -> None:
         self._litellm = None
-
-
-def adapter_name(fmt: str, model: str, adapter: str) -> str:
-    """The provider model string for `adapter` ("openai/{model}:{adapter}" -> "openai/m:a").
-    Same format as the `openai` kind's adapter_model; kept here so that this kind imports
-    nothing of the httpx/aiohttp upstream stack."""
-    try:
-        return fmt.format(model=model, adapter=adapter)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(
-            f"adapter_model {fmt!r} is not a format over {{model}} and {{adapter}} ({exc})"
-        ) from None
 
 
 def _text(choice: Any, kind: str) -> str | None:

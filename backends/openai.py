@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import orjson
 
-from backends.base import RemoteBackend
+from backends.base import RemoteBackend, adapter_name
 from backends.upstream_http import Upstream, UpstreamHTTP, UpstreamResponse
 from gateway.context import Chunk, RequestContext, Usage
 from gateway.errors import BackendError
@@ -57,16 +57,6 @@ class OpenAIConfig:
             raise ValueError("max_connections must be >= 1")
         if self.adapter_model is not None:
             adapter_name(self.adapter_model, "m", "a")
-
-
-def adapter_name(fmt: str, model: str, adapter: str) -> str:
-    """The upstream model name for `adapter` on `model` ("{model}:{adapter}" -> "m:a")."""
-    try:
-        return fmt.format(model=model, adapter=adapter)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(
-            f"adapter_model {fmt!r} is not a format over {{model}} and {{adapter}} ({exc})"
-        ) from None
 
 
 class OpenAIBackend(RemoteBackend):

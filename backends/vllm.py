@@ -26,11 +26,11 @@ from typing import Any, ClassVar
 
 import httpx
 
-from backends.base import BackendStats, Capacity, MemorySnapshot
+from backends.base import BackendStats, Capacity, MemorySnapshot, adapter_name
 from backends.local import memory_plan
 from backends.local.config import ModelConfig
 from backends.local.tokenizer import ChatTokenizer
-from backends.openai import OpenAIBackend, OpenAIConfig, adapter_name
+from backends.openai import OpenAIBackend, OpenAIConfig
 from backends.remote_adapters import RemoteAdapters
 from gateway.context import Chunk, RequestContext
 from gateway.errors import BackendError
