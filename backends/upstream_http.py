@@ -29,6 +29,8 @@ import httptools
 import httpx
 import orjson
 
+from gateway.validation import is_json_media
+
 PAUSE_BYTES = 256 * 1024  # a body buffered this far ahead of its reader pauses the socket
 DRAIN_S = 1.0  # how long a released response may take to end before its connection closes
 
@@ -60,13 +62,6 @@ class Upstream(Protocol):
                       timeout: float | None = None) -> UpstreamResponse: ...
 
     async def aclose(self) -> None: ...
-
-
-def _is_json(ctype: str) -> bool:
-    """The body is one JSON document (application/json or +json); anything else, a missing
-    type included, is read as server-sent events."""
-    media = ctype.partition(";")[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
 
 
 # ---- the pool ------------------------------------------------------------------------------
@@ -266,7 +261,9 @@ class _Response:
         return self.content
 
     def is_json(self) -> bool:
-        return _is_json(self.ctype)
+        """The body is one JSON document; anything else, a missing type included, is read as
+        server-sent events."""
+        return is_json_media(self.ctype)
 
     def json(self) -> Any:
         """The body read by aread(), parsed (ValueError if it is not JSON)."""
@@ -482,7 +479,7 @@ class _HttpxResponse:
         return self.content
 
     def is_json(self) -> bool:
-        return _is_json(self._resp.headers.get("content-type", ""))
+        return is_json_media(self._resp.headers.get("content-type", ""))
 
     def json(self) -> Any:
         return orjson.loads(self.content)

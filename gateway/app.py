@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.base import Backend
 from backends.registry import backend_class
-from gateway import routes
+from gateway import context, routes
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.settings import Settings, load_settings
 from gateway.shutdown import Drain
@@ -34,7 +32,6 @@ from policies.registry import build_chain
 
 log = logging.getLogger("gateway")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 @dataclass
@@ -64,11 +61,8 @@ class RequestIdMiddleware:
         incoming = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                incoming = value.decode("latin-1")
-        # A new id: 128 random bits as hex (uuid4().hex's shape) from the process's PRNG, which
-        # costs no getrandom() syscall per request; ids only need to be unique, not secret.
-        request_id = (incoming if incoming and _REQUEST_ID.match(incoming)
-                      else f"{random.getrandbits(128):032x}")
+                incoming = value
+        request_id = context.request_id(incoming)
         scope.setdefault("state", {})["request_id"] = request_id
         raw_id = request_id.encode()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,3 +103,15 @@ class RequestContext:
     trimmed_tokens: int = 0  # prompt tokens context_trim removed
     queue_seconds: float = 0.0  # time spent waiting for admission in the gateway
     reservation: Any = None  # the admission policy's Reservation while one is held
+
+
+_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+
+
+def request_id(incoming: bytes | None) -> str:
+    """The client's x-request-id when it is sane (1-128 of A-Z a-z 0-9 . _ : -), else a new
+    one: 128 random bits as hex (uuid4().hex's shape) from the process's PRNG, which costs no
+    getrandom() syscall per request; ids only need to be unique, not secret."""
+    if incoming and len(incoming) <= 128 and _ID_CHARS.issuperset(incoming):
+        return incoming.decode()
+    return f"{random.getrandbits(128):032x}"

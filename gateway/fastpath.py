@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,14 +28,13 @@ from opentelemetry import trace
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr
 
-from gateway import routes
+from gateway import context, routes
 from gateway.errors import ClientDisconnected, GatewayError
 from gateway.sse import DONE, collect, stream_events
 
 log = logging.getLogger("gateway.fastpath")
 
 ROUTES = {b"/v1/chat/completions": "chat", b"/v1/completions": "completion"}
-_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _JSON = b"content-type: application/json\r\n"
 _SSE = (b"content-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\n"
         b"x-accel-buffering: no\r\n")
@@ -203,12 +201,7 @@ class GenerationHandler:
                 request_id = value
             elif name == b"traceparent" or name == b"tracestate":
                 trace_headers[name.decode()] = value.decode("latin-1")
-        # The client's id when it is sane, else 128 random bits from the process's PRNG
-        # (no getrandom() syscall per request; ids must be unique, not secret).
-        if request_id and len(request_id) <= 128 and _ID_CHARS.issuperset(request_id):
-            rid = request_id.decode()
-        else:
-            rid = f"{random.getrandbits(128):032x}"
+        rid = context.request_id(request_id)
         id_line = b"x-request-id: " + rid.encode() + b"\r\n"
         telemetry = self.state.telemetry
         rec = telemetry.open(ex.kind, "POST", ex.scope["path"], trace_headers)

@@ -43,11 +43,10 @@ def _state(request: Request) -> Any:
 
 def check_body_headers(ctype: str | None, declared: str | None, limit: int) -> None:
     """Content-Type JSON (or absent) and a declared Content-Length within the limit."""
-    if ctype is not None:  # absent: taken as JSON (curl -d without -H sends a form type)
+    if ctype is not None and not validation.is_json_media(ctype):  # absent: taken as JSON
         media = ctype.partition(";")[0].strip().lower()
-        if media != "application/json" and not media.endswith("+json"):
-            raise UnsupportedMediaType(
-                f"Content-Type {media or '(empty)'!r} is not supported; send application/json.")
+        raise UnsupportedMediaType(
+            f"Content-Type {media or '(empty)'!r} is not supported; send application/json.")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
 

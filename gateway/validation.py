@@ -23,6 +23,12 @@ CHAT_FIELDS = _COMMON | {
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 
 
+def is_json_media(ctype: str) -> bool:
+    """A JSON media type: application/json or any +json, parameters and case ignored."""
+    media = ctype.partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: float) -> float:
     value = body.get(name)
     if value is None:
