@@ -78,6 +78,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.paused = False
+        self.forgotten = False  # its place in the pool was given back (UpstreamHTTP.forget)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -106,12 +107,6 @@ class _Connection(asyncio.Protocol):
             else:
                 resp.fail(httpx.ReadError("upstream closed the connection mid-response"))
         self.pool.forget(self)
-
-    def pause_writing(self) -> None:  # requests are small; nothing to hold back
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -392,9 +387,9 @@ class UpstreamHTTP:
 
     def forget(self, conn: _Connection) -> None:
         """A connection closed: its place in the pool is free."""
-        if getattr(conn, "_forgotten", False):
+        if conn.forgotten:
             return
-        conn._forgotten = True  # type: ignore[attr-defined]
+        conn.forgotten = True
         self._open -= 1
         if conn in self._idle:
             self._idle.remove(conn)

@@ -16,7 +16,7 @@ from gateway.settings import ConfigError, load_settings
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.serving import http_protocol
+    from gateway.serving import HTTP_PROTOCOL
 
     try:
         settings = load_settings(args.config)
@@ -32,7 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
               "timeout_keep_alive": server_cfg.keep_alive_timeout_s}
     # uvicorn's access log: one INFO line per request, off unless asked (README "Performance")
     common["access_log"] = args.access_log
-    common["http"] = http_protocol()  # bounded request heads; the generation fast path
+    common["http"] = HTTP_PROTOCOL  # bounded request heads; the generation fast path
     if args.workers > 1:
         os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
         _multiprocess_metrics_dir()

@@ -23,9 +23,9 @@ class Pipeline:
     `run` is an async generator: closing it early (client gone) closes the backend stream,
     which frees whatever the backend held for this request. The chunk with a finish_reason is
     the last one (Chunk's contract): callers answer the client with it and close the
-    generator after, so the releases below run after the answer went out. The policy chain (state.policies)
-    runs first; its on_finish hooks run whatever happens after (done, error, rejection,
-    client gone), so nothing a policy reserved stays reserved.
+    generator after, so the releases below run after the answer went out. The policy chain
+    (state.policies) runs first; its on_finish hooks run whatever happens after (done, error,
+    rejection, client gone), so nothing a policy reserved stays reserved.
 
     Fallback: when the backend fails before its first chunk with a server-side error
     (BackendError with status >= 500: connection refused, timeout, 5xx, adapter load

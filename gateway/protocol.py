@@ -5,8 +5,6 @@
 - the generation routes (POST /v1/chat/completions, /v1/completions) answered on
   gateway/fastpath.py's path instead of through the ASGI stack. Everything else (other
   routes, a root_path, a query string, percent-escapes) goes to the ASGI app as before.
-
-Imported only where httptools is installed (gateway/serving.py chooses).
 """
 
 from __future__ import annotations

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
-from typing import Any
 
 import uvicorn
 
 from gateway.shutdown import Drain
 
-
-def http_protocol() -> type[Any] | str:
-    """The protocol `gateway serve` runs: GatewayHttpProtocol where httptools is installed
-    (an import string, so that `--workers N` processes load it too), else uvicorn's h11 one
-    (h11 bounds the request head itself, at 16 KiB; generation routes take the ASGI path)."""
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
-        from uvicorn.protocols.http.h11_impl import H11Protocol
-
-        return H11Protocol
-    return "gateway.protocol:GatewayHttpProtocol"
+# The protocol `gateway serve` runs (an import string, so that `--workers N` processes load it
+# too): bounded request heads and the generation routes' own path (gateway/protocol.py).
+HTTP_PROTOCOL = "gateway.protocol:GatewayHttpProtocol"
 
 
 class DrainingServer(uvicorn.Server):

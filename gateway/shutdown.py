@@ -24,10 +24,6 @@ class Drain:
         self.grace_s = grace_s
         self.deadline: float | None = None  # monotonic; set once shutdown begins
 
-    @property
-    def draining(self) -> bool:
-        return self.deadline is not None
-
     def begin(self) -> None:
         if self.deadline is None:
             self.deadline = time.monotonic() + max(0.0, self.grace_s - MARGIN_S)

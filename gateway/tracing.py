@@ -37,16 +37,14 @@ def build_tracer_provider(cfg: TelemetryConfig) -> TracerProvider:
 
 
 class TraceContext:
-    """W3C traceparent/tracestate: read from client headers, written to upstream requests."""
+    """W3C traceparent/tracestate read from client headers (inject_current writes them to
+    upstream requests)."""
 
     def __init__(self) -> None:
         self._propagator = TraceContextTextMapPropagator()
 
     def extract(self, headers: Mapping[str, str]) -> Context:
         return self._propagator.extract(headers)
-
-    def inject(self, headers: MutableMapping[str, str], context: Context | None = None) -> None:
-        self._propagator.inject(headers, context=context)
 
 
 def inject_current(headers: MutableMapping[str, str]) -> None:
