@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from backends.openai import OpenAIBackend, OpenAIConfig
-from backends.upstream_http import HttpxUpstream
 from backends.vllm import VLLMConfig
 from gateway.context import RequestContext, SamplingParams
 from gateway.errors import BackendError
+from gateway.validation import is_json_media
 
 STREAM = (
     'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
@@ -24,6 +26,56 @@ STREAM = (
 )
 
 Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class _HttpxResponse:
+    """An httpx response with backends/upstream_http's UpstreamResponse interface."""
+
+    def __init__(self, resp: httpx.Response) -> None:
+        self._resp = resp
+        self.status_code = resp.status_code
+        self.content = b""
+
+    async def blocks(self) -> AsyncIterator[bytes]:
+        async for part in self._resp.aiter_bytes():
+            yield part
+
+    async def aread(self) -> bytes:
+        self.content = await self._resp.aread()
+        return self.content
+
+    def is_json(self) -> bool:
+        return is_json_media(self._resp.headers.get("content-type", ""))
+
+    def json(self) -> Any:
+        return orjson.loads(self.content)
+
+    def expect_end(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
+
+
+class HttpxUpstream:
+    """The `openai` kind's generation client over an httpx.AsyncClient, so that both of its
+    paths run over one httpx.MockTransport."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def request(self, method: str, path: str, body: bytes | None = None,
+                      headers: Mapping[str, str] | None = None,
+                      timeout: float | None = None) -> _HttpxResponse:
+        hdrs = {**(headers or {}), **({"content-type": "application/json"} if body else {})}
+        req = self.client.build_request(method, path, content=body, headers=hdrs,
+                                        **({"timeout": timeout} if timeout is not None else {}))
+        return _HttpxResponse(await self.client.send(req, stream=True))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
 pytestmark = pytest.mark.anyio
 
 
