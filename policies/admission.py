@@ -92,14 +92,10 @@ class Admission:
             tenant.rpm.take(1)
         if tenant.tpm is not None:
             tenant.tpm.take(need.tokens)
-        if not self._waiters and self._fits_now(ctx, tenant, need):
+        if not self._waiters and self._tenant_fits(ctx, tenant, need) and pool.fits(need.kv_bytes):
             # Nobody queued and it fits: what queueing then dispatching would grant at once,
             # without a future and a queue pass (the common case, on the hot path).
-            res = Reservation(ctx.backend, tenant.cfg.name, need.kv_bytes, need.tokens,
-                              ctx.adapter, need.adapter_bytes)
-            self.ledger.reserve(res)
-            tenant.active += 1
-            return self._admitted(ctx, res, 0.0)
+            return self._admitted(ctx, self._reserve(ctx, tenant, need), 0.0)
         waiter = Waiter(ctx, tenant, need, PRIORITY_RANK[tenant.cfg.priority], next(self._seq),
                         asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
@@ -111,17 +107,6 @@ class Admission:
         finally:
             ctx.queue_seconds = self.env.clock() - start
         return self._admitted(ctx, res, ctx.queue_seconds)
-
-    def _fits_now(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> bool:
-        """_tenant_fits and the backend's pool fits, for a request not queued yet."""
-        limit = tenant.cfg.limits.max_concurrency
-        if limit is not None and tenant.active >= limit:
-            return False
-        pool = self.ledger.pools[ctx.backend]
-        cap = tenant.share_cap(need.budget)
-        if cap is not None and pool.tenant_bytes(tenant.cfg.name) + need.kv_bytes > cap:
-            return False
-        return pool.fits(need.kv_bytes)
 
     def _admitted(self, ctx: RequestContext, res: Reservation, queued_s: float) -> Decision:
         ctx.queue_seconds = queued_s
@@ -202,13 +187,14 @@ class Admission:
         pool = self.ledger.pools[w.ctx.backend]
         return (w.rank, pool.tenant_bytes(w.tenant.cfg.name), w.tenant.active, w.seq)
 
-    def _tenant_fits(self, w: Waiter) -> bool:
-        limit = w.tenant.cfg.limits.max_concurrency
-        if limit is not None and w.tenant.active >= limit:
+    def _tenant_fits(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> bool:
+        """Within the tenant's max_concurrency and KV share (the backend's pool aside)."""
+        limit = tenant.cfg.limits.max_concurrency
+        if limit is not None and tenant.active >= limit:
             return False
-        cap = w.tenant.share_cap(w.need.budget)
-        pool = self.ledger.pools[w.ctx.backend]
-        return cap is None or pool.tenant_bytes(w.tenant.cfg.name) + w.need.kv_bytes <= cap
+        cap = tenant.share_cap(need.budget)
+        pool = self.ledger.pools[ctx.backend]
+        return cap is None or pool.tenant_bytes(tenant.cfg.name) + need.kv_bytes <= cap
 
     def _dispatch(self) -> None:
         """Grant waiters in order while they fit; the first that does not fit its backend
@@ -220,7 +206,7 @@ class Admission:
             for w in sorted(self._waiters, key=self._key):
                 if w.ctx.backend in blocked:
                     continue
-                if not self._tenant_fits(w):
+                if not self._tenant_fits(w.ctx, w.tenant, w.need):
                     w.held_by = "tenant"
                     continue
                 if not self.ledger.pools[w.ctx.backend].fits(w.need.kv_bytes):
@@ -231,12 +217,16 @@ class Admission:
                 granted = True
                 break
 
-    def _grant(self, w: Waiter) -> None:
-        res = Reservation(w.ctx.backend, w.tenant.cfg.name, w.need.kv_bytes, w.need.tokens,
-                          w.ctx.adapter, w.need.adapter_bytes)
+    def _reserve(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> Reservation:
+        res = Reservation(ctx.backend, tenant.cfg.name, need.kv_bytes, need.tokens, ctx.adapter,
+                          need.adapter_bytes)
         self.ledger.reserve(res)
+        tenant.active += 1
+        return res
+
+    def _grant(self, w: Waiter) -> None:
+        res = self._reserve(w.ctx, w.tenant, w.need)
         self._leave_queue(w)
-        w.tenant.active += 1
         w.future.set_result(res)
 
     def _leave_queue(self, w: Waiter) -> None:
