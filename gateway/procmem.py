@@ -37,6 +37,12 @@ def _kib_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+def status_bytes(pid: int | str = "self", field: str = "VmRSS") -> int | None:
+    """One size field of /proc/PID/status (VmRSS, VmHWM, VmSwap, ...) in bytes; None where
+    /proc does not say."""
+    return _kib_fields(f"/proc/{pid}/status", (field,)).get(field)
+
+
 def _major_faults(pid: str) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:

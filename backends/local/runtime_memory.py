@@ -6,17 +6,12 @@ import ctypes
 import ctypes.util
 import gc
 
+from gateway.procmem import status_bytes
+
 
 def resident_bytes(pid: int | str = "self") -> int | None:
-    """VmRSS of a process (this one by default) from /proc/PID/status, None where unknown."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """VmRSS of a process (this one by default), None where unknown."""
+    return status_bytes(pid, "VmRSS")
 
 
 def release_free_heap() -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from gateway.procmem import status_bytes
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_KEY = "sk-bench"
 LITELLM_VERSION = "1.106.12"
@@ -41,13 +43,7 @@ def cores(which: str) -> set[int] | None:
 
 
 def rss_bytes(pid: int, key: str = "VmRSS") -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return status_bytes(pid, key) or 0
 
 
 def tree_pids(pid: int) -> list[int]:
