@@ -23,8 +23,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr
 
@@ -205,9 +203,6 @@ class GenerationHandler:
         id_line = b"x-request-id: " + rid.encode() + b"\r\n"
         telemetry = self.state.telemetry
         rec = telemetry.open(ex.kind, "POST", ex.scope["path"], trace_headers)
-        token = otel_context.attach(trace.set_span_in_context(rec.span))
-        current = telemetry.current()
-        var_token = current.set(rec)
         try:
             try:
                 await self._answer(ex, authorization, ctype, length, rid, id_line, rec)
@@ -225,8 +220,6 @@ class GenerationHandler:
                 ex.respond(500, _JSON + id_line, orjson.dumps(
                     GatewayError("The gateway failed to handle this request.").body()))
         finally:
-            current.reset(var_token)
-            otel_context.detach(token)
             telemetry.close(rec)
 
     async def _answer(self, ex: FastCycle, authorization: str | None, ctype: str | None,

@@ -55,6 +55,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     finish_reason: str | None = None
     batch_size: int | None = None
+    tokens: tuple[Any, Any] | None = None  # while open: the otel context's and _current's
 
     def ns(self, t: float) -> int:
         return self.start_ns + int((t - self.start) * 1e9)
@@ -167,20 +168,29 @@ class Telemetry:
     # ---- the request lifecycle (called by the middleware) -------------------------------
 
     def open(self, kind: str, method: str, path: str, headers: Mapping[str, str]) -> RequestRecord:
+        """A request's record, in flight, with its span (a child of the client's traceparent)
+        current and itself the task's current record until close(); both HTTP paths call
+        this, in the request's task."""
         parent = self.trace_context.extract(headers)
-        if not self.record_spans:
-            rec = RequestRecord(span=passthrough_span(parent))
-            self._in_flight[id(rec)] = rec
-            return rec
-        span = self.tracer.start_span(
-            OPERATION[kind], context=parent, kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "http.route": path,
-                        "gen_ai.operation.name": OPERATION[kind]})
+        if self.record_spans:
+            span = self.tracer.start_span(
+                OPERATION[kind], context=parent, kind=SpanKind.SERVER,
+                attributes={"http.request.method": method, "http.route": path,
+                            "gen_ai.operation.name": OPERATION[kind]})
+        else:
+            span = passthrough_span(parent)
         rec = RequestRecord(span=span)
         self._in_flight[id(rec)] = rec
+        rec.tokens = (otel_context.attach(trace.set_span_in_context(span)), self._current.set(rec))
         return rec
 
     def close(self, rec: RequestRecord) -> None:
+        """After the last byte: undo open()'s context, then the request's metrics and spans."""
+        if rec.tokens is not None:
+            otel_token, var_token = rec.tokens
+            rec.tokens = None
+            self._current.reset(var_token)
+            otel_context.detach(otel_token)
         self._in_flight.pop(id(rec), None)
         end = time.monotonic()
         ctx = rec.ctx
@@ -255,10 +265,6 @@ class Telemetry:
             decisions=[(d.policy, d.action) for d in ctx.decisions],
         )
 
-    def current(self) -> ContextVar[RequestRecord | None]:
-        return self._current
-
-
 class TracedPolicy:
     """A policy seen through a span: `policy NAME`, with its decision's action and reason."""
 
@@ -309,8 +315,6 @@ class TelemetryMiddleware:
                    if k in (b"traceparent", b"tracestate")}
         tel = self.telemetry
         rec = tel.open(kind, scope.get("method", ""), scope["path"], headers)
-        token = otel_context.attach(trace.set_span_in_context(rec.span))
-        var_token = tel.current().set(rec)
 
         async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -320,6 +324,4 @@ class TelemetryMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            tel.current().reset(var_token)
-            otel_context.detach(token)
             tel.close(rec)
