@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.overhead import report
-from bench.overhead.loadgen import Samples, new_session, run_batch
+from bench.overhead.loadgen import Samples, loop_factory, new_session, run_batch
 from bench.overhead.targets import (
     ROOT,
     Proc,
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 started.append(targets[-1])
             print("targets: " + ", ".join(f"{p.name} {p.url}" for p in targets), flush=True)
             t0 = time.time()
-            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
                 rows = runner.run(measure(targets, args))
             memory = {p.name: {"idle_rss_mb": round(p.idle_rss / 2**20, 1),
                                "peak_rss_mb": round(p.rss("VmHWM") / 2**20, 1),
@@ -133,15 +133,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "pinned": client is not None,
                      "command": "python -m bench.overhead " + " ".join(sys.argv[1:])},
             "results": rows, "memory": memory, "ratios": report.ratios(rows)}
-
-
-def _loop_factory() -> Any:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop
-    except ImportError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import httpx
 
 from backends.upstream_http import UpstreamHTTP
 from bench.overhead.httpx_aiohttp import AiohttpTransport
-from bench.overhead.loadgen import request_body
+from bench.overhead.loadgen import loop_factory, request_body
 from bench.overhead.report import pct, write
 from bench.overhead.targets import ROOT, cores, start_upstream
 
@@ -123,13 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 import os
 
                 os.sched_setaffinity(0, server)
-            try:
-                import uvloop
-
-                factory = uvloop.new_event_loop
-            except ImportError:
-                factory = None
-            with asyncio.Runner(loop_factory=factory) as runner:
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
                 rows = runner.run(measure(up.url, args.seconds, args.rounds))
         finally:
             up.stop()

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -114,3 +115,13 @@ def new_session(concurrency: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=concurrency, force_close=False, keepalive_timeout=3.0),
         timeout=aiohttp.ClientTimeout(total=60))
+
+
+def loop_factory() -> Any:
+    """uvloop's event loop where installed (what the gateway runs on), else asyncio's."""
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop
+    except ImportError:
+        return None
