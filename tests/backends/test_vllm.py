@@ -8,6 +8,7 @@ degrades to the local engine.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 PROMPT = [{"role": "user", "content": "How do I get a refund for my order?"}]
 NOSY = "sk-nosy"  # a third tenant that may not degrade
+VLLM_LOG: Path | None = None  # the shared vLLM server's log (set by the fixture)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     if not VLLM_PY.exists():
         pytest.fail("the vLLM CPU venv is missing: run `make vllm-venv` (make test-vllm does)")
     port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    global VLLM_LOG
+    log = VLLM_LOG = tmp_path_factory.mktemp("vllm") / "vllm.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
@@ -155,31 +158,68 @@ def test_streaming_through_vllm(tiered: str) -> None:
     assert parts[-1].usage is not None and parts[-1].usage.completion_tokens > 0
 
 
+@contextlib.contextmanager
+def frozen(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """vLLM stopped (SIGSTOP) for the block: what it serves stays in flight however fast it
+    would have finished, so a test does not race its generation speed."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+
+
 def test_saturated_vllm_tier_degrades_to_local(vllm_server: tuple[str, Any], demo_model: Path,
                                                tmp_path: Path) -> None:
     # A KV budget for about one long request: the second concurrent one cannot be admitted.
-    cfg = tiered_config(vllm_server[0], demo_model, kv_budget="1200KiB")
-    with running_gateway(cfg, tmp_path, env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url:
-        # Greedy: its first tokens are text. Sampled, the demo model may open with its
-        # end-of-sequence token, whose deltas are empty (ignore_eos keeps it going), and the
-        # first chunk a client sees is the first non-empty one: then next() returned only
-        # when the long request was over and nothing was saturated any more (a flake, seen).
-        long = sdk(url, "sk-demo-acme").chat.completions.create(
-            model="demo-large", messages=PROMPT, max_tokens=1000, stream=True, temperature=0,
-            extra_body={"ignore_eos": True})
-        first = next(iter(long))  # the long request holds the tier's budget
-        assert first.model == "demo-large"
-        # 600 tokens reserved (more than the tier has left), ended at the first space: the
-        # degraded answer must not take longer than the long request still runs (on 2 busy
-        # cores a 600-token local answer once outlasted it, and `nosy` then found room).
-        r = large_but_short(url, "sk-demo-globex")
-        assert r.headers["x-gateway-degraded-from"] == "demo-large"
-        assert r.parse().model == "demo"
-        with pytest.raises(openai.APIStatusError) as info:
-            large_but_short(url, NOSY)
-        assert info.value.status_code == 503
-        assert info.value.response.headers.get("retry-after")
-        long.close()
+    vllm_url, proc = vllm_server
+    cfg = tiered_config(vllm_url, demo_model, kv_budget="1200KiB")
+    with running_gateway(cfg, tmp_path, env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url, \
+            logs_on_failure(tmp_path / "gateway.log"):
+        assert greedy(url, "sk-demo-acme", "demo-large", 4).headers["x-gateway-adapter"] == "acme-support"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with frozen(proc):
+                # The long request is admitted (its KV reserved) and dispatched to a vLLM that
+                # cannot answer yet: it holds the tier's budget until vLLM is let go.
+                long = pool.submit(lambda: sdk(url, "sk-demo-acme").chat.completions.create(
+                    model="demo-large", messages=PROMPT, max_tokens=1000, stream=True,
+                    temperature=0, extra_body={"ignore_eos": True}))
+                deadline = time.monotonic() + 30
+                while reservations(url)["backends"].get("big", {}).get("reserved_bytes", 0) == 0:
+                    assert time.monotonic() < deadline, "the long request was never admitted"
+                    time.sleep(0.05)
+                # 600 tokens reserved, more than the tier has left: served by the local tier.
+                r = large_but_short(url, "sk-demo-globex")
+                assert r.headers["x-gateway-degraded-from"] == "demo-large"
+                assert r.parse().model == "demo"
+                with pytest.raises(openai.APIStatusError) as info:  # may not degrade
+                    large_but_short(url, NOSY)
+                assert info.value.status_code == 503
+                assert info.value.response.headers.get("retry-after")
+            stream = long.result(timeout=120)
+            first = next(iter(stream))  # vLLM serves the long request once let go
+            assert first.model == "demo-large"
+            stream.close()
+
+
+@contextlib.contextmanager
+def logs_on_failure(*logs: Path) -> Iterator[None]:
+    """On a failure, the tails of the gateway's and vLLM's logs go to the test's output."""
+    try:
+        yield
+    except BaseException:
+        for log in (*logs, VLLM_LOG):
+            if log is not None and log.exists():
+                print(f"---- {log} (last 60 lines) ----")
+                print("\n".join(log.read_text(errors="replace").splitlines()[-60:]))
+        raise
+
+
+def reservations(url: str) -> dict[str, Any]:
+    r = httpx.get(url.removesuffix("/v1") + "/debug/memory",
+                  headers={"authorization": "Bearer sk-admin"}, timeout=10)
+    r.raise_for_status()
+    return dict(r.json()["reservations"])
 
 
 def test_vllm_dying_mid_stream(vllm_server: tuple[str, subprocess.Popen[bytes]], demo_model: Path,
@@ -187,17 +227,22 @@ def test_vllm_dying_mid_stream(vllm_server: tuple[str, subprocess.Popen[bytes]],
     """Runs last in this module: it kills the shared vLLM server."""
     vllm_url, proc = vllm_server
     cfg = tiered_config(vllm_url, demo_model)
-    with running_gateway(cfg, tmp_path, env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url:
+    with running_gateway(cfg, tmp_path, env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url, \
+            logs_on_failure(tmp_path / "gateway.log"):
         stream = sdk(url, "sk-demo-acme").chat.completions.create(
             model="demo-large", messages=PROMPT, max_tokens=1500, stream=True, temperature=0,
             extra_body={"ignore_eos": True})
-        got = 0
+        seen: list[tuple[str, str | None, str | None]] = []
         with pytest.raises(openai.APIError):
-            for _ in stream:
-                got += 1
-                if got == 3:
+            for part in stream:
+                choice = part.choices[0] if part.choices else None
+                seen.append((part.model, choice.delta.content if choice else None,
+                             choice.finish_reason if choice else None))
+                if len(seen) == 3:  # vLLM has 1,500 tokens to go: it dies mid-stream
                     os.killpg(proc.pid, signal.SIGKILL)
-        assert got >= 3
+            pytest.fail(f"the stream ended without an error after {len(seen)} chunks: "
+                        f"first {seen[:4]}, last {seen[-2:]}")
+        assert len(seen) >= 3 and {m for m, _, _ in seen} == {"demo-large"}, seen[:4]
         root = url.removesuffix("/v1")
         assert httpx.get(f"{root}/health").status_code == 200
         local = greedy(url, "sk-demo-acme", "demo")  # the gateway and its local tier still serve
