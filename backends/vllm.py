@@ -36,6 +36,8 @@ from gateway.context import Chunk, RequestContext
 from gateway.errors import BackendError
 
 log = logging.getLogger(__name__)
+SCRAPE_TIMEOUT_S = 2.0  # a refresh of the /metrics reading (the last one is kept meanwhile)
+START_SCRAPE_TIMEOUT_S = 15.0  # the first reading, at start
 
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -120,7 +122,11 @@ class VLLMBackend(OpenAIBackend):
             for d in sorted(Path(self.vcfg.adapters_dir).iterdir()):
                 if (d / "adapter_config.json").exists():
                     self._adapter_sizes[d.name] = memory_plan.adapter_bytes(d, elem)
-        await self._scrape()
+        # The first reading may wait for a busy vLLM (the steady-state refresh gives up at 2 s
+        # and keeps the last reading; at start there is none to keep).
+        if not await self._scrape(START_SCRAPE_TIMEOUT_S):
+            log.warning("vLLM %s: no /metrics reading at start; admitting against kv_budget_bytes "
+                        "until one comes", self.name)
         self._served = self.vcfg.model or await self._base_model_name()
 
     async def _base_model_name(self) -> str | None:
@@ -212,16 +218,19 @@ class VLLMBackend(OpenAIBackend):
 
     # ---- capacity and memory ---------------------------------------------------------------
 
-    async def _scrape(self) -> None:
+    async def _scrape(self, timeout: float = SCRAPE_TIMEOUT_S) -> bool:
+        """A fresh reading of vLLM's /metrics; False (the last reading kept) if none came."""
         if self._client is None:
-            return
+            return False
         root = self.vcfg.url.rstrip("/").removesuffix("/v1")
         try:
-            resp = await self._client.get(f"{root}/metrics", timeout=2.0)
+            resp = await self._client.get(f"{root}/metrics", timeout=timeout)
         except httpx.HTTPError:
-            return
-        if resp.status_code == 200:
-            self._reading = parse_metrics(resp.text)
+            return False
+        if resp.status_code != 200:
+            return False
+        self._reading = parse_metrics(resp.text)
+        return True
 
     def _fresh(self) -> VLLMReading:
         """The latest reading; schedules a refresh when it is older than metrics_max_age."""
@@ -243,10 +252,15 @@ class VLLMBackend(OpenAIBackend):
 
     def capacity(self) -> Capacity | None:
         r = self._fresh()
-        if not r.kv_bytes_total:
+        if r.kv_bytes_total:
+            total = min(r.kv_bytes_total, self.vcfg.kv_budget_bytes or r.kv_bytes_total)
+            used = int(r.kv_bytes_total * r.kv_usage)
+        elif self.vcfg.kv_budget_bytes and self._model is not None:
+            # No reading yet: the configured budget still bounds the tier (at the checkpoint's
+            # own bytes per token), rather than admitting without a limit.
+            total, used = self.vcfg.kv_budget_bytes, 0
+        else:
             return None
-        total = min(r.kv_bytes_total, self.vcfg.kv_budget_bytes or r.kv_bytes_total)
-        used = int(r.kv_bytes_total * r.kv_usage)
         return Capacity(
             kv_bytes_total=total,
             kv_bytes_free=max(0, total - used),
