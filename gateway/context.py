@@ -103,6 +103,7 @@ class RequestContext:
     trimmed_tokens: int = 0  # prompt tokens context_trim removed
     queue_seconds: float = 0.0  # time spent waiting for admission in the gateway
     reservation: Any = None  # the admission policy's Reservation while one is held
+    usage: Usage | None = None  # what the backend reported on its last chunk
 
 
 _ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")

@@ -73,11 +73,13 @@ class Pipeline:
                     telemetry.chunk(ctx, first)
                     if first.finish_reason is not None:
                         outcome = "ok"  # the last chunk: closing after it is no cancellation
+                        ctx.usage = first.usage
                     yield first
                     async for chunk in stream:
                         telemetry.chunk(ctx, chunk)
                         if chunk.finish_reason is not None:
                             outcome = "ok"
+                            ctx.usage = chunk.usage
                         yield chunk
                     break
                 finally:
@@ -126,7 +128,7 @@ class Pipeline:
                 return False  # one fallback to a smaller tier per request, no chains
             target, why = model.degrade_to, f"degraded: served by {model.degrade_to}"
         asked = ctx.degraded_from or (ctx.target_model if target != model.name else None)
-        await self.state.policies.finish(ctx, "error")  # release the first attempt's holds
+        await self.state.policies.finish(ctx, "retried")  # release the first attempt's holds
         if target != model.name:
             ctx.requested_adapter = None  # the tenant's own adapter for that tier, if any
         ctx.target_model = target

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from gateway.context import Decision, RequestContext
+from gateway.context import Decision, RequestContext, Usage
 from gateway.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
 from gateway.settings import TenantConfig
 from policies.base import Outcome, PolicyEnv, passed
@@ -121,6 +121,22 @@ class Admission:
         res = ctx.reservation
         if isinstance(res, Reservation) and not res.released:
             self._release(res)
+            self._refund(res, outcome, ctx.usage)
+
+    def _refund(self, res: Reservation, outcome: Outcome, usage: Usage | None) -> None:
+        """The rate buckets keep what a request used, not what it might have: an attempt that
+        failed over to another backend gives back its request and tokens (the next attempt is
+        charged), a finished one the tokens of max_tokens it did not generate."""
+        tenant = self._tenants.get(res.tenant)
+        if tenant is None:
+            return
+        if outcome == "retried":
+            if tenant.rpm is not None:
+                tenant.rpm.give_back(1)
+            if tenant.tpm is not None:
+                tenant.tpm.give_back(res.tokens)
+        elif outcome == "ok" and usage is not None and tenant.tpm is not None:
+            tenant.tpm.give_back(max(0, res.tokens - usage.total_tokens))
 
     # ---- refusals before queueing ---------------------------------------------------------
 

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.policies")
 
-Outcome = Literal["ok", "error", "rejected", "cancelled"]
+# "retried": the attempt failed before its first byte and the request goes on elsewhere.
+Outcome = Literal["ok", "error", "rejected", "cancelled", "retried"]
 
 
 class Policy(Protocol):

@@ -32,6 +32,8 @@ def fallback_config(demo_model: Path) -> dict[str, Any]:
              "adapters": {"demo": "acme-support"}},
             {"name": "globex", "api_key_sha256": [GLOBEX_SHA], "models": both,
              "adapters": {"demo": "globex-legal"}, "allow_degrade": False},
+            {"name": "metered", "api_keys_env": "METERED_KEYS", "models": both,
+             "limits": {"requests_per_minute": 2}},
         ],
     }
 
@@ -39,7 +41,8 @@ def fallback_config(demo_model: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def gateway(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with running_gateway(fallback_config(demo_model), tmp_path_factory.mktemp("fallback"),
-                         env={"GATEWAY_ADMIN_KEY": "sk-admin"}, ready_path="/health") as url:
+                         env={"GATEWAY_ADMIN_KEY": "sk-admin", "METERED_KEYS": "sk-metered"},
+                         ready_path="/health") as url:
         yield url
 
 
@@ -84,3 +87,15 @@ def test_fallbacks_are_counted_and_nothing_stays_reserved(gateway: str) -> None:
     assert float(line.rsplit(" ", 1)[1]) >= 1
     memory = httpx.get(f"{root}/debug/memory", headers={"authorization": "Bearer sk-admin"}).json()
     assert memory["reservations"]["reserved_bytes"] == 0
+
+
+def test_a_failover_is_charged_once(gateway: str) -> None:
+    """requests_per_minute 2: two requests that each failed over are two requests, not four."""
+    client = sdk(gateway, "sk-metered")
+    for _ in range(2):
+        r = client.chat.completions.with_raw_response.create(
+            model="demo-large", messages=PROMPT, max_tokens=4)
+        assert r.headers["x-gateway-degraded-from"] == "demo-large"
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="demo-large", messages=PROMPT, max_tokens=4)
+    assert info.value.response.json()["error"]["code"] == "rate_limit_exceeded"

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from gateway.context import Usage
 from gateway.errors import ContextLengthExceeded, RateLimited, Unavailable
 from policies.admission import Admission
 from tests.policies.fakes import FakeBackend, FakeClock, ctx, env, settings
@@ -79,6 +80,40 @@ async def test_tokens_per_minute_bucket() -> None:
     with pytest.raises(RateLimited) as info:
         await a.apply(ctx(words=10, max_tokens=16))
     assert info.value.retry_after == pytest.approx(24)  # 24 tokens short at 1 token/s
+
+
+async def test_tokens_per_minute_keeps_what_was_used_not_max_tokens() -> None:
+    """A finished request gives back the tokens of max_tokens it did not generate; one that
+    ended without usage (or was cancelled) keeps the whole charge."""
+    clock = FakeClock()
+    a = admission([{"name": "acme", "limits": {"tokens_per_minute": 60}}], clock=clock)
+    c = ctx(words=10, max_tokens=16)  # 28 tokens charged
+    await a.apply(c)
+    c.usage = Usage(prompt_tokens=12, completion_tokens=3)  # 15 used
+    await a.on_finish(c, "ok")
+    await a.on_finish(c, "ok")  # the refund is given once
+    assert a._tenants["acme"].tpm.level == pytest.approx(60 - 15)
+    c = ctx(words=10, max_tokens=16)
+    await a.apply(c)
+    await a.on_finish(c, "cancelled")
+    assert a._tenants["acme"].tpm.level == pytest.approx(60 - 15 - 28)
+
+
+async def test_a_retried_attempt_is_not_charged_twice() -> None:
+    """The pipeline's failover finishes the failed attempt with "retried" and applies the
+    chain again: the request is charged once, by its last attempt."""
+    clock = FakeClock()
+    a = admission([{"name": "acme", "limits": {"requests_per_minute": 2, "tokens_per_minute": 60}}],
+                  clock=clock)
+    c = ctx(words=10, max_tokens=16)
+    await a.apply(c)
+    await a.on_finish(c, "retried")
+    c.reservation = None
+    await a.apply(c)  # the second attempt
+    tenant = a._tenants["acme"]
+    assert tenant.rpm.level == pytest.approx(1) and tenant.tpm.level == pytest.approx(60 - 28)
+    await a.on_finish(c, "error")  # failed for good: the charge stands
+    assert tenant.rpm.level == pytest.approx(1) and tenant.tpm.level == pytest.approx(60 - 28)
 
 
 async def test_waits_for_capacity_then_runs() -> None:
