@@ -186,6 +186,8 @@ def test_saturated_vllm_tier_degrades_to_local(vllm_server: tuple[str, Any], dem
                     temperature=0, extra_body={"ignore_eos": True}))
                 deadline = time.monotonic() + 30
                 while reservations(url)["backends"].get("big", {}).get("reserved_bytes", 0) == 0:
+                    if long.done():  # answered (or refused) without holding anything: say how
+                        pytest.fail(f"the long request ended before vLLM was let go: {long.result()!r}")
                     assert time.monotonic() < deadline, "the long request was never admitted"
                     time.sleep(0.05)
                 # 600 tokens reserved, more than the tier has left: served by the local tier.
