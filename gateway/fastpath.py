@@ -37,6 +37,7 @@ _JSON = b"content-type: application/json\r\n"
 _SSE = (b"content-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\n"
         b"x-accel-buffering: no\r\n")
 _LAST_CHUNK = b"0\r\n\r\n"
+_INTERNAL_ERROR = orjson.dumps(GatewayError("The gateway failed to handle this request.").body())
 
 
 def header_lines(headers: dict[str, str]) -> bytes:
@@ -72,8 +73,7 @@ class FastCycle(RequestResponseCycle):
                 raise  # a server shutdown, not the client
         except BaseException as exc:  # a bug: the client still gets an answer (or a cut)
             log.error("Exception in the generation handler", exc_info=exc)
-            self.respond(500, _JSON, orjson.dumps(
-                GatewayError("The gateway failed to handle this request.").body()))
+            self.respond(500, _JSON, _INTERNAL_ERROR)
         finally:
             self.task = None
             self.on_response = lambda: None
@@ -217,8 +217,7 @@ class GenerationHandler:
             except Exception:
                 log.exception("unhandled error on POST %s", ex.scope["path"])
                 rec.status = 500
-                ex.respond(500, _JSON + id_line, orjson.dumps(
-                    GatewayError("The gateway failed to handle this request.").body()))
+                ex.respond(500, _JSON + id_line, _INTERNAL_ERROR)
         finally:
             telemetry.close(rec)
 
