@@ -21,6 +21,14 @@ ACME_SHA = "d4ffc8c0325f7e8e971bb4d7bc9f6a78c97920b5ac57b24380e53b6c7a96bc13"
 GLOBEX_SHA = "bbb8fab5ab2c83254e4969c119cdbb68880ee066c42a36223f8ac83fff2d5b96"
 
 
+def reservations(url: str, admin_key: str = "sk-admin") -> dict[str, Any]:
+    """The admission ledger's view from /debug/memory of a gateway (`url` ends in /v1)."""
+    r = httpx.get(url.removesuffix("/v1") + "/debug/memory",
+                  headers={"authorization": f"Bearer {admin_key}"}, timeout=10)
+    r.raise_for_status()
+    return dict(r.json()["reservations"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

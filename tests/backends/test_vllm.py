@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server import ACME_SHA, GLOBEX_SHA, free_port, running_gateway
+from tests.server import ACME_SHA, GLOBEX_SHA, free_port, reservations, running_gateway
 
 pytestmark = pytest.mark.vllm
 
@@ -215,13 +215,6 @@ def logs_on_failure(*logs: Path) -> Iterator[None]:
                 print(f"---- {log} (last 60 lines) ----")
                 print("\n".join(log.read_text(errors="replace").splitlines()[-60:]))
         raise
-
-
-def reservations(url: str) -> dict[str, Any]:
-    r = httpx.get(url.removesuffix("/v1") + "/debug/memory",
-                  headers={"authorization": "Bearer sk-admin"}, timeout=10)
-    r.raise_for_status()
-    return dict(r.json()["reservations"])
 
 
 def test_vllm_dying_mid_stream(vllm_server: tuple[str, subprocess.Popen[bytes]], demo_model: Path,

@@ -5,13 +5,14 @@ the bound while there is no reading at all."""
 from __future__ import annotations
 
 import asyncio
-import socket
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from backends.vllm import SCRAPE_TIMEOUT_S, VLLMBackend, VLLMConfig, parse_metrics
+from tests.server import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -37,6 +38,7 @@ def test_parse_metrics() -> None:
     assert (r.kv_usage, r.running, r.waiting) == (0.25, 2, 1)
 
 
+@contextlib.asynccontextmanager
 async def metrics_server(delay: float) -> AsyncIterator[int]:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -68,7 +70,7 @@ async def started(port: int, demo_model: Path, budget: int | None) -> VLLMBacken
 
 async def test_first_reading_waits_for_a_slow_vllm(demo_model: Path) -> None:
     """A /metrics answer slower than a refresh may take still gives the first reading."""
-    async for port in metrics_server(delay=SCRAPE_TIMEOUT_S + 0.5):
+    async with metrics_server(delay=SCRAPE_TIMEOUT_S + 0.5) as port:
         backend = await started(port, demo_model, budget=1200 * 1024)
         try:
             cap = backend.capacity()
@@ -83,21 +85,16 @@ async def test_first_reading_waits_for_a_slow_vllm(demo_model: Path) -> None:
 async def test_no_reading_bounds_admission_by_the_configured_budget(demo_model: Path) -> None:
     """vLLM not answering at start: the tier is bounded by kv_budget_bytes at the checkpoint's
     own bytes per token, not left without a limit; with no budget configured, unknown."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a port nobody listens on
-    port = sock.getsockname()[1]
+    port = free_port()  # nobody listens there
+    backend = await started(port, demo_model, budget=1200 * 1024)
     try:
-        backend = await started(port, demo_model, budget=1200 * 1024)
-        try:
-            cap = backend.capacity()
-            assert cap is not None and cap.kv_bytes_total == cap.kv_bytes_free == 1200 * 1024
-            assert cap.bytes_per_token > 0
-        finally:
-            await backend.aclose()
-        backend = await started(port, demo_model, budget=None)
-        try:
-            assert backend.capacity() is None
-        finally:
-            await backend.aclose()
+        cap = backend.capacity()
+        assert cap is not None and cap.kv_bytes_total == cap.kv_bytes_free == 1200 * 1024
+        assert cap.bytes_per_token > 0
     finally:
-        sock.close()
+        await backend.aclose()
+    backend = await started(port, demo_model, budget=None)
+    try:
+        assert backend.capacity() is None
+    finally:
+        await backend.aclose()

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server import ACME_SHA, GLOBEX_SHA, free_port, running_gateway
+from tests.server import ACME_SHA, GLOBEX_SHA, free_port, reservations, running_gateway
 
 PROMPT = [{"role": "user", "content": "What are your opening hours?"}]
 
@@ -85,8 +85,7 @@ def test_fallbacks_are_counted_and_nothing_stays_reserved(gateway: str) -> None:
                 if ln.startswith("gateway_policy_decisions_total{")
                 and 'policy="fallback"' in ln and 'action="modify"' in ln)
     assert float(line.rsplit(" ", 1)[1]) >= 1
-    memory = httpx.get(f"{root}/debug/memory", headers={"authorization": "Bearer sk-admin"}).json()
-    assert memory["reservations"]["reserved_bytes"] == 0
+    assert reservations(gateway)["reserved_bytes"] == 0
 
 
 def test_a_failover_is_charged_once(gateway: str) -> None:

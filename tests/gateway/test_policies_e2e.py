@@ -11,13 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
-from tests.server import demo_config, running_gateway
+from tests.server import demo_config, reservations, running_gateway
 
-ADMIN = {"authorization": "Bearer sk-admin"}
 BUDGET = 2 * 2**20  # KV bytes: 64 blocks of 16 tokens x 2048 B
 LONG_TOKENS = 100  # + a ~20-token prompt = 8 blocks: 8 such requests fit the budget
 PROMPT = [{"role": "user", "content": "Tell me about the warranty."}]
@@ -29,12 +27,6 @@ def sha(key: str) -> str:
 
 def client(url: str, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
-
-
-def reservations(url: str) -> dict[str, Any]:
-    r = httpx.get(url.removesuffix("/v1") + "/debug/memory", headers=ADMIN, timeout=10)
-    r.raise_for_status()
-    return dict(r.json()["reservations"])
 
 
 @pytest.fixture(scope="module")
