@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import email.utils
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,7 +30,9 @@ import httpx
 import orjson
 
 from backends.base import RemoteBackend, adapter_name
-from backends.upstream_http import Upstream, UpstreamHTTP, UpstreamResponse
+from backends.sse_reader import EventReader
+from backends.upstream_http import MAX_RESPONSE_BYTES, Upstream, UpstreamHTTP, UpstreamResponse
+from backends.upstream_proxy import Proxy, proxy_for
 from gateway.context import Chunk, RequestContext, Usage
 from gateway.errors import BackendError
 from gateway.tracing import inject_current
@@ -35,6 +40,7 @@ from gateway.tracing import inject_current
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = (502, 503, 504)
+PASS_STATUS = (400, 404, 413, 422, 429)  # an upstream's answer the client gets as it is
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class OpenAIConfig:
     retries: int = 2  # extra tries of a connect error / 502 / 503 / 504 before any byte
     retry_backoff_s: float = 0.05  # first backoff; doubles with each retry
     cooldown_s: float = 5.0  # out of rotation this long after a failure, then re-probed
+    trust_env: bool = True  # HTTP(S)_PROXY / NO_PROXY, for every client (backends/upstream_proxy.py)
+    max_response_bytes: int = MAX_RESPONSE_BYTES  # a larger upstream answer is a 502
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.retry_backoff_s < 0 or self.cooldown_s <= 0:
@@ -57,6 +65,9 @@ class OpenAIConfig:
             raise ValueError("max_connections must be >= 1")
         if self.adapter_model is not None:
             adapter_name(self.adapter_model, "m", "a")
+        if self.max_response_bytes < 1:
+            raise ValueError("max_response_bytes must be >= 1")
+        proxy_for(self.url, self.trust_env)  # an unsupported proxy is refused here
 
 
 class OpenAIBackend(RemoteBackend):
@@ -69,21 +80,31 @@ class OpenAIBackend(RemoteBackend):
         self._http: Upstream | None = None  # generation: the hot path (backends/upstream_http.py)
         self._down_since: float | None = None  # out of rotation since (monotonic)
         self._probe: asyncio.Task[None] | None = None
+        self.proxy: Proxy | None = None
         self.failures = 0  # upstream failures seen (connect errors, 5xx)
         self.retried = 0  # retries made
 
     async def start(self) -> None:
         key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
         headers = {"authorization": f"Bearer {key}"} if key else {}
+        # One proxy decision and one TLS trust for both clients (the environment is read here,
+        # once: httpx's own trust_env stays off so that it cannot decide differently).
+        self.proxy = proxy_for(self.cfg.url, self.cfg.trust_env)
+        tls = ssl.create_default_context()
         self._client = httpx.AsyncClient(
             base_url=self.cfg.url.rstrip("/"),
             headers=headers,
             timeout=httpx.Timeout(self.cfg.read_timeout, connect=self.cfg.connect_timeout),
             limits=httpx.Limits(max_connections=self.cfg.max_connections,
                                 max_keepalive_connections=self.cfg.max_connections),
+            proxy=self.proxy.url if self.proxy is not None else None,
+            trust_env=False,
+            verify=tls,
         )
         self._http = UpstreamHTTP(self.cfg.url, headers, self.cfg.connect_timeout,
-                                  self.cfg.read_timeout, self.cfg.max_connections)
+                                  self.cfg.read_timeout, self.cfg.max_connections,
+                                  proxy=self.proxy, max_response_bytes=self.cfg.max_response_bytes,
+                                  ssl_context=tls)
 
     # ---- rotation --------------------------------------------------------------------------
 
@@ -148,7 +169,9 @@ class OpenAIBackend(RemoteBackend):
 
     async def _open(self, client: Upstream, ctx: RequestContext) -> UpstreamResponse:
         """Send the request and return the streaming response with a status < 400, retrying
-        connect errors and 502/503/504 (nothing was generated yet, so a retry is safe)."""
+        what was never sent (connect errors) and 502/503/504 answers (the upstream said it did
+        not serve it). A request the upstream may have received and then dropped is not sent
+        again (httpx.RemoteProtocolError from the pool)."""
         path = "/chat/completions" if ctx.kind == "chat" else "/completions"
         headers = {"x-request-id": ctx.request_id}
         inject_current(headers)  # W3C traceparent of the current (request) span
@@ -201,18 +224,20 @@ class OpenAIBackend(RemoteBackend):
         except httpx.HTTPError as exc:
             if isinstance(exc, httpx.TransportError):
                 self._failed(type(exc).__name__)
-            raise BackendError(f"upstream {self.name} is unreachable ({type(exc).__name__})",
-                               status=502, code="upstream_unreachable") from None
+            if isinstance(exc, httpx.ConnectError):
+                raise BackendError(f"upstream {self.name} is unreachable", status=502,
+                                   code="upstream_unreachable") from None
+            # the pool's own messages: what went wrong, never a key or a body
+            raise BackendError(f"upstream {self.name} failed: {exc}", status=502,
+                               code="upstream_error") from None
 
     async def _chunks(self, resp: UpstreamResponse, ctx: RequestContext) -> AsyncIterator[Chunk]:
         """The upstream's SSE as chunks. Read a block at a time (whatever arrived), so that
         the chunks of one block go out together (Chunk.more) in one write to the client."""
         state = _SSEState()
-        rest = b""
+        events = EventReader()
         async for block in resp.blocks():
-            lines = (rest + block).split(b"\n")
-            rest = lines.pop()  # an incomplete last line waits for the next block
-            out = state.feed(lines, ctx.kind == "chat")
+            out = state.feed(events.feed(block), ctx.kind == "chat")
             for i, chunk in enumerate(out):
                 chunk.more = i < len(out) - 1 or state.done  # after [DONE]: the end
                 yield chunk
@@ -221,11 +246,13 @@ class OpenAIBackend(RemoteBackend):
             if state.done:
                 resp.expect_end()  # the body's end may still be on its way: keep the connection
                 return
-        for chunk in state.feed([rest], ctx.kind == "chat"):  # a last line without newline
+        for chunk in state.feed(events.close(), ctx.kind == "chat"):  # an unfinished last event
             yield chunk
         if state.error is not None:
             raise state.error
-        if not state.done:
+        if not state.done and state.finish is not None:  # ended after its finish, without [DONE]
+            yield state.end()
+        elif not state.done:
             raise BackendError(f"upstream {self.name} ended the stream early", status=502,
                                code="upstream_incomplete")
 
@@ -284,15 +311,15 @@ class _SSEState:
         self.done = False
         self.error: BackendError | None = None
 
-    def feed(self, lines: list[bytes], chat: bool) -> list[Chunk]:
+    def feed(self, completed: list[bytes], chat: bool) -> list[Chunk]:
+        """The data of the events the EventReader completed, as chunks."""
         datas: list[bytes] = []
         done = False
-        for line in lines:
-            if line.startswith(b"data:"):
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    break
+        for data in completed:
+            if data.strip() == b"[DONE]":
+                done = True
+                break
+            if data.strip():
                 datas.append(data)
         events: Any = None
         if datas:  # the block's events in one parse; anything odd takes the careful path
@@ -306,7 +333,7 @@ class _SSEState:
         for event in events or ():
             self._take(event, chat, out)
         if done:
-            self._done(out)
+            out.append(self.end())
         return out
 
     def _feed_each(self, datas: list[bytes], done: bool, chat: bool) -> list[Chunk]:
@@ -322,7 +349,7 @@ class _SSEState:
                 return out
             self._take(event, chat, out)
         if done:
-            self._done(out)
+            out.append(self.end())
         return out
 
     def _take(self, event: dict[str, Any], chat: bool, out: list[Chunk]) -> None:
@@ -336,9 +363,10 @@ class _SSEState:
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
 
-    def _done(self, out: list[Chunk]) -> None:
-        out.append(Chunk(finish_reason=self.finish or "stop", usage=self.usage))
+    def end(self) -> Chunk:
+        """The stream is done; its last chunk carries the finish_reason and usage seen."""
         self.done = True
+        return Chunk(finish_reason=self.finish or "stop", usage=self.usage)
 
 
 def _parse_event(data: bytes) -> dict[str, Any]:
@@ -355,13 +383,41 @@ def _parse_event(data: bytes) -> dict[str, Any]:
 
 
 def _upstream_error(resp: UpstreamResponse) -> BackendError:
-    message = f"upstream answered {resp.status_code}"
+    """An upstream's error answer. A client's mistake or a rate limit passes through as the
+    upstream said it (status, message, type, code, param, Retry-After); an upstream failure
+    becomes 502."""
+    status = resp.status_code
+    fields: dict[str, Any] = {}
     try:
         err = resp.json().get("error", {})
-        if isinstance(err, dict) and err.get("message"):
-            message = str(err["message"])
-    except ValueError:
+        if isinstance(err, dict):
+            fields = err
+    except (ValueError, AttributeError):
         pass
-    # Client mistakes pass through with their status; upstream failures become 502.
-    status = resp.status_code if resp.status_code in (400, 404, 413, 422, 429) else 502
-    return BackendError(message, status=status, code="upstream_error")
+    message = fields.get("message")
+    message = str(message) if message else f"upstream answered {status}"
+    if status not in PASS_STATUS:
+        return BackendError(message, status=502, code="upstream_error")
+    code = fields.get("code", "upstream_error")
+    kind = fields.get("type")
+    param = fields.get("param")
+    return BackendError(message, status=status,
+                        code=None if code is None else str(code),
+                        type=kind if isinstance(kind, str) and kind else None,
+                        param=param if isinstance(param, str) else None,
+                        retry_after=retry_after_s(resp.retry_after))
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds: a number of seconds or an HTTP date; None if absent or odd."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+    return max(0.0, min(seconds, 86400.0)) if seconds == seconds else None

@@ -10,6 +10,7 @@
      ├── RequestTimeout               408 invalid_request_error (body not sent in time)
      ├── PayloadTooLarge              413 invalid_request_error
      ├── UnsupportedMediaType         415 invalid_request_error
+     ├── HeadersTooLarge              431 invalid_request_error (request head over the bound)
      ├── RateLimited                  429 rate_limit_error (+ Retry-After)
      ├── Unavailable                  503 service_unavailable (+ Retry-After)
      ├── BackendError                 502 by default; a backend may choose the status
@@ -116,6 +117,12 @@ class UnsupportedMediaType(GatewayError):
     code = "unsupported_media_type"
 
 
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
 class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"
@@ -133,11 +140,16 @@ class BackendError(GatewayError):
 
     status = 502
     type = "api_error"
-    code = "backend_error"
+    code: str | None = "backend_error"
 
-    def __init__(self, message: str, status: int = 502, code: str = "backend_error") -> None:
-        super().__init__(message, status=status, code=code)
-        if 400 <= status < 500:
+    def __init__(self, message: str, status: int = 502, code: str | None = "backend_error", *,
+                 type: str | None = None, param: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, status=status, param=param, retry_after=retry_after)
+        self.code = code  # None too: an upstream's error may have no code
+        if type is not None:
+            self.type = type
+        elif 400 <= status < 500:
             self.type = "invalid_request_error"
 
 

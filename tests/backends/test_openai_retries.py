@@ -34,6 +34,7 @@ class _HttpxResponse:
     def __init__(self, resp: httpx.Response) -> None:
         self._resp = resp
         self.status_code = resp.status_code
+        self.retry_after = resp.headers.get("retry-after")
         self.content = b""
 
     async def blocks(self) -> AsyncIterator[bytes]:

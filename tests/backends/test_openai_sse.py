@@ -1,6 +1,7 @@
-"""The `openai` kind's reading of an upstream's server-sent events (backends/openai.py
-_SSEState): a block's events parsed together, and the careful path for anything odd, with
-the same chunks and the same errors in the same order."""
+"""The `openai` kind's reading of an upstream's server-sent events: the events on the wire
+(backends/sse_reader.py EventReader: line ends, BOM, multi-line data) and their chunks
+(backends/openai.py _SSEState: a block's events parsed together, and the careful path for
+anything odd, with the same chunks and the same errors in the same order)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import pytest
 
 from backends.openai import _SSEState
+from backends.sse_reader import EventReader
 from gateway.context import Chunk, Usage
 from gateway.errors import BackendError
 
@@ -24,11 +26,16 @@ def delta(text: str, finish: str | None = None) -> bytes:
 USAGE = ev({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
 
 
+def events(*lines: bytes) -> list[bytes]:
+    """The data of the events these lines make, each line ended by LF."""
+    return EventReader().feed(b"".join(line + b"\n" for line in lines))
+
+
 def test_a_whole_stream_in_one_block() -> None:
     state = _SSEState()
-    lines = [delta(""), b"", delta("Hel"), b"", b": a comment", delta("lo", "length"), b"",
-             USAGE, b"", b"data: [DONE]", b"", delta("after done")]
-    out = state.feed(lines, chat=True)
+    out = state.feed(events(delta(""), b"", delta("Hel"), b"", b": a comment", delta("lo", "length"),
+                            b"", USAGE, b"", b"data: [DONE]", b"", delta("after done"), b""),
+                     chat=True)
     assert out == [Chunk(text="Hel"), Chunk(text="lo"),
                    Chunk(finish_reason="length", usage=Usage(5, 2))]
     assert state.done and state.error is None
@@ -37,9 +44,9 @@ def test_a_whole_stream_in_one_block() -> None:
 def test_blocks_one_at_a_time_and_completions() -> None:
     state = _SSEState()
     text = [ev({"choices": [{"index": 0, "text": t, "finish_reason": None}]}) for t in ("a", "b")]
-    assert state.feed([text[0]], chat=False) == [Chunk(text="a")]
-    assert state.feed([text[1], USAGE], chat=False) == [Chunk(text="b")]
-    assert state.feed([b"data: [DONE]"], chat=False) == [
+    assert state.feed(events(text[0], b""), chat=False) == [Chunk(text="a")]
+    assert state.feed(events(text[1], b"", USAGE, b""), chat=False) == [Chunk(text="b")]
+    assert state.feed(events(b"data: [DONE]", b""), chat=False) == [
         Chunk(finish_reason="stop", usage=Usage(5, 2))]
 
 
@@ -47,7 +54,8 @@ def test_blocks_one_at_a_time_and_completions() -> None:
                                  ev({"error": {"message": "overloaded"}})])
 def test_odd_event_after_good_ones_raises_after_them(bad: bytes) -> None:
     state = _SSEState()
-    out = state.feed([delta("one"), delta("two"), bad, delta("three")], chat=True)
+    out = state.feed(events(delta("one"), b"", delta("two"), b"", bad, b"", delta("three"), b""),
+                     chat=True)
     assert out == [Chunk(text="one"), Chunk(text="two")]
     assert isinstance(state.error, BackendError) and not state.done
 
@@ -55,5 +63,51 @@ def test_odd_event_after_good_ones_raises_after_them(bad: bytes) -> None:
 @pytest.mark.parametrize("bad", [b"data: {not json", ev({"error": {"message": "overloaded"}})])
 def test_odd_first_event_raises_at_once(bad: bytes) -> None:
     with pytest.raises(BackendError) as info:
-        _SSEState().feed([bad, delta("x")], chat=True)
+        _SSEState().feed(events(bad, b"", delta("x"), b""), chat=True)
     assert info.value.code in ("upstream_malformed", "upstream_error")
+
+
+# ---- the wire: EventReader ------------------------------------------------------------------
+
+PAYLOAD = b'{"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]}'
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_line_ends_lf_crlf_and_cr_alone(eol: bytes) -> None:
+    wire = b"data: " + PAYLOAD + eol + eol + b": keep-alive" + eol + b"data: [DONE]" + eol + eol
+    assert EventReader().feed(wire) == [PAYLOAD, b"[DONE]"]
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_any_split_of_the_bytes_gives_the_same_events(eol: bytes) -> None:
+    wire = (b"\xef\xbb\xbfdata: {\"a\":" + eol + b"data: 1}" + eol + eol + b"event: x" + eol
+            + b"data:[DONE]" + eol + eol)
+    for cut in range(len(wire) + 1):
+        for cut2 in range(cut, len(wire) + 1):
+            reader = EventReader()
+            got = reader.feed(wire[:cut]) + reader.feed(wire[cut:cut2]) + reader.feed(wire[cut2:])
+            got += reader.close()
+            assert got == [b'{"a":\n1}', b"[DONE]"], (cut, cut2)
+
+
+def test_multi_line_data_is_joined_with_lf() -> None:
+    wire = b'data: {"choices":\ndata: [{"index": 0, "text": "x", "finish_reason": null}]}\n\n'
+    state = _SSEState()
+    assert state.feed(EventReader().feed(wire), chat=False) == [Chunk(text="x")]
+
+
+def test_a_leading_bom_is_dropped_not_the_first_event() -> None:
+    reader = EventReader()
+    assert reader.feed(b"\xef\xbb") == []
+    assert reader.feed(b"\xbfdata: " + PAYLOAD + b"\n\n") == [PAYLOAD]
+    assert EventReader().feed(b"\xef\xbb\xbfdata: x\n\n") == [b"x"]
+    assert EventReader().feed(b"data: \xef\xbb\xbfx\n\n") == [b"\xef\xbb\xbfx"]  # only the stream's first
+
+
+def test_the_end_of_the_stream_completes_an_unfinished_event() -> None:
+    reader = EventReader()
+    assert reader.feed(b"data: [DONE]") == []
+    assert reader.close() == [b"[DONE]"]
+    reader = EventReader()
+    assert reader.feed(b"data: x\r") == []
+    assert reader.close() == [b"x"]
