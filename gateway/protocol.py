@@ -1,10 +1,21 @@
 """The HTTP protocol `gateway serve` runs: uvicorn's httptools protocol with
 
-- a bound on the request head: httptools has none, so a client could make the gateway buffer
-  megabytes of headers; beyond MAX_HEADER_BYTES the answer is 400 and the connection closes;
+- a bound on the request head (MAX_HEADER_BYTES), counted on the raw bytes while the head is
+  incomplete (httptools buffers a header value that never ends without limit): beyond it the
+  answer is 431 and the connection closes (every refusal here closes after a short linger,
+  so that the client reads the answer);
+- a deadline for the request head (`server.header_timeout_s`, from its first byte): a head
+  still incomplete then is answered 408 and the connection closes; a connection that sends no
+  byte at all closes after the keep-alive timeout;
+- duplicate Authorization, Content-Type or Content-Length headers refused with 400 (two
+  Authorization headers would let the two halves of a stack pick different tenants);
 - the generation routes (POST /v1/chat/completions, /v1/completions) answered on
   gateway/fastpath.py's path instead of through the ASGI stack. Everything else (other
   routes, a root_path, a query string, percent-escapes) goes to the ASGI app as before.
+
+All of it holds for every route, whichever path answers it. The uvicorn internals this
+relies on are listed in UVICORN_INTERNALS; uvicorn is pinned to the minor version tested, and
+tests/gateway/test_protocol_internals.py fails if one of them goes away.
 """
 
 from __future__ import annotations
@@ -13,35 +24,150 @@ import asyncio
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from gateway.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
 from gateway.fastpath import ROUTES, FastCycle, GenerationHandler
 
 MAX_HEADER_BYTES = 64 * 1024  # request line + all headers
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+LINGER_S = 2.0  # after a refusal, what the client still sends is dropped this long at most
+LINGER_BYTES = 4 * 2**20  # ... and this much at most
+SINGLETON_HEADERS = (b"authorization", b"content-type", b"content-length")
+
+# What gateway/protocol.py and gateway/fastpath.py use of uvicorn beyond its public API:
+# (where, name). The test named above checks each on a real protocol and cycle.
+UVICORN_INTERNALS: tuple[tuple[str, str], ...] = tuple(
+    ("protocol", n) for n in (
+        "config", "app", "loop", "logger", "access_logger", "access_log", "parser", "url",
+        "scope", "headers", "cycle", "transport", "flow", "server_state", "root_path",
+        "limit_concurrency", "expect_100_continue", "pipeline", "timeout_keep_alive",
+        "timeout_keep_alive_task", "timeout_keep_alive_handler", "data_received",
+        "connection_made", "connection_lost", "on_message_begin", "on_url", "on_header",
+        "on_headers_complete", "on_message_complete", "on_response_complete",
+        "send_400_response", "_start_asgi_task", "_unset_keepalive_if_required")
+) + tuple(
+    ("cycle", n) for n in (
+        "scope", "transport", "flow", "logger", "access_logger", "access_log",
+        "default_headers", "message_event", "on_response", "disconnected", "keep_alive",
+        "waiting_for_100_continue", "body", "more_body", "response_started",
+        "response_complete", "run_asgi")
+) + tuple(("flow", n) for n in ("write_paused", "drain", "pause_reading", "resume_reading")) + (
+    ("server_state", "default_headers"), ("module", "STATUS_LINE"),
+    ("module", "RequestResponseCycle"), ("utils", "get_client_addr"))
 
 
-def _handler(config: Any, app: Any) -> GenerationHandler | None:
-    """The app's GenerationHandler, found once per config: the GatewayState of the Starlette
-    app under uvicorn's wrappers (None for any other app: everything takes the ASGI path)."""
+def _gateway(config: Any, app: Any) -> tuple[GenerationHandler | None, float]:
+    """The app's GenerationHandler and head timeout, found once per config: the GatewayState
+    of the Starlette app under uvicorn's wrappers (none for any other app: everything takes
+    the ASGI path, with the default head timeout)."""
     if not hasattr(config, "_gateway_handler"):
-        handler = None
+        handler, timeout = None, DEFAULT_HEADER_TIMEOUT_S
         for _ in range(8):
             state = getattr(getattr(app, "state", None), "gateway", None)
             if state is not None:
                 handler = GenerationHandler(state)
+                timeout = state.settings.server.header_timeout_s
                 break
             app = getattr(app, "app", None)
-        config._gateway_handler = handler
-    found: GenerationHandler | None = config._gateway_handler
+        config._gateway_handler = (handler, timeout)
+    found: tuple[GenerationHandler | None, float] = config._gateway_handler
     return found
 
 
+def _refusal(exc: GatewayError) -> bytes:
+    """A whole answer that closes the connection, in OpenAI's error shape."""
+    body = orjson.dumps(exc.body())
+    return b"".join((STATUS_LINE[exc.status], b"content-type: application/json\r\n",
+                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body), body))
+
+
+_NOT_HTTP = _refusal(InvalidRequest("The request is not valid HTTP/1.1.", code="invalid_http"))
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
-    _head_bytes = 0
+    _head_bytes = 0  # request line + headers parsed so far
+    _raw_head = 0  # raw bytes received while the head was incomplete
+    _head_pending = True  # a request head is due (start, or after a message's end)
+    _heads = 0  # request heads completed on this connection
+    _head_timer: asyncio.TimerHandle | None = None
+    _refuse: bytes | None = None  # the answer send_400_response gives instead of uvicorn's
+    _lingering: asyncio.TimerHandle | None = None  # refused: closes the connection when due
+    _lingered = 0  # bytes read and dropped since the refusal
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.handler = _handler(self.config, self.app) if not self.root_path else None
+        handler, self.header_timeout_s = _gateway(self.config, self.app)
+        self.handler = handler if not self.root_path else None
+
+    # ---- connection -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # a connection that never sends a byte closes like an idle kept-alive one
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:  # refused: read and dropped until the close
+            self._linger(data)
+            return
+        counting, heads = self._head_pending, self._heads
+        if counting and self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+        super().data_received(data)  # parser errors: send_400_response (ours below)
+        if (counting and self._head_pending and heads == self._heads
+                and not self.transport.is_closing()):
+            # every byte of this read belongs to the head still incomplete (a read in which a
+            # head completed is not counted: the next head's start in it is at most one read)
+            self._raw_head += len(data)
+            if self._raw_head > MAX_HEADER_BYTES:
+                self._refuse = _refusal(_head_too_large())
+                self.send_400_response("")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        if self._lingering is not None:
+            self._lingering.cancel()
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if isinstance(cycle, FastCycle):
+            cycle.lost()
+
+    def send_400_response(self, msg: str) -> None:
+        """The answer to a request that cannot be parsed (uvicorn calls it) or that a check
+        above refused, in OpenAI's error shape; then a lingering close: what the client still
+        sends is read and dropped for up to LINGER_S (closing with unread bytes would reset
+        the connection, and the client could lose the answer before reading it)."""
+        self._stop_head_timer()
+        if self.transport.is_closing() or self._lingering is not None:
+            return
+        self.transport.write(self._refuse or _NOT_HTTP)
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._lingering = self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _linger(self, data: bytes) -> None:
+        self._lingered += len(data)
+        if self._lingered > LINGER_BYTES and not self.transport.is_closing():
+            self.transport.close()
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._head_pending and not self.transport.is_closing():
+            self._refuse = _refusal(RequestTimeout(
+                f"The request head was not received within {self.header_timeout_s:g} s."))
+            self.send_400_response("")
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    # ---- parser callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._head_bytes = 0
@@ -49,7 +175,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _count(self, n: int) -> None:
         self._head_bytes += n
-        if self._head_bytes > MAX_HEADER_BYTES:  # the parser turns this into a 400
+        if self._head_bytes > MAX_HEADER_BYTES:  # stops the parser: send_400_response
+            self._refuse = _refusal(_head_too_large())
             raise httptools.HttpParserError("request head too large")
 
     def on_url(self, url: bytes) -> None:
@@ -61,6 +188,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._head_pending = False
+        self._heads += 1
+        self._raw_head = 0
+        self._stop_head_timer()
+        seen: set[bytes] = set()
+        for name, _ in self.headers:
+            if name in SINGLETON_HEADERS:
+                if name in seen:  # stops the parser: send_400_response
+                    self._refuse = _refusal(InvalidRequest(
+                        f"The request has more than one {name.decode()} header.",
+                        code="duplicate_header"))
+                    raise httptools.HttpParserError("duplicate singleton header")
+                seen.add(name)
         handler = self.handler
         kind = ROUTES.get(self.url) if handler is not None else None
         parser = self.parser
@@ -98,8 +238,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((self.cycle, self.app))
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        cycle = self.cycle
-        super().connection_lost(exc)
-        if isinstance(cycle, FastCycle):
-            cycle.lost()
+    def on_message_complete(self) -> None:
+        self._head_pending = True  # the next bytes are the next request's head
+        super().on_message_complete()
+
+
+def _head_too_large() -> HeadersTooLarge:
+    return HeadersTooLarge(f"The request head is larger than {MAX_HEADER_BYTES} bytes.")

@@ -51,13 +51,15 @@ class ServerConfig:
     admin_api_key_env: str | None = None
     # -- reliability (issue #8)
     body_timeout_s: float = 30.0  # a request body not fully received by then: 408
+    header_timeout_s: float = 10.0  # a request head not fully received by then: 408, closed
     keep_alive_timeout_s: float = 5.0  # idle keep-alive connections close after this
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests get this long, then end
     metrics_api_key_env: str | None = None  # set: /metrics needs this bearer key
     # -- end reliability
 
     def __post_init__(self) -> None:
-        for name in ("body_timeout_s", "keep_alive_timeout_s", "shutdown_grace_s"):
+        for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s",
+                     "shutdown_grace_s"):
             value = getattr(self, name)
             if not 0 < value < 86400:
                 raise ValueError(f"server.{name} must be between 0 and 86400 seconds")
