@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from collections.abc import Iterator
 
+from tests.loop_thread import serving_in_thread
 from tests.server import free_port
 
 
@@ -33,8 +33,6 @@ class FakeUpstream:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.authorizations: list[str] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -75,21 +73,7 @@ class FakeUpstream:
                     + b"data: [DONE]\n\n")
         await w.drain()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port))
-        self._ready.set()
-        self._loop.run_forever()
-        server.close()
-
     @contextlib.contextmanager
     def running(self) -> Iterator[FakeUpstream]:
-        thread = threading.Thread(target=self._run, daemon=True)
-        thread.start()
-        self._ready.wait(10)
-        try:
+        with serving_in_thread(self._handle, self.port):
             yield self
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            thread.join(5)
