@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a checkout of another commit (git worktree add DIR REV): its gateway "
                          "runs as target 'baseline', side by side with this one")
+    ap.add_argument("--client-compare", action="store_true",
+                    help="also run the gateway with aiohttp as its upstream client "
+                         "(target memgate-aiohttp), side by side")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="overhead", help="output file stem")
     args = ap.parse_args(argv)
@@ -105,6 +108,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.baseline is not None:
                 targets.append(start_gateway(upstream.url, work, name="baseline",
                                              source=args.baseline.resolve()))
+                started.append(targets[-1])
+            if args.client_compare:
+                targets.append(start_gateway(upstream.url, work, name="memgate-aiohttp",
+                                             module="bench.overhead.aiohttp_gateway"))
                 started.append(targets[-1])
             if not args.no_workers2:
                 targets.append(start_gateway(upstream.url, work, workers=2, name="memgate-2w"))

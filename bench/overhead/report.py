@@ -72,7 +72,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         cell = {r["target"]: r["rps"] for r in rows if r["concurrency"] == top
                 and r["stream"] == stream}
         mode = "stream" if stream else "json"
-        for peer in ("floor", "litellm", "direct"):
+        for peer in ("floor", "litellm", "direct", "memgate-aiohttp"):
             if cell.get("memgate") and cell.get(peer):
                 out[f"memgate_over_{peer}_{mode}_c{top}"] = round(cell["memgate"] / cell[peer], 3)
         if cell.get("memgate") and cell.get("memgate-2w"):
@@ -86,6 +86,7 @@ def write(path: Path, payload: dict[str, Any]) -> None:
 
 
 COLORS = {"direct": "#1f77b4", "memgate": "#2ca02c", "memgate-2w": "#98df8a", "baseline": "#9467bd",
+          "memgate-aiohttp": "#8c564b",
           "floor": "#ff7f0e", "litellm": "#d62728"}
 
 

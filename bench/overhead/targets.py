@@ -173,12 +173,13 @@ def gateway_config(upstream: str) -> dict[str, object]:
 
 def start_gateway(upstream: str, workdir: Path, workers: int = 1,
                   extra_env: dict[str, str] | None = None, name: str = "memgate",
-                  source: Path = ROOT) -> Proc:
-    """`source`: the checkout whose gateway runs (another commit's, for --baseline)."""
+                  source: Path = ROOT, module: str = "gateway.cli") -> Proc:
+    """`source`: the checkout whose gateway runs (another commit's, for --baseline);
+    `module`: what runs it (bench.overhead.aiohttp_gateway: the aiohttp client)."""
     cfg = workdir / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(gateway_config(upstream)))
     port = free_port()
-    argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg),
+    argv = [sys.executable, "-m", module, "serve", "--config", str(cfg),
             "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     proc = start(name, argv, port, "/ready", workdir, pin="server" if workers == 1 else "all",
                  env=extra_env, cwd=source)
