@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends.base import RemoteBackend, adapter_name
-from gateway.context import Chunk, RequestContext, Usage
-from gateway.errors import BackendError
+from gateway.core.context import Chunk, RequestContext, Usage
+from gateway.core.errors import BackendError
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,8 @@ from backends.base import RemoteBackend, adapter_name
 from backends.sse_reader import EventReader
 from backends.upstream_http import MAX_RESPONSE_BYTES, Upstream, UpstreamHTTP, UpstreamResponse
 from backends.upstream_proxy import Proxy, proxy_for
-from gateway.context import Chunk, RequestContext, Usage
-from gateway.errors import BackendError
-from gateway.tracing import inject_current
+from gateway.core.context import Chunk, RequestContext, Usage
+from gateway.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +172,7 @@ class OpenAIBackend(RemoteBackend):
         not serve it). A request the upstream may have received and then dropped is not sent
         again (httpx.RemoteProtocolError from the pool)."""
         path = "/chat/completions" if ctx.kind == "chat" else "/completions"
-        headers = {"x-request-id": ctx.request_id}
-        inject_current(headers)  # W3C traceparent of the current (request) span
+        headers = {"x-request-id": ctx.request_id, **ctx.trace_headers}
         body = orjson.dumps(self._body(ctx))
         for attempt in range(self.cfg.retries + 1):
             last = attempt == self.cfg.retries

@@ -13,7 +13,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
-from gateway.errors import BackendError
+from gateway.core.errors import BackendError
 
 
 class RemoteAdapters:

@@ -41,7 +41,7 @@ import httpx
 import orjson
 
 from backends.upstream_proxy import Proxy
-from gateway.validation import is_json_media
+from gateway.core.media import is_json_media
 
 PAUSE_BYTES = 256 * 1024  # a streamed body buffered this far ahead of its reader pauses the socket
 DRAIN_S = 1.0  # how long a released response may take to end before its connection closes

@@ -26,14 +26,15 @@ from typing import Any, ClassVar
 
 import httpx
 
-from backends.base import BackendStats, Capacity, MemorySnapshot, adapter_name
+from backends.base import adapter_name
 from backends.local import memory_plan
 from backends.local.config import ModelConfig
 from backends.local.tokenizer import ChatTokenizer
 from backends.openai import OpenAIBackend, OpenAIConfig
 from backends.remote_adapters import RemoteAdapters
-from gateway.context import Chunk, RequestContext
-from gateway.errors import BackendError
+from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
+from gateway.core.context import Chunk, RequestContext
+from gateway.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 SCRAPE_TIMEOUT_S = 2.0  # a refresh of the /metrics reading (the last one is kept meanwhile)

@@ -116,7 +116,7 @@ async def burst() -> dict[str, object]:
     from backends.local.backend import LocalBackend, LocalConfig
     from backends.local.memory_plan import plan_for_config
     from backends.local.runtime_memory import resident_bytes
-    from gateway.context import RequestContext, SamplingParams
+    from gateway.core.context import RequestContext, SamplingParams
 
     cfg = LocalConfig(model=str(MODEL), adapters_dir=str(MODEL / "adapters"),
                       kv_cache_bytes=64 << 20, adapter_cache_bytes=16 << 20, max_batch_size=32)

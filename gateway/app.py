@@ -18,10 +18,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backends.base import Backend
 from backends.registry import backend_class
-from gateway import context, routes
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway import routes
+from gateway.core import context
+from gateway.core.backend import Backend
+from gateway.core.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.settings import Settings, load_settings
 from gateway.shutdown import Drain
 from gateway.telemetry import Telemetry, TelemetryMiddleware

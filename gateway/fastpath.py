@@ -26,8 +26,9 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr
 
-from gateway import context, routes
-from gateway.errors import ClientDisconnected, GatewayError
+from gateway import routes
+from gateway.core import context
+from gateway.core.errors import ClientDisconnected, GatewayError
 from gateway.sse import DONE, collect, stream_events
 
 log = logging.getLogger("gateway.fastpath")

@@ -17,9 +17,9 @@ from typing import Any, Literal
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from backends.base import Backend
-from gateway.context import RequestContext
-from gateway.procmem import GpuProbe, read_process_memory
+from gateway.core.backend import Backend
+from gateway.core.context import RequestContext
+from gateway.core.procmem import GpuProbe, read_process_memory
 
 Labels = tuple[tuple[str, str], ...]
 

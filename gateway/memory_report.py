@@ -7,8 +7,8 @@ import dataclasses
 import time
 from typing import Any
 
+from gateway.core.procmem import read_process_memory
 from gateway.memory_collector import snapshot_components
-from gateway.procmem import read_process_memory
 from gateway.telemetry import Telemetry
 
 

@@ -7,9 +7,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from backends.base import is_available
-from gateway.context import Chunk, Decision, RequestContext
-from gateway.errors import BackendError, GatewayError
+from gateway.core.context import Chunk, Decision, RequestContext
+from gateway.core.errors import BackendError, GatewayError
 from policies.base import Outcome
 
 log = logging.getLogger("gateway.pipeline")
@@ -117,7 +116,7 @@ class Pipeline:
         if exc.status < 500 or model is None or len(failed) > len(self.state.backends):
             return False
         spare = [b for b in model.backends if b not in failed
-                 and b in self.state.backends and is_available(self.state.backends[b])]
+                 and b in self.state.backends and self.state.backends[b].available()]
         if spare:
             target, why = model.name, f"replica: retried on another replica of {model.name}"
         else:

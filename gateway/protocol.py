@@ -27,7 +27,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
+from gateway.core.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
 from gateway.fastpath import ROUTES, FastCycle, GenerationHandler
 
 MAX_HEADER_BYTES = 64 * 1024  # request line + all headers

@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway import openapi, validation
-from gateway.context import Chunk, RequestContext
-from gateway.errors import (
+from gateway.core.context import Chunk, RequestContext
+from gateway.core.errors import (
     ClientDisconnected,
     InvalidRequest,
     NotFound,
@@ -26,6 +26,7 @@ from gateway.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
+from gateway.core.media import is_json_media
 from gateway.memory_report import memory_report
 from gateway.pipeline import Pipeline
 from gateway.settings import ModelConfig, TenantConfig
@@ -43,7 +44,7 @@ def _state(request: Request) -> Any:
 
 def check_body_headers(ctype: str | None, declared: str | None, limit: int) -> None:
     """Content-Type JSON (or absent) and a declared Content-Length within the limit."""
-    if ctype is not None and not validation.is_json_media(ctype):  # absent: taken as JSON
+    if ctype is not None and not is_json_media(ctype):  # absent: taken as JSON
         media = ctype.partition(";")[0].strip().lower()
         raise UnsupportedMediaType(
             f"Content-Type {media or '(empty)'!r} is not supported; send application/json.")

@@ -13,8 +13,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
 
-from gateway.context import Chunk
-from gateway.errors import Unavailable
+from gateway.core.context import Chunk
+from gateway.core.errors import Unavailable
 
 MARGIN_S = 0.5  # end streams this long before uvicorn's own deadline
 

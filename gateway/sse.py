@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from gateway.context import Chunk, RequestContext, Usage
-from gateway.errors import GatewayError
+from gateway.core.context import Chunk, RequestContext, Usage
+from gateway.core.errors import GatewayError
 from gateway.shutdown import Drain
 
 log = logging.getLogger("gateway.sse")

@@ -19,11 +19,11 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, TracerProvider
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backends.base import Backend
-from gateway.context import Chunk, Decision, RequestContext
+from gateway.core.backend import Backend
+from gateway.core.context import Chunk, Decision, RequestContext
+from gateway.core.procmem import GpuProbe
 from gateway.memory_collector import MemoryCollector, MultiprocessPublisher
 from gateway.metrics import NONE, GatewayMetrics, RequestObservation
-from gateway.procmem import GpuProbe
 from gateway.settings import Settings
 from gateway.tracing import (
     OPERATION,
@@ -31,6 +31,7 @@ from gateway.tracing import (
     passthrough_span,
     request_attributes,
     set_usage,
+    trace_headers,
 )
 from policies.base import Outcome, Policy, PolicyChain
 
@@ -135,6 +136,7 @@ class Telemetry:
         rec = self._current.get()
         if rec is not None:
             rec.ctx = ctx
+            ctx.trace_headers = trace_headers(rec.span)
 
     def generating(self, ctx: RequestContext) -> None:
         """The policies are done and the backend is about to be called."""

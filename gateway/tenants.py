@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import os
 
-from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.core.errors import AuthenticationFailed, PermissionDenied
 from gateway.settings import TenantConfig
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.context import RequestContext
+from gateway.core.context import RequestContext
 from gateway.settings import TelemetryConfig
 
 OPERATION = {"chat": "chat", "completion": "text_completion"}
@@ -47,15 +47,16 @@ class TraceContext:
         return self._propagator.extract(headers)
 
 
-def inject_current(headers: MutableMapping[str, str]) -> None:
-    """The current span's W3C traceparent (and tracestate), written as the W3C propagator
-    writes them, without its per-call lookups (one call per upstream request)."""
-    ctx = trace.get_current_span().get_span_context()
+def trace_headers(span: Span) -> dict[str, str]:
+    """`span`'s W3C traceparent (and tracestate), as the W3C propagator writes them, without
+    its per-call lookups: what the request's upstream calls carry (RequestContext.trace_headers)."""
+    ctx = span.get_span_context()
     if not ctx.is_valid:
-        return
-    headers["traceparent"] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+        return {}
+    headers = {"traceparent": f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
     if ctx.trace_state:
         headers["tracestate"] = ctx.trace_state.to_header()
+    return headers
 
 
 def passthrough_span(parent: Context) -> Span:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.context import SamplingParams
-from gateway.errors import InvalidRequest
+from gateway.core.context import SamplingParams
+from gateway.core.errors import InvalidRequest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -21,12 +21,6 @@ CHAT_FIELDS = _COMMON | {
     "response_format", "functions", "function_call",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
-
-
-def is_json_media(ctype: str) -> bool:
-    """A JSON media type: application/json or any +json, parameters and case ignored."""
-    media = ctype.partition(";")[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: float) -> float:

@@ -9,8 +9,8 @@ backend does not know is 404 adapter_not_found; one it knows that this tenant ma
 
 from __future__ import annotations
 
-from gateway.context import Decision, RequestContext
-from gateway.errors import NotFound, PermissionDenied
+from gateway.core.context import Decision, RequestContext
+from gateway.core.errors import NotFound, PermissionDenied
 from policies.base import Outcome, PolicyEnv, modified, passed
 
 

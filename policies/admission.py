@@ -20,12 +20,11 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from gateway.context import Decision, RequestContext, Usage
-from gateway.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
+from gateway.core.context import Decision, RequestContext, Reservation, Usage
+from gateway.core.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
 from gateway.settings import TenantConfig
 from policies.base import Outcome, PolicyEnv, passed
 from policies.demand import Demand, demand
-from policies.ledger import Reservation
 from policies.token_bucket import TokenBucket
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}

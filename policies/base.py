@@ -14,14 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from gateway.context import Decision, RequestContext
-from gateway.errors import GatewayError
+from gateway.core.context import Decision, RequestContext
+from gateway.core.errors import GatewayError
 from gateway.settings import Settings, TenantConfig
 from policies.ledger import Ledger
 from policies.replicas import Router
 
 if TYPE_CHECKING:
-    from backends.base import Backend
+    from gateway.core.backend import Backend
 
 log = logging.getLogger("gateway.policies")
 

@@ -19,8 +19,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from gateway.context import Decision, RequestContext
-from gateway.errors import ContextLengthExceeded
+from gateway.core.context import Decision, RequestContext
+from gateway.core.errors import ContextLengthExceeded
 from policies.base import Outcome, PolicyEnv, modified, passed
 
 Messages = list[dict[str, Any]]

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 
-from gateway.context import Decision, RequestContext
-from gateway.errors import Unavailable
+from gateway.core.context import Decision, RequestContext
+from gateway.core.errors import Unavailable
 from policies.base import Outcome, PolicyEnv, modified, passed
 from policies.demand import demand
 

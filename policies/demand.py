@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.context import RequestContext
-from policies.ledger import kv_bytes_for
+from gateway.core.context import RequestContext
+from gateway.core.kv import kv_bytes_for
 
 if TYPE_CHECKING:
-    from backends.base import Backend, Capacity
+    from gateway.core.backend import Backend, Capacity
 
 CHARS_PER_TOKEN = 4  # the estimate where a backend cannot count (remote upstreams)
 

@@ -12,27 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.local.memory_plan import blocks_for
-
-
-def kv_bytes_for(tokens: int, block_size: int, bytes_per_token: int) -> int:
-    """KV bytes for `tokens` tokens in whole blocks: ceil(tokens / block) x block x bytes/token."""
-    if tokens < 0 or block_size <= 0 or bytes_per_token < 0:
-        raise ValueError("tokens >= 0, block_size > 0 and bytes_per_token >= 0 are required")
-    return blocks_for(tokens, block_size) * block_size * bytes_per_token
-
-
-@dataclass(slots=True)
-class Reservation:
-    """What one admitted request holds until it finishes."""
-
-    backend: str
-    tenant: str
-    kv_bytes: int
-    tokens: int = 0
-    adapter: str | None = None
-    adapter_bytes: int = 0
-    released: bool = False
+from gateway.core.context import Reservation
 
 
 @dataclass

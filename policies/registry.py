@@ -16,7 +16,7 @@ from policies.ledger import Ledger
 from policies.routing import Routing
 
 if TYPE_CHECKING:
-    from backends.base import Backend
+    from gateway.core.backend import Backend
 
 POLICY_KINDS: dict[str, Any] = {
     "adapter_selection": AdapterSelection,

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from backends.base import is_available
-from gateway.context import RequestContext
+from gateway.core.context import RequestContext
 from gateway.settings import ModelConfig, RoutingConfig
 
 if TYPE_CHECKING:
-    from backends.base import Backend
+    from gateway.core.backend import Backend
 
 
 class Router:
@@ -58,7 +57,7 @@ class Router:
         replicas = model.backends
         if len(replicas) == 1:
             return replicas[0]
-        live = [r for r in replicas if r in backends and is_available(backends[r])]
+        live = [r for r in replicas if r in backends and backends[r].available()]
         candidates = live or list(replicas)
         floor = min(self.inflight.get(r, 0) for r in candidates)
         if adapter is not None:

@@ -8,7 +8,7 @@ admission see the chosen replica (its tokenizer, its KV pool in the ledger).
 
 from __future__ import annotations
 
-from gateway.context import Decision, RequestContext
+from gateway.core.context import Decision, RequestContext
 from policies.base import Outcome, PolicyEnv, modified, passed
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from backends.base import BackendError
 from backends.local.loader import CheckpointError
 from backends.local.lora import AdapterError, LoraAdapter, install, load_adapter, uninstall
 from backends.local.memory_plan import PlanError, adapter_bytes
 from backends.local.model import Llama
+from gateway.core.errors import BackendError
 
 
 def moved(adapter: LoraAdapter, device: torch.device) -> LoraAdapter:

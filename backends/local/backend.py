@@ -8,14 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from backends.base import BackendError, BackendStats, Capacity, MemorySnapshot
 from backends.local.adapter_cache import AdapterCache, Resident
 from backends.local.engine import Engine, EngineClosed, Event
 from backends.local.loader import CheckpointError, LoadedModel, load_checkpoint, parse_dtype
 from backends.local.runtime_memory import baseline_rss, resident_bytes
 from backends.local.sampler import Sampler
 from backends.local.tokenizer import ChatTokenizer, TokenizerError
-from gateway.context import Chunk, RequestContext, Usage
+from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
+from gateway.core.context import Chunk, RequestContext, Usage
+from gateway.core.errors import BackendError
 
 MiB = 1024 * 1024
 QUANTIZE_MODES = ("none", "int8")  # int8 at load: heap copy; `gateway quantize` for mmapped int8
@@ -127,6 +128,9 @@ class LocalBackend:
         self._closed = True
         if self._engine is not None:
             await asyncio.to_thread(self._engine.stop)
+
+    def available(self) -> bool:
+        return True  # in-process: never out of rotation
 
     async def health(self) -> bool:
         return not self._closed and self._engine is not None and self._engine.alive

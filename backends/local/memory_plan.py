@@ -1,12 +1,6 @@
-"""Memory arithmetic of the local engine, in plain Python (no torch, nothing loaded).
-
-One place for the numbers the engine, the block manager, `gateway plan` and the admission
-policy share, so the plan printed before start-up and the live system agree:
-
-    bytes_per_token = 2 x layers x kv_heads x head_dim x dtype_bytes
-    blocks_for(t)   = ceil(t / block_size)
-    kv_bytes_for(t) = blocks_for(t) x block_size x bytes_per_token
-    adapter bytes   = sum over modules of r x (d_in + d_out) x dtype_bytes
+"""The local engine's memory plan, in plain Python (no torch, nothing loaded): the KV layout,
+weight and adapter bytes of a checkpoint, and the plan `gateway plan` prints. The arithmetic
+itself is gateway/core/kv.py's, shared with admission and the remote kinds.
 
 Weight bytes come from safetensors headers (8-byte length + JSON), never from the tensors.
 """
@@ -19,7 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from gateway.core.kv import (
+    FLOAT_BYTES,
+    adapter_module_bytes,
+    blocks_for,
+    dtype_bytes,
+    kv_bytes_per_token,
+)
+
+__all__ = ["FLOAT_BYTES", "adapter_module_bytes", "blocks_for", "dtype_bytes", "kv_bytes_per_token"]
+
 SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "BOOL": 1}
 SAFETENSORS_FLOATS = ("F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -30,28 +33,6 @@ SCALE_SUFFIX = "_scale"
 
 class PlanError(ValueError):
     """A checkpoint or config the plan cannot be computed from."""
-
-
-def dtype_bytes(name: str) -> int:
-    try:
-        return FLOAT_BYTES[name]
-    except KeyError:
-        raise PlanError(f"unsupported dtype {name!r}; expected one of {', '.join(FLOAT_BYTES)}") from None
-
-
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
-    return 2 * layers * kv_heads * head_dim * elem_bytes
-
-
-def blocks_for(tokens: int, block_size: int) -> int:
-    if block_size <= 0:
-        raise PlanError("block_size must be positive")
-    return -(-max(tokens, 0) // block_size)
-
-
-def adapter_module_bytes(r: int, d_in: int, d_out: int, elem_bytes: int) -> int:
-    """One LoRA pair A [r, d_in], B [d_out, r]."""
-    return r * (d_in + d_out) * elem_bytes
 
 
 def is_quantizable(name: str, shape: list[int]) -> bool:

@@ -6,7 +6,7 @@ import ctypes
 import ctypes.util
 import gc
 
-from gateway.procmem import status_bytes
+from gateway.core.procmem import status_bytes
 
 
 def resident_bytes(pid: int | str = "self") -> int | None:

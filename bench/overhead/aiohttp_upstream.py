@@ -19,7 +19,7 @@ import aiohttp
 import httpx
 import orjson
 
-from gateway.validation import is_json_media
+from gateway.core.media import is_json_media
 
 
 class AiohttpResponse:

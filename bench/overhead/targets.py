@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.procmem import status_bytes
+from gateway.core.procmem import status_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_KEY = "sk-bench"

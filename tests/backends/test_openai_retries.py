@@ -14,9 +14,9 @@ import pytest
 
 from backends.openai import OpenAIBackend, OpenAIConfig
 from backends.vllm import VLLMConfig
-from gateway.context import RequestContext, SamplingParams
-from gateway.errors import BackendError
-from gateway.validation import is_json_media
+from gateway.core.context import RequestContext, SamplingParams
+from gateway.core.errors import BackendError
+from gateway.core.media import is_json_media
 
 STREAM = (
     'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'

@@ -11,8 +11,8 @@ import pytest
 
 from backends.openai import _SSEState
 from backends.sse_reader import EventReader
-from gateway.context import Chunk, Usage
-from gateway.errors import BackendError
+from gateway.core.context import Chunk, Usage
+from gateway.core.errors import BackendError
 
 
 def ev(payload: object) -> bytes:

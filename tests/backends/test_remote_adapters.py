@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from backends.remote_adapters import RemoteAdapters
-from gateway.errors import BackendError
+from gateway.core.errors import BackendError
 
 
 class FakeServer:

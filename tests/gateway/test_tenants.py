@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from gateway.errors import AuthenticationFailed
+from gateway.core.errors import AuthenticationFailed
 from gateway.settings import TenantConfig
 from gateway.tenants import TenantDirectory
 

@@ -181,24 +181,27 @@ def test_traceparent_reaches_openai_upstream(upstream: tuple[str, list[dict[str,
 
 
 @pytest.mark.parametrize("state", [None, "vendor=abc,other=1"])
-def test_inject_current_writes_what_the_w3c_propagator_writes(state: str | None) -> None:
+def test_trace_headers_are_what_the_w3c_propagator_writes(state: str | None) -> None:
     from opentelemetry import context, trace
-    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+    from opentelemetry.trace import (
+        INVALID_SPAN,
+        NonRecordingSpan,
+        SpanContext,
+        TraceFlags,
+        TraceState,
+    )
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    from gateway.tracing import inject_current
+    from gateway.tracing import trace_headers
 
-    empty: dict[str, str] = {}
-    inject_current(empty)  # no current span: nothing to write
-    assert empty == {}
+    assert trace_headers(INVALID_SPAN) == {}  # no span context: nothing to write
     span = NonRecordingSpan(SpanContext(
         trace_id=int(TRACE_ID, 16), span_id=int(CLIENT_SPAN, 16), is_remote=False,
         trace_flags=TraceFlags(1), trace_state=TraceState.from_header([state]) if state else None))
     token = context.attach(trace.set_span_in_context(span))
     try:
-        ours: dict[str, str] = {}
+        ours = trace_headers(span)
         theirs: dict[str, str] = {}
-        inject_current(ours)
         TraceContextTextMapPropagator().inject(theirs)
     finally:
         context.detach(token)

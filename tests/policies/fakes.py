@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.base import Capacity
-from gateway.context import RequestContext, SamplingParams
+from gateway.core.backend import Capacity
+from gateway.core.context import RequestContext, SamplingParams
 from gateway.settings import Settings, parse_settings
 from policies.base import PolicyEnv
 from policies.ledger import Ledger
@@ -45,6 +45,9 @@ class FakeBackend:
         return Capacity(kv_bytes_total=self.kv_bytes, kv_bytes_free=self.kv_bytes,
                         bytes_per_token=2048, block_size=16, context_window=self.window,
                         resident_adapters=self.resident)
+
+    def available(self) -> bool:
+        return True
 
     def adapters(self) -> dict[str, int] | None:
         return self._adapters

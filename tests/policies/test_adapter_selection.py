@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import NotFound, PermissionDenied
+from gateway.core.errors import NotFound, PermissionDenied
 from policies.adapter_selection import AdapterSelection
 from tests.policies.fakes import FakeBackend, ctx, env, settings
 

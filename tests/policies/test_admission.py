@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from gateway.context import Usage
-from gateway.errors import ContextLengthExceeded, RateLimited, Unavailable
+from gateway.core.context import Usage
+from gateway.core.errors import ContextLengthExceeded, RateLimited, Unavailable
 from policies.admission import Admission
 from tests.policies.fakes import FakeBackend, FakeClock, ctx, env, settings
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.context import Decision, RequestContext
-from gateway.errors import RateLimited
+from gateway.core.context import Decision, RequestContext
+from gateway.core.errors import RateLimited
+from gateway.core.kv import kv_bytes_for
 from gateway.settings import DEFAULT_POLICIES, ConfigError
 from policies.base import Outcome, PolicyChain, passed
-from policies.ledger import Ledger, kv_bytes_for
+from policies.ledger import Ledger
 from policies.registry import POLICY_KINDS, build_chain
 from policies.token_bucket import TokenBucket
 from tests.policies.fakes import FakeBackend, FakeClock, ctx, settings
@@ -97,7 +98,7 @@ def test_token_bucket_refills_to_its_size() -> None:
 def test_drain_rate_and_wait_estimate() -> None:
     clock = FakeClock()
     ledger = Ledger(clock, drain_window_s=10)
-    from policies.ledger import Reservation
+    from gateway.core.context import Reservation
 
     ledger.pool("b", 100)
     r = Reservation("b", "t", 80)

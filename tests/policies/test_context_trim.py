@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import ContextLengthExceeded
+from gateway.core.errors import ContextLengthExceeded
 from policies.context_trim import ContextTrim, drop_oldest, middle_out
 from tests.policies.fakes import ctx, env, settings
 

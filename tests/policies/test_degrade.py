@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import Unavailable
+from gateway.core.context import Reservation
+from gateway.core.errors import Unavailable
 from policies.degrade import Degrade
-from policies.ledger import Reservation
 from tests.policies.fakes import ctx, env, settings
 
 BLOCK = 16 * 2048

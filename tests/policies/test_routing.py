@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from gateway.core.context import Reservation
 from gateway.settings import ConfigError
 from policies.degrade import Degrade
-from policies.ledger import Reservation
 from policies.routing import Routing
 from tests.policies.fakes import SHA, FakeBackend, ctx, env, settings
 

@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import ContextLengthExceeded, GatewayError
+from gateway.core.errors import ContextLengthExceeded, GatewayError
 from policies.admission import Admission
 from policies.context_trim import ContextTrim
 from policies.token_bucket import TokenBucket

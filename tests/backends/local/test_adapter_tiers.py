@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import transformers
 
-from backends.base import BackendError
 from backends.local.backend import LocalBackend, LocalConfig
+from gateway.core.errors import BackendError
 
 from .conftest import TinyCheckpoint, add_lora
 from .test_backend import PROMPTS, collect, ctx_for

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from backends.base import BackendError
 from backends.local.backend import LocalBackend, LocalConfig
-from gateway.context import Chunk, RequestContext, SamplingParams
+from gateway.core.context import Chunk, RequestContext, SamplingParams
+from gateway.core.errors import BackendError
 
 from .conftest import TinyCheckpoint
 

@@ -74,6 +74,19 @@ class Decision:
 
 
 @dataclass(slots=True)
+class Reservation:
+    """What one admitted request holds (policies/admission.py) until it finishes."""
+
+    backend: str
+    tenant: str
+    kv_bytes: int
+    tokens: int = 0
+    adapter: str | None = None
+    adapter_bytes: int = 0
+    released: bool = False
+
+
+@dataclass(slots=True)
 class RequestContext:
     """Everything known about one request. `kind` is "chat" or "completion"."""
 
@@ -91,7 +104,8 @@ class RequestContext:
     adapter: str | None = None
     user: str | None = None
     body: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
+    # W3C trace context (traceparent, tracestate) of the request's span, for upstream calls
+    trace_headers: dict[str, str] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     deadline: float | None = None
     prompt_tokens: int | None = None
@@ -102,7 +116,7 @@ class RequestContext:
     degraded_from: str | None = None  # the model asked for, when degrade routed elsewhere
     trimmed_tokens: int = 0  # prompt tokens context_trim removed
     queue_seconds: float = 0.0  # time spent waiting for admission in the gateway
-    reservation: Any = None  # the admission policy's Reservation while one is held
+    reservation: Reservation | None = None  # the admission policy's, while one is held
     usage: Usage | None = None  # what the backend reported on its last chunk
 
 

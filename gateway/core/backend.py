@@ -1,0 +1,99 @@
+"""The one interface every backend kind implements, and what a backend reports: capacity,
+memory by component, counters."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from gateway.core.context import Chunk, RequestContext
+
+
+@dataclass(slots=True)
+class MemorySnapshot:
+    """Bytes by component. `other` = measured - the rest (None where nothing is measured)."""
+
+    weights: int = 0
+    adapters: dict[str, int] = field(default_factory=dict)
+    kv_used: int = 0
+    kv_free: int = 0
+    workspace: int = 0
+    runtime: int = 0  # measured before weights load (interpreter, libraries); local only
+    measured: int | None = None
+
+    @property
+    def other(self) -> int | None:
+        if self.measured is None:
+            return None
+        return self.measured - (
+            self.weights
+            + sum(self.adapters.values())
+            + self.kv_used
+            + self.kv_free
+            + self.workspace
+            + self.runtime
+        )
+
+
+@dataclass(slots=True)
+class Capacity:
+    kv_bytes_total: int
+    kv_bytes_free: int
+    bytes_per_token: int
+    block_size: int
+    context_window: int
+    adapter_budget_bytes: int = 0
+    resident_adapters: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class BackendStats:
+    """Counters and queue sizes a backend may report for telemetry (None: not known)."""
+
+    waiting: int | None = None  # requests queued inside the backend
+    running: int | None = None  # requests in the current batch
+    adapter_loads: int | None = None  # cumulative: adapters read from storage
+    adapter_hits: int | None = None  # cumulative: requests whose adapter was resident
+    adapter_evictions: int | None = None  # cumulative
+    adapters_pinned: dict[str, int] | None = None  # adapter -> requests holding it now
+
+
+class Backend(Protocol):
+    """Every backend kind. A kind is a class built as `Kind(name, Kind.Config(...))` (its own
+    frozen config dataclass, validated by gateway/settings.py) and registered by import path
+    in backends/registry.py."""
+
+    name: str
+    Config: ClassVar[type[Any]]
+
+    def __init__(self, name: str, cfg: Any) -> None: ...
+
+    async def start(self) -> None:
+        """Load what is needed (weights, connections). Called once by the app lifespan."""
+
+    def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+        """The only generation path. Cancelling the iteration frees everything it held."""
+
+    def count_tokens(self, ctx: RequestContext) -> int | None:
+        """Prompt tokens for ctx (after the chat template), or None if unknown."""
+
+    def capacity(self) -> Capacity | None: ...
+
+    def adapters(self) -> dict[str, int] | None:
+        """Adapters this backend can serve -> bytes they take when loaded; None: unknown."""
+
+    def memory(self) -> MemorySnapshot: ...
+
+    def stats(self) -> BackendStats:
+        """Queue sizes and adapter cache counters; cheap, called at every metrics scrape."""
+
+    async def ensure_adapter(self, name: str) -> None: ...
+
+    def available(self) -> bool:
+        """In rotation: False while a kind that can fail over (a remote upstream after a
+        failure, until its re-probe passes) should not be sent requests."""
+
+    async def health(self) -> bool: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,42 @@
+"""The KV and adapter byte arithmetic, in plain Python: one place for the numbers the engine,
+`gateway plan`, admission and the remote kinds share, so a plan and the live system agree.
+
+    bytes_per_token = 2 x layers x kv_heads x head_dim x dtype_bytes
+    blocks_for(t)   = ceil(t / block_size)
+    kv_bytes_for(t) = blocks_for(t) x block_size x bytes_per_token
+    adapter bytes   = sum over modules of r x (d_in + d_out) x dtype_bytes
+"""
+
+from __future__ import annotations
+
+FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes of one element of a float dtype by its config name; ValueError for another."""
+    try:
+        return FLOAT_BYTES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; expected one of {', '.join(FLOAT_BYTES)}") from None
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
+    return 2 * layers * kv_heads * head_dim * elem_bytes
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    return -(-max(tokens, 0) // block_size)
+
+
+def kv_bytes_for(tokens: int, block_size: int, bytes_per_token: int) -> int:
+    """KV bytes for `tokens` tokens in whole blocks: ceil(tokens / block) x block x bytes/token."""
+    if tokens < 0 or block_size <= 0 or bytes_per_token < 0:
+        raise ValueError("tokens >= 0, block_size > 0 and bytes_per_token >= 0 are required")
+    return blocks_for(tokens, block_size) * block_size * bytes_per_token
+
+
+def adapter_module_bytes(r: int, d_in: int, d_out: int, elem_bytes: int) -> int:
+    """One LoRA pair A [r, d_in], B [d_out, r]."""
+    return r * (d_in + d_out) * elem_bytes
