@@ -149,7 +149,8 @@ def create_app(
         tenants=TenantDirectory(settings.tenants),
         admin=AdminKey(settings.server.admin_api_key_env),
         backends=backends,
-        policies=build_chain(settings, backends),
+        policies=build_chain(settings.policies, settings.policy_options, settings.models,
+                             settings.tenants, backends),
         telemetry=telemetry,
         drain=Drain(settings.server.shutdown_grace_s),
         metrics_key=(AdminKey(settings.server.metrics_api_key_env)

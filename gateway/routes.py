@@ -29,7 +29,7 @@ from gateway.core.errors import (
 from gateway.core.media import is_json_media
 from gateway.memory_report import memory_report
 from gateway.pipeline import Pipeline
-from gateway.settings import ModelConfig, TenantConfig
+from gateway.core.config import ModelConfig, TenantConfig
 from gateway.shutdown import Drain
 from gateway.sse import DONE, collect, stream_events
 

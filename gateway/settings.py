@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 import re
 import types
 import typing
@@ -15,6 +13,8 @@ from typing import Any
 import yaml
 
 from backends.registry import backend_class
+from gateway.core.config import ModelConfig, TenantConfig
+from policies.registry import DEFAULT_POLICIES, POLICY_KINDS
 
 
 class ConfigError(Exception):
@@ -69,126 +69,6 @@ class ServerConfig:
             raise ValueError("server.max_body_bytes and server.default_max_tokens must be >= 1")
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """A public model: one backend (`backend: a`) or several replicas (`backends: [a, b]`).
-
-    After validation both are set: `backends` lists the replicas, `backend` is the first
-    (the one policies read before routing picks a replica; see policies/routing.py).
-    """
-
-    name: str
-    backend: str = ""  # "" when the model lists replicas instead (set to the first below)
-    degrade_to: str | None = None
-    backends: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.backend and self.backends:
-            raise ValueError(f"model {self.name!r}: give backend or backends, not both")
-        if not self.backend and not self.backends:
-            raise ValueError(f"model {self.name!r}: give backend (one) or backends (replicas)")
-        if len(set(self.backends)) != len(self.backends):
-            raise ValueError(f"model {self.name!r}: backends lists a replica twice")
-        if self.backends:
-            object.__setattr__(self, "backend", self.backends[0])
-        else:
-            object.__setattr__(self, "backends", (self.backend,))
-
-
-@dataclass(frozen=True)
-class TenantLimits:
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    max_concurrency: int | None = None
-    max_kv_share: float | None = None  # of each backend's KV bytes, 0 < share <= 1
-
-    def __post_init__(self) -> None:
-        for name in ("requests_per_minute", "tokens_per_minute", "max_concurrency"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"limits.{name} must be at least 1")
-        if self.max_kv_share is not None and not 0 < self.max_kv_share <= 1:
-            raise ValueError("limits.max_kv_share must be in (0, 1]")
-
-
-TRIM_STRATEGIES = ("drop_oldest", "middle_out", "none")
-
-
-@dataclass(frozen=True)
-class TrimConfig:
-    """context_trim per tenant: which turns go first, and whether to fit max_kv_share too."""
-
-    strategy: str = "drop_oldest"  # drop_oldest | middle_out (keep first and last) | none
-    fit_kv_share: bool = False
-
-    def __post_init__(self) -> None:
-        if self.strategy not in TRIM_STRATEGIES:
-            raise ValueError(f"trim.strategy must be one of {', '.join(TRIM_STRATEGIES)}")
-
-
-@dataclass(frozen=True)
-class TenantConfig:
-    name: str
-    api_keys_env: str | None = None
-    api_key_sha256: tuple[str, ...] = ()
-    models: tuple[str, ...] = ()
-    adapters: dict[str, str] = field(default_factory=dict)
-    allowed_adapters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # "model:adapter"
-    priority: str = "normal"
-    limits: TenantLimits = field(default_factory=TenantLimits)
-    allow_degrade: bool = True
-    trim: TrimConfig = field(default_factory=TrimConfig)
-
-    def key_hashes(self) -> tuple[bytes, ...]:
-        """sha256 digests of every key this tenant may use (config hashes + env keys)."""
-        digests = [bytes.fromhex(h) for h in self.api_key_sha256]
-        if self.api_keys_env:
-            for key in os.environ.get(self.api_keys_env, "").split(","):
-                if key.strip():
-                    digests.append(hashlib.sha256(key.strip().encode()).digest())
-        return tuple(digests)
-
-
-@dataclass(frozen=True)
-class AdmissionConfig:
-    queue_timeout_s: float = 10.0  # longest wait in the admission queue
-    max_queue: int = 1024  # waiting requests beyond this are refused at once
-    drain_window_s: float = 30.0  # how far back the drain rate (for Retry-After) looks
-
-    def __post_init__(self) -> None:
-        if self.queue_timeout_s < 0 or self.max_queue < 0 or self.drain_window_s <= 0:
-            raise ValueError("queue_timeout_s and max_queue must be >= 0, drain_window_s > 0")
-
-
-@dataclass(frozen=True)
-class DegradeConfig:
-    wait_threshold_s: float = 1.0  # degrade when the estimated admission wait is longer
-    high_watermark: float = 0.95  # ... or when reserved + queued + this request > this share
-
-    def __post_init__(self) -> None:
-        if self.wait_threshold_s < 0 or not 0 < self.high_watermark <= 1:
-            raise ValueError("wait_threshold_s must be >= 0 and high_watermark in (0, 1]")
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    # A replica keeps the adapters it holds while its requests in flight are fewer than the
-    # least loaded replica's + spill_inflight (and it reports free KV); beyond, spill over.
-    spill_inflight: int = 4
-
-    def __post_init__(self) -> None:
-        if self.spill_inflight < 0:
-            raise ValueError("routing.spill_inflight must be >= 0")
-
-
-@dataclass(frozen=True)
-class PolicyOptions:
-    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
-    degrade: DegradeConfig = field(default_factory=DegradeConfig)
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-
-
-DEFAULT_POLICIES = ("adapter_selection", "routing", "context_trim", "degrade", "admission")
 
 
 @dataclass(frozen=True)
@@ -200,7 +80,7 @@ class TelemetryConfig:
 @dataclass(frozen=True)
 class BackendSpec:
     kind: str
-    config: Any  # the kind's own frozen Config dataclass
+    config: object  # the kind's own frozen Config dataclass (its class's `Config`)
 
 
 @dataclass(frozen=True)
@@ -212,7 +92,8 @@ class Settings:
     policies: tuple[str, ...] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     source: str = "<memory>"
-    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
+    # each configured policy's own Config (policies/*.py), by policy name; defaults if absent
+    policy_options: dict[str, object] = field(default_factory=dict)
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -341,7 +222,7 @@ def _parse(data: Any, source: str, base: Path) -> Settings:
     raw_policies = data["policies"] if "policies" in data else list(DEFAULT_POLICIES)
     policies = _convert(tuple[str, ...], raw_policies or [], "policies", "", base)
     _check_policies(policies)
-    options = build(PolicyOptions, data.get("policy_options"), "policy_options", base)
+    options = _policy_options(data.get("policy_options"), base)
     telemetry = build(TelemetryConfig, data.get("telemetry"), "telemetry", base)
     settings = Settings(server, backends, models, tenants, policies, telemetry, source, options)
     _check_references(settings)
@@ -356,9 +237,23 @@ def _list(cls: Any, raw: Any, path: str, base: Path) -> tuple[Any, ...]:
     return tuple(build(cls, item, f"{path}[{i}]", base) for i, item in enumerate(raw))
 
 
-def _check_policies(names: tuple[str, ...]) -> None:
-    from policies.registry import POLICY_KINDS  # policies import settings; resolve at call time
+def _policy_options(raw: Any, base: Path) -> dict[str, object]:
+    """`policy_options: {name: {...}}`: each validated as that policy's own Config."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("policy_options: expected a mapping of policy name -> options")
+    out: dict[str, object] = {}
+    for name, body in raw.items():
+        kind = POLICY_KINDS.get(str(name))
+        if kind is None:
+            known = ", ".join(sorted(POLICY_KINDS))
+            raise ConfigError(f"policy_options.{name}: unknown field (known: {known})")
+        out[str(name)] = build(kind.Config, body, f"policy_options.{name}", base)
+    return out
 
+
+def _check_policies(names: tuple[str, ...]) -> None:
     for i, name in enumerate(names):
         if name not in POLICY_KINDS:
             known = ", ".join(sorted(POLICY_KINDS))

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.core.backend import Backend
 from gateway.core.context import Chunk, Decision, RequestContext
+from gateway.core.policy import Outcome, Policy
 from gateway.core.procmem import GpuProbe
 from gateway.memory_collector import MemoryCollector, MultiprocessPublisher
 from gateway.metrics import NONE, GatewayMetrics, RequestObservation
@@ -33,7 +34,7 @@ from gateway.tracing import (
     set_usage,
     trace_headers,
 )
-from policies.base import Outcome, Policy, PolicyChain
+from policies.base import PolicyChain
 
 log = logging.getLogger("gateway.telemetry")
 

@@ -7,7 +7,7 @@ import hmac
 import os
 
 from gateway.core.errors import AuthenticationFailed, PermissionDenied
-from gateway.settings import TenantConfig
+from gateway.core.config import TenantConfig
 
 
 class TenantDirectory:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from gateway.core.context import Decision, RequestContext
 from gateway.core.errors import NotFound, PermissionDenied
-from policies.base import Outcome, PolicyEnv, modified, passed
+from gateway.core.policy import NoOptions, Outcome, modified, passed
+from policies.base import PolicyEnv
 
 
 class AdapterSelection:
     name = "adapter_selection"
+    Config = NoOptions
 
-    def __init__(self, env: PolicyEnv) -> None:
+    def __init__(self, env: PolicyEnv, cfg: NoOptions) -> None:
         self.env = env
 
     async def apply(self, ctx: RequestContext) -> Decision:

@@ -20,16 +20,28 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from gateway.core.config import TenantConfig
 from gateway.core.context import Decision, RequestContext, Reservation, Usage
 from gateway.core.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
-from gateway.settings import TenantConfig
-from policies.base import Outcome, PolicyEnv, passed
+from gateway.core.policy import Outcome, passed
+from policies.base import PolicyEnv
 from policies.demand import Demand, demand
 from policies.token_bucket import TokenBucket
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 NO_RETRY = {"x-should-retry": "false"}
 MAX_RETRY_AFTER_S = 60.0
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    queue_timeout_s: float = 10.0  # longest wait in the admission queue
+    max_queue: int = 1024  # waiting requests beyond this are refused at once
+    drain_window_s: float = 30.0  # how far back the drain rate (for Retry-After) looks
+
+    def __post_init__(self) -> None:
+        if self.queue_timeout_s < 0 or self.max_queue < 0 or self.drain_window_s <= 0:
+            raise ValueError("queue_timeout_s and max_queue must be >= 0, drain_window_s > 0")
 
 
 class TenantState:
@@ -60,11 +72,13 @@ class Waiter:
 
 class Admission:
     name = "admission"
+    Config = AdmissionConfig
 
-    def __init__(self, env: PolicyEnv) -> None:
+    def __init__(self, env: PolicyEnv, cfg: AdmissionConfig) -> None:
         self.env = env
         self.ledger = env.ledger
-        self.cfg = env.settings.policy_options.admission
+        self.ledger.drain_window_s = cfg.drain_window_s  # the drain rate behind Retry-After
+        self.cfg = cfg
         self._tenants: dict[str, TenantState] = {}
         self._waiters: list[Waiter] = []
         self._seq = itertools.count()

@@ -1,65 +1,49 @@
-"""The Policy interface, what every policy is built from, and the chain that runs them.
+"""What every policy is built from (PolicyEnv), what a policy class is (PolicyKind), and the
+chain that runs them in the configured order.
 
-A policy looks at a RequestContext before dispatch and passes, modifies it, or rejects it by
-raising one of gateway.errors' GatewayError subclasses (the status and OpenAI error the client
-gets). `on_finish` runs for every policy of the chain once the request is over, whatever the
-outcome (success, error, rejection, client gone), so nothing a policy holds stays held.
+The Policy and Fallback protocols themselves are gateway/core/policy.py's.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from gateway.core.backend import Backend
+from gateway.core.config import ModelConfig, TenantConfig
 from gateway.core.context import Decision, RequestContext
-from gateway.core.errors import GatewayError
-from gateway.settings import Settings, TenantConfig
+from gateway.core.errors import BackendError, GatewayError
+from gateway.core.policy import Fallback, Outcome, Policy
 from policies.ledger import Ledger
-from policies.replicas import Router
-
-if TYPE_CHECKING:
-    from gateway.core.backend import Backend
+from policies.routing import Router
 
 log = logging.getLogger("gateway.policies")
 
-# "retried": the attempt failed before its first byte and the request goes on elsewhere.
-Outcome = Literal["ok", "error", "rejected", "cancelled", "retried"]
-
-
-class Policy(Protocol):
-    name: str
-
-    async def apply(self, ctx: RequestContext) -> Decision:
-        """Pass, modify ctx, or raise a GatewayError to reject (which stops the chain)."""
-
-    async def on_finish(self, ctx: RequestContext, outcome: Outcome) -> None:
-        """Always called once the request is over; releases whatever apply took."""
+FALLBACK = "fallback"  # the Decision.policy that records a failover (metrics count it)
 
 
 @dataclass
 class PolicyEnv:
-    """What every policy is built from: config, backends, the shared ledger, a clock."""
+    """What every policy of one chain shares: the tiers and tenants, the backends, the ledger
+    of reserved bytes, the replica router, a clock."""
 
-    settings: Settings
-    backends: dict[str, Backend]
+    models: Mapping[str, ModelConfig]
+    tenants: Mapping[str, TenantConfig]
+    backends: Mapping[str, Backend]
     ledger: Ledger
+    router: Router
     clock: Callable[[], float] = time.monotonic
-    tenants: dict[str, TenantConfig] = field(default_factory=dict)
-    router: Router | None = None  # replicas: which one serves a request (policies/replicas.py)
 
-    def __post_init__(self) -> None:
-        if not self.tenants:
-            self.tenants = {t.name: t for t in self.settings.tenants}
-        if self.router is None:
-            self.router = Router(self.settings.policy_options.routing)
+    def model(self, name: str) -> ModelConfig | None:
+        return self.models.get(name)
 
     def route(self, ctx: RequestContext, model_name: str) -> str:
-        """Send ctx to a replica of `model_name` (sets ctx.backend); see policies/replicas."""
-        model = self.settings.model(model_name)
-        if model is None or self.router is None:
+        """Send ctx to a replica of `model_name` (sets ctx.backend); see policies/routing."""
+        model = self.models.get(model_name)
+        if model is None:
             raise GatewayError(f"No model named {model_name!r} is configured.")
         return self.router.route(ctx, model, self.backends)
 
@@ -76,12 +60,13 @@ class PolicyEnv:
             raise GatewayError(f"No backend named {ctx.backend!r} is configured.") from None
 
 
-def passed(policy: str, reason: str = "") -> Decision:
-    return Decision(policy=policy, action="pass", reason=reason)
+class PolicyKind(Protocol):
+    """A policy class: `Kind(env, Kind.Config(...))`, its options validated from
+    `policy_options.<name>` (NoOptions for a policy without any)."""
 
+    Config: type[Any]
 
-def modified(policy: str, reason: str) -> Decision:
-    return Decision(policy=policy, action="modify", reason=reason)
+    def __call__(self, env: PolicyEnv, cfg: Any) -> Policy: ...
 
 
 class PolicyChain:
@@ -90,6 +75,8 @@ class PolicyChain:
     def __init__(self, policies: Sequence[Policy], ledger: Ledger) -> None:
         self.policies = tuple(policies)
         self.ledger = ledger
+        # the policies that can take over a failed attempt, in chain order
+        self.fallbacks: tuple[Fallback, ...] = tuple(p for p in policies if isinstance(p, Fallback))
 
     def get(self, name: str) -> Policy | None:
         return next((p for p in self.policies if p.name == name), None)
@@ -108,6 +95,22 @@ class PolicyChain:
                 ctx.decisions.append(decision)
                 raise GatewayError(decision.reason, status=decision.status)
             ctx.decisions.append(decision)
+
+    async def fall_back(self, ctx: RequestContext, error: BackendError) -> bool:
+        """The attempt's backend failed before its first byte: the first Fallback policy that
+        takes the request over points ctx at its new target (recorded as a "fallback"
+        decision); the caller releases the attempt and runs the chain again. False: none did."""
+        for policy in self.fallbacks:
+            decision = await policy.on_backend_error(ctx, error)
+            if decision.action == "modify":
+                ctx.decisions.append(Decision(
+                    policy=FALLBACK, action="modify", status=error.status,
+                    reason=f"{decision.reason} (backend {ctx.failed_backends[-1]} failed "
+                           f"before the first byte: {error.code})"))
+                log.warning("request %s: backend %s failed (%s); %s", ctx.request_id,
+                            ctx.failed_backends[-1], error.message, decision.reason)
+                return True
+        return False
 
     async def finish(self, ctx: RequestContext, outcome: Outcome) -> None:
         """on_finish of every policy, newest first; one failing never skips the others."""

@@ -21,7 +21,8 @@ from typing import Any
 
 from gateway.core.context import Decision, RequestContext
 from gateway.core.errors import ContextLengthExceeded
-from policies.base import Outcome, PolicyEnv, modified, passed
+from gateway.core.policy import NoOptions, Outcome, modified, passed
+from policies.base import PolicyEnv
 
 Messages = list[dict[str, Any]]
 
@@ -67,8 +68,9 @@ STRATEGIES: dict[str, Callable[[Messages], list[list[int]]]] = {
 
 class ContextTrim:
     name = "context_trim"
+    Config = NoOptions
 
-    def __init__(self, env: PolicyEnv) -> None:
+    def __init__(self, env: PolicyEnv, cfg: NoOptions) -> None:
         self.env = env
 
     def _limit(self, ctx: RequestContext) -> int | None:

@@ -7,31 +7,48 @@ counts as too long) exceeds wait_threshold_s. Then a tenant with allow_degrade i
 the degrade_to model, with its own adapter for that model if it has one, else the base
 model; a tenant without allow_degrade gets 503 with Retry-After. The response's `model`
 names the model that answered; header x-gateway-degraded-from names the one asked for.
+
+Fallback: when no replica of the tier is left for a request whose backend failed before its
+first byte (routing's fallback passed), a tenant with allow_degrade is served by the
+degrade_to tier instead, once per request (no chains of fallbacks).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from gateway.core.context import Decision, RequestContext
-from gateway.core.errors import Unavailable
-from policies.base import Outcome, PolicyEnv, modified, passed
+from gateway.core.errors import BackendError, Unavailable
+from gateway.core.policy import Outcome, modified, passed
+from policies.base import PolicyEnv
 from policies.demand import demand
 
 MAX_RETRY_AFTER_S = 60.0
 
 
+@dataclass(frozen=True)
+class DegradeConfig:
+    wait_threshold_s: float = 1.0  # degrade when the estimated admission wait is longer
+    high_watermark: float = 0.95  # ... or when reserved + queued + this request > this share
+
+    def __post_init__(self) -> None:
+        if self.wait_threshold_s < 0 or not 0 < self.high_watermark <= 1:
+            raise ValueError("wait_threshold_s must be >= 0 and high_watermark in (0, 1]")
+
+
 class Degrade:
     name = "degrade"
+    Config = DegradeConfig
 
-    def __init__(self, env: PolicyEnv) -> None:
+    def __init__(self, env: PolicyEnv, cfg: DegradeConfig) -> None:
         self.env = env
-        self.cfg = env.settings.policy_options.degrade
+        self.cfg = cfg
 
     async def apply(self, ctx: RequestContext) -> Decision:
-        settings = self.env.settings
-        model = settings.model(ctx.target_model)
-        smaller = settings.model(model.degrade_to) if model and model.degrade_to else None
+        env = self.env
+        model = env.model(ctx.target_model)
+        smaller = env.model(model.degrade_to) if model and model.degrade_to else None
         if smaller is None:
             return passed(self.name, "no smaller tier")
         need = demand(self.env.backend(ctx), ctx)
@@ -59,6 +76,24 @@ class Degrade:
         ctx.prompt_tokens = None  # the smaller tier counts with its own tokenizer
         return modified(self.name, f"{why}: served by {smaller.name}")
 
+    async def on_backend_error(self, ctx: RequestContext, error: BackendError) -> Decision:
+        """The smaller tier, once, for a tenant that allows degrading."""
+        model = self.env.model(ctx.target_model)
+        if error.status < 500 or model is None or model.degrade_to is None:
+            return passed(self.name, "no smaller tier")
+        if not self.env.tenant(ctx).allow_degrade or ctx.fell_back_to_tier:
+            return passed(self.name, "not degraded")
+        smaller = self.env.model(model.degrade_to)
+        if smaller is None:
+            return passed(self.name, "no smaller tier")
+        ctx.fell_back_to_tier = True
+        ctx.degraded_from = ctx.degraded_from or ctx.target_model
+        ctx.target_model = smaller.name
+        ctx.backend = smaller.backends[0]  # routing, when configured, re-picks a replica
+        ctx.requested_adapter = None  # the tenant's own adapter for that tier, if any
+        ctx.adapter = None
+        ctx.prompt_tokens = None  # the tier counts with its own tokenizer
+        return modified(self.name, f"degraded: served by {smaller.name}")
+
     async def on_finish(self, ctx: RequestContext, outcome: Outcome) -> None:
-        if self.env.router is not None:
-            self.env.router.release(ctx)  # the replica route() counted (idempotent)
+        self.env.router.release(ctx)  # the replica route() counted (idempotent)

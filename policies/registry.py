@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
 
-from gateway.settings import Settings
+from gateway.core.backend import Backend
+from gateway.core.config import ModelConfig, TenantConfig
 from policies.adapter_selection import AdapterSelection
 from policies.admission import Admission
-from policies.base import PolicyChain, PolicyEnv
+from policies.base import PolicyChain, PolicyEnv, PolicyKind
 from policies.context_trim import ContextTrim
 from policies.degrade import Degrade
 from policies.ledger import Ledger
-from policies.routing import Routing
+from policies.routing import Router, Routing
 
-if TYPE_CHECKING:
-    from gateway.core.backend import Backend
-
-POLICY_KINDS: dict[str, Any] = {
+POLICY_KINDS: dict[str, PolicyKind] = {
     "adapter_selection": AdapterSelection,
     "routing": Routing,
     "context_trim": ContextTrim,
@@ -26,14 +23,23 @@ POLICY_KINDS: dict[str, Any] = {
     "admission": Admission,
 }
 
+DEFAULT_POLICIES = ("adapter_selection", "routing", "context_trim", "degrade", "admission")
+
 
 def build_chain(
-    settings: Settings, backends: dict[str, Backend], clock: Callable[[], float] = time.monotonic
+    names: Sequence[str], options: Mapping[str, object], models: Sequence[ModelConfig],
+    tenants: Sequence[TenantConfig], backends: Mapping[str, Backend],
+    clock: Callable[[], float] = time.monotonic,
 ) -> PolicyChain:
-    """One instance of each configured policy, in the configured order, sharing one ledger."""
-    ledger = Ledger(clock, settings.policy_options.admission.drain_window_s)
-    env = PolicyEnv(settings, backends, ledger, clock)
-    unknown = [n for n in settings.policies if n not in POLICY_KINDS]
+    """One instance of each named policy, in order, with its options (`options[name]`, else
+    its Config's defaults), sharing one env: ledger, router, clock."""
+    unknown = [n for n in names if n not in POLICY_KINDS]
     if unknown:
         raise KeyError(f"unknown policies {unknown} (known: {', '.join(sorted(POLICY_KINDS))})")
-    return PolicyChain([POLICY_KINDS[name](env) for name in settings.policies], ledger)
+    env = PolicyEnv(models={m.name: m for m in models}, tenants={t.name: t for t in tenants},
+                    backends=backends, ledger=Ledger(clock), router=Router(), clock=clock)
+    policies = []
+    for name in names:
+        kind = POLICY_KINDS[name]
+        policies.append(kind(env, options.get(name) or kind.Config()))
+    return PolicyChain(policies, env.ledger)

@@ -19,15 +19,22 @@ def serving_in_thread(handler: Handler, port: int, **server: Any) -> Iterator[No
     loop = asyncio.new_event_loop()
     ready = threading.Event()
 
+    async def quiet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(reader, writer)
+        except asyncio.CancelledError:  # the block ended with the connection still open
+            writer.close()
+
     def run() -> None:
         asyncio.set_event_loop(loop)
-        srv = loop.run_until_complete(asyncio.start_server(handler, "127.0.0.1", port, **server))
+        srv = loop.run_until_complete(asyncio.start_server(quiet, "127.0.0.1", port, **server))
         ready.set()
         loop.run_forever()
         srv.close()
-        for task in asyncio.all_tasks(loop):
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
             task.cancel()
-        loop.run_until_complete(asyncio.sleep(0))
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

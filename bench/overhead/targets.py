@@ -159,8 +159,7 @@ def start_upstream(workdir: Path) -> Proc:
 def gateway_config(upstream: str) -> dict[str, object]:
     """One `openai` backend on the fake upstream, one tenant, the default policy chain (those
     of its names that are registered: the chain grows while this bench stays put)."""
-    from gateway.settings import DEFAULT_POLICIES
-    from policies.registry import POLICY_KINDS
+    from policies.registry import DEFAULT_POLICIES, POLICY_KINDS
 
     return {
         "policies": [p for p in DEFAULT_POLICIES if p in POLICY_KINDS],

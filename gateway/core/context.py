@@ -114,6 +114,8 @@ class RequestContext:
     # Set by the policy chain (policies/): read by response headers and telemetry.
     requested_adapter: str | None = None  # from `model: "base:adapter"`
     degraded_from: str | None = None  # the model asked for, when degrade routed elsewhere
+    failed_backends: list[str] = field(default_factory=list)  # failed it before its first byte
+    fell_back_to_tier: bool = False  # served by a smaller tier after a failure (once at most)
     trimmed_tokens: int = 0  # prompt tokens context_trim removed
     queue_seconds: float = 0.0  # time spent waiting for admission in the gateway
     reservation: Reservation | None = None  # the admission policy's, while one is held

@@ -8,6 +8,7 @@ holds stays held.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from gateway.core.context import Decision, RequestContext
@@ -35,3 +36,16 @@ class Fallback(Protocol):
         """"modify": ctx now names another target (replica or tier) and the chain runs again
         on it; "pass": not this policy's to retry (the next Fallback is asked, else the error
         stands). Called after the failed attempt's on_finish("retried") released its holds."""
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a policy that has none (its `Config`)."""
+
+
+def passed(policy: str, reason: str = "") -> Decision:
+    return Decision(policy=policy, action="pass", reason=reason)
+
+
+def modified(policy: str, reason: str) -> Decision:
+    return Decision(policy=policy, action="modify", reason=reason)

@@ -4,8 +4,8 @@ import hashlib
 
 import pytest
 
+from gateway.core.config import TenantConfig
 from gateway.core.errors import AuthenticationFailed
-from gateway.settings import TenantConfig
 from gateway.tenants import TenantDirectory
 
 

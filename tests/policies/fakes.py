@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from gateway.core.backend import Capacity
 from gateway.core.context import RequestContext, SamplingParams
 from gateway.settings import Settings, parse_settings
 from policies.base import PolicyEnv
 from policies.ledger import Ledger
+from policies.routing import Router
 
 SHA = "0" * 64
 
@@ -70,7 +72,19 @@ def env(s: Settings, backends: dict[str, Any] | None = None,
         clock: FakeClock | None = None) -> PolicyEnv:
     clock = clock or FakeClock()
     backends = backends or {"big": FakeBackend("big"), "small": FakeBackend("small")}
-    return PolicyEnv(s, backends, Ledger(clock, 30.0), clock)
+    return PolicyEnv(models={m.name: m for m in s.models}, tenants={t.name: t for t in s.tenants},
+                     backends=backends, ledger=Ledger(clock, 30.0), router=Router(), clock=clock)
+
+
+P = TypeVar("P")
+
+
+def make(kind: Callable[[PolicyEnv, Any], P], s: Settings, backends: dict[str, Any] | None = None,
+         clock: FakeClock | None = None) -> P:
+    """One policy of kind `kind` with the options `s` gives it, over env(s, backends, clock)."""
+    name: str = kind.name
+    options = s.policy_options.get(name) or kind.Config()
+    return kind(env(s, backends, clock), options)
 
 
 def ctx(tenant: str = "acme", words: int = 10, max_tokens: int = 16, model: str = "large",

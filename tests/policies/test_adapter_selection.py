@@ -6,7 +6,7 @@ import pytest
 
 from gateway.core.errors import NotFound, PermissionDenied
 from policies.adapter_selection import AdapterSelection
-from tests.policies.fakes import FakeBackend, ctx, env, settings
+from tests.policies.fakes import FakeBackend, ctx, make, settings
 
 KNOWN = {"acme-support": 10, "acme-extra": 20, "globex-legal": 30}
 
@@ -14,8 +14,8 @@ KNOWN = {"acme-support": 10, "acme-extra": 20, "globex-legal": 30}
 def policy() -> AdapterSelection:
     s = settings([{"name": "acme", "adapters": {"large": "acme-support"},
                    "allowed_adapters": {"large": ["acme-extra"]}}, {"name": "globex"}])
-    return AdapterSelection(env(s, {"big": FakeBackend("big", adapters=KNOWN),
-                                    "small": FakeBackend("small")}))
+    return make(AdapterSelection, s, {"big": FakeBackend("big", adapters=KNOWN),
+                                    "small": FakeBackend("small")})
 
 
 async def test_default_and_override() -> None:

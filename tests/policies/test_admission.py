@@ -10,7 +10,7 @@ import pytest
 from gateway.core.context import Usage
 from gateway.core.errors import ContextLengthExceeded, RateLimited, Unavailable
 from policies.admission import Admission
-from tests.policies.fakes import FakeBackend, FakeClock, ctx, env, settings
+from tests.policies.fakes import FakeBackend, FakeClock, ctx, make, settings
 
 BLOCK = 16 * 2048  # the fake backend's block in bytes
 
@@ -19,7 +19,7 @@ def admission(tenants: list[dict] | None = None, blocks: int | None = 64, timeou
               clock: FakeClock | None = None) -> Admission:
     s = settings(tenants, policy_options={"admission": {"queue_timeout_s": timeout}})
     kv = None if blocks is None else blocks * BLOCK
-    return Admission(env(s, {"big": FakeBackend("big", kv), "small": FakeBackend("small")}, clock))
+    return make(Admission, s, {"big": FakeBackend("big", kv), "small": FakeBackend("small")}, clock)
 
 
 async def test_reserves_whole_blocks_and_releases() -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from gateway.core.context import Decision, RequestContext
 from gateway.core.errors import RateLimited
 from gateway.core.kv import kv_bytes_for
-from gateway.settings import DEFAULT_POLICIES, ConfigError
-from policies.base import Outcome, PolicyChain, passed
+from gateway.core.policy import Outcome, passed
+from gateway.settings import ConfigError, Settings
+from policies.admission import AdmissionConfig
+from policies.base import PolicyChain
 from policies.ledger import Ledger
-from policies.registry import POLICY_KINDS, build_chain
+from policies.registry import DEFAULT_POLICIES, POLICY_KINDS, build_chain
 from policies.token_bucket import TokenBucket
 from tests.policies.fakes import FakeBackend, FakeClock, ctx, settings
 
@@ -44,12 +48,15 @@ async def test_reject_stops_the_chain_and_finish_runs_for_all() -> None:
 
 
 def test_registry_builds_the_configured_order() -> None:
+    def chain_of(s: Settings, backends: dict[str, Any]) -> PolicyChain:
+        return build_chain(s.policies, s.policy_options, s.models, s.tenants, backends)
+
     s = settings(policies=["admission", "adapter_selection"])
-    chain = build_chain(s, {"big": FakeBackend("big"), "small": FakeBackend("small")})
+    chain = chain_of(s, {"big": FakeBackend("big"), "small": FakeBackend("small")})
     assert [p.name for p in chain.policies] == ["admission", "adapter_selection"]
     assert set(DEFAULT_POLICIES) == set(POLICY_KINDS)
-    assert [p.name for p in build_chain(settings(), {}).policies] == list(DEFAULT_POLICIES)
-    assert build_chain(settings(policies=[]), {}).policies == ()
+    assert [p.name for p in chain_of(settings(), {}).policies] == list(DEFAULT_POLICIES)
+    assert chain_of(settings(policies=[]), {}).policies == ()
 
 
 @pytest.mark.parametrize(
@@ -126,4 +133,4 @@ def test_demo_config_enables_the_default_chain() -> None:
     tenants = {t.name: t for t in s.tenants}
     assert tenants["acme"].priority == "high" and tenants["globex"].trim.strategy == "middle_out"
     assert tenants["globex"].limits.max_kv_share == 0.5
-    assert s.policy_options.admission.queue_timeout_s == 10
+    assert s.policy_options["admission"] == AdmissionConfig(queue_timeout_s=10)

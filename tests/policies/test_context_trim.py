@@ -6,7 +6,7 @@ import pytest
 
 from gateway.core.errors import ContextLengthExceeded
 from policies.context_trim import ContextTrim, drop_oldest, middle_out
-from tests.policies.fakes import ctx, env, settings
+from tests.policies.fakes import ctx, make, settings
 
 
 def chat(turns: int, words: int = 10) -> list[dict[str, str]]:
@@ -20,7 +20,7 @@ def chat(turns: int, words: int = 10) -> list[dict[str, str]]:
 def trim(strategy: str = "drop_oldest", **limits: object) -> ContextTrim:
     tenant = {"name": "acme", "trim": {"strategy": strategy, "fit_kv_share": bool(limits)},
               "limits": limits}
-    return ContextTrim(env(settings([tenant])))
+    return make(ContextTrim, settings([tenant]))
 
 
 def firsts(messages: list[dict[str, str]]) -> list[str]:

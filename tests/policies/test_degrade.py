@@ -7,7 +7,7 @@ import pytest
 from gateway.core.context import Reservation
 from gateway.core.errors import Unavailable
 from policies.degrade import Degrade
-from tests.policies.fakes import ctx, env, settings
+from tests.policies.fakes import ctx, make, settings
 
 BLOCK = 16 * 2048
 
@@ -16,7 +16,7 @@ def policy(watermark: float = 0.95) -> Degrade:
     s = settings([{"name": "acme", "adapters": {"tiny": "acme-small"}},
                   {"name": "globex", "allow_degrade": False}],
                  policy_options={"degrade": {"high_watermark": watermark, "wait_threshold_s": 1}})
-    return Degrade(env(s))
+    return make(Degrade, s)
 
 
 def fill(p: Degrade, blocks: int) -> None:

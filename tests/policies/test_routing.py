@@ -8,9 +8,9 @@ import pytest
 
 from gateway.core.context import Reservation
 from gateway.settings import ConfigError
-from policies.degrade import Degrade
+from policies.degrade import Degrade, DegradeConfig
 from policies.routing import Routing
-from tests.policies.fakes import SHA, FakeBackend, ctx, env, settings
+from tests.policies.fakes import SHA, FakeBackend, ctx, make, settings
 
 BLOCK = 16 * 2048
 
@@ -40,7 +40,7 @@ def replicated(spill: int = 4, **backends: FakeBackend) -> tuple[Routing, dict[s
     )
     fakes = backends or {"r1": Flaky("r1", kv_bytes=None), "r2": Flaky("r2", kv_bytes=None)}
     fakes.setdefault("small", FakeBackend("small"))
-    return Routing(env(s, dict(fakes))), fakes
+    return make(Routing, s, dict(fakes)), fakes
 
 
 def request(tenant: str) -> Any:
@@ -113,7 +113,7 @@ async def test_all_out_of_rotation_still_routes() -> None:
 
 async def test_degrade_routes_to_the_smaller_tier_and_releases() -> None:
     p, _ = replicated(r1=FakeBackend("r1"), r2=FakeBackend("r2"))
-    d = Degrade(p.env)
+    d = Degrade(p.env, DegradeConfig())
     c = request("acme")
     await p.apply(c)
     p.env.ledger.pool(c.backend, 64 * 16 * 2048)

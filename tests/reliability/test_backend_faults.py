@@ -35,7 +35,8 @@ def faults_config(upstream: str) -> dict[str, Any]:
     names = [m["name"] for m in models]
     return {
         "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY"},
-        "backends": backends, "models": models, "policies": [],
+        # only degrade: the fallback to degrade_to is its (policies: [] turns that off too)
+        "backends": backends, "models": models, "policies": ["degrade"],
         "tenants": [{"name": "acme", "api_key_sha256": [ACME_SHA], "models": names}],
     }
 

@@ -19,7 +19,7 @@ from gateway.core.errors import ContextLengthExceeded, GatewayError
 from policies.admission import Admission
 from policies.context_trim import ContextTrim
 from policies.token_bucket import TokenBucket
-from tests.policies.fakes import FakeBackend, FakeClock, ctx, env
+from tests.policies.fakes import FakeBackend, FakeClock, ctx, make
 from tests.policies.fakes import settings as make_settings
 
 BLOCK = 16 * 2048  # the fake backend's block in bytes
@@ -85,8 +85,8 @@ async def _settle() -> None:
 
 async def _drive(blocks: int, ops: list[tuple[str, Any]]) -> None:
     s = make_settings(TENANTS, policy_options={"admission": {"queue_timeout_s": 30}})
-    a = Admission(env(s, {"big": FakeBackend("big", blocks * BLOCK, window=512),
-                          "small": FakeBackend("small")}))
+    a = make(Admission, s, {"big": FakeBackend("big", blocks * BLOCK, window=512),
+                          "small": FakeBackend("small")})
     tasks: list[tuple[asyncio.Task[Any], Any]] = []
     for op, arg in ops:
         if op == "submit":
@@ -140,7 +140,7 @@ MESSAGE = st.fixed_dictionaries({
 def test_trim_keeps_the_last_user_message_and_fits(
         messages: list[dict[str, str]], strategy: str, max_tokens: int) -> None:
     messages = [{**m, "content": f"m{i} {m['content']}"} for i, m in enumerate(messages)]
-    policy = ContextTrim(env(make_settings([{"name": "acme", "trim": {"strategy": strategy}}])))
+    policy = make(ContextTrim, make_settings([{"name": "acme", "trim": {"strategy": strategy}}]))
     c = ctx(messages=list(messages), max_tokens=max_tokens)
     try:
         asyncio.run(policy.apply(c))
