@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from opentelemetry.trace import TracerProvider
@@ -23,30 +21,18 @@ from gateway import routes
 from gateway.core import context
 from gateway.core.backend import Backend
 from gateway.core.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.handler import GenerationHandler
+from gateway.http.asgi import GenerationDispatch
 from gateway.settings import Settings, load_settings
 from gateway.shutdown import Drain
-from gateway.telemetry import Telemetry, TelemetryMiddleware
+from gateway.state import GatewayState
+from gateway.telemetry import Telemetry
 from gateway.tenants import AdminKey, TenantDirectory
 from gateway.tracing import build_tracer_provider
-from policies.base import PolicyChain
 from policies.registry import build_chain
 
 log = logging.getLogger("gateway")
 
-
-
-@dataclass
-class GatewayState:
-    settings: Settings
-    tenants: TenantDirectory
-    admin: AdminKey
-    backends: dict[str, Backend]
-    policies: PolicyChain  # the configured policy chain; .ledger holds the reservations
-    telemetry: Telemetry
-    ready: bool = False
-    started: float = field(default_factory=time.time)
-    drain: Drain = field(default_factory=lambda: Drain(10.0))  # graceful shutdown (issue #8)
-    metrics_key: AdminKey | None = None  # set: /metrics needs this bearer key
 
 
 class RequestIdMiddleware:
@@ -73,30 +59,6 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-class GenerationRoutes:
-    """Pure ASGI, innermost: POST /v1/chat/completions and /v1/completions go straight to
-    their handlers, without the Router and ExceptionMiddleware layers (their per-request and
-    per-message wrappers were a measurable share of the gateway's own work). Same answers:
-    a GatewayError from a handler becomes its OpenAI error response; anything else goes to
-    ServerErrorMiddleware as before; every other request (other methods and paths, a
-    root_path prefix) takes the Router."""
-
-    def __init__(self, app: ASGIApp, handlers: dict[str, Any]) -> None:
-        self.app = app
-        self.handlers = handlers
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.handlers.get(scope["path"]) if scope["type"] == "http" else None
-        if handler is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        try:
-            response = await handler(Request(scope, receive, send))
-        except GatewayError as exc:
-            response = error_response(exc)
-        await response(scope, receive, send)
 
 
 def error_response(exc: GatewayError) -> JSONResponse:
@@ -179,8 +141,6 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
-            Route("/v1/completions", routes.completions, methods=["POST"]),
             Route("/v1/models", routes.list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", routes.get_model, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
@@ -197,10 +157,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = state
-    app.add_middleware(GenerationRoutes, handlers={
-        "/v1/chat/completions": routes.chat_completions, "/v1/completions": routes.completions})
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(TelemetryMiddleware, telemetry=telemetry)
+    # outermost: the generation routes' ASGI writer (gateway serve's own connections answer
+    # them through the fast writer before the ASGI app is involved)
+    app.add_middleware(GenerationDispatch, handler=GenerationHandler(state))
     return app
 
 

@@ -16,7 +16,7 @@ from gateway.settings import ConfigError, load_settings
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.serving import HTTP_PROTOCOL
+    from gateway.http.server import HTTP_PROTOCOL
 
     try:
         settings = load_settings(args.config)
@@ -39,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
     else:
         from gateway.app import create_app
-        from gateway.serving import DrainingServer
+        from gateway.http.server import DrainingServer
 
         app = create_app(settings)
         config = uvicorn.Config(app, **common)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
+from gateway.core.backend import Backend
 from gateway.core.context import Chunk, RequestContext
 from gateway.core.errors import BackendError, GatewayError
 from gateway.core.policy import Outcome
+from gateway.state import GatewayState
+from gateway.telemetry import RequestRecord
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -32,12 +34,12 @@ class Pipeline:
     fallback: the client gets an error event.
     """
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: GatewayState) -> None:
         self.state = state
 
-    async def run(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+    async def run(self, ctx: RequestContext, rec: RequestRecord) -> AsyncIterator[Chunk]:
         telemetry = self.state.telemetry
-        telemetry.begin(ctx)
+        telemetry.begin(rec, ctx)
         outcome: Outcome = "error"
         try:
             try:
@@ -47,7 +49,7 @@ class Pipeline:
                 raise
             while True:
                 stream = self._backend(ctx).generate(ctx)
-                telemetry.generating(ctx)
+                telemetry.generating(rec)
                 try:
                     try:
                         first = await stream.__anext__()
@@ -67,23 +69,23 @@ class Pipeline:
                             outcome = "rejected"
                             raise
                         continue
-                    telemetry.chunk(ctx, first)
+                    telemetry.chunk(rec, ctx, first)
                     if first.finish_reason is not None:
                         outcome = "ok"  # the last chunk: closing after it is no cancellation
                         ctx.usage = first.usage
                     yield first
                     async for chunk in stream:
-                        telemetry.chunk(ctx, chunk)
+                        telemetry.chunk(rec, ctx, chunk)
                         if chunk.finish_reason is not None:
                             outcome = "ok"
                             ctx.usage = chunk.usage
                         yield chunk
                     break
                 finally:
-                    await stream.aclose()
+                    await stream.aclose()  # type: ignore[attr-defined]
             outcome = "ok"
         except BackendError as exc:  # issue #8: every backend failure the client sees is counted
-            telemetry.backend_failed(ctx, exc.code)
+            telemetry.backend_failed(rec, ctx, exc.code)
             raise
         except (GeneratorExit, asyncio.CancelledError):
             if outcome != "ok":
@@ -99,7 +101,7 @@ class Pipeline:
             exc.headers.update(self.headers(ctx))
             raise
 
-    def _backend(self, ctx: RequestContext) -> Any:
+    def _backend(self, ctx: RequestContext) -> Backend:
         backend = self.state.backends.get(ctx.backend)
         if backend is None:
             raise GatewayError(f"No backend named {ctx.backend!r} is configured.")

@@ -1,111 +1,26 @@
-"""HTTP handlers: authenticate, validate, hand to the pipeline, shape the answer."""
+"""The routes other than generation (gateway/handler.py has those): models, health,
+readiness, the admin memory report, metrics, the OpenAPI document."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import re
-import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import Any, cast
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway import openapi, validation
-from gateway.core.context import Chunk, RequestContext
-from gateway.core.errors import (
-    ClientDisconnected,
-    InvalidRequest,
-    NotFound,
-    PayloadTooLarge,
-    RequestTimeout,
-    Unavailable,
-    UnsupportedMediaType,
-)
-from gateway.core.media import is_json_media
-from gateway.memory_report import memory_report
-from gateway.pipeline import Pipeline
+from gateway import openapi
 from gateway.core.config import ModelConfig, TenantConfig
-from gateway.shutdown import Drain
-from gateway.sse import DONE, collect, stream_events
-
-T = TypeVar("T")
-
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+from gateway.core.errors import NotFound
+from gateway.memory_report import memory_report
+from gateway.state import GatewayState
 
 
-def _state(request: Request) -> Any:
-    return request.app.state.gateway
+def _state(request: Request) -> GatewayState:
+    return cast(GatewayState, request.app.state.gateway)
 
 
-def check_body_headers(ctype: str | None, declared: str | None, limit: int) -> None:
-    """Content-Type JSON (or absent) and a declared Content-Length within the limit."""
-    if ctype is not None and not is_json_media(ctype):  # absent: taken as JSON
-        media = ctype.partition(";")[0].strip().lower()
-        raise UnsupportedMediaType(
-            f"Content-Type {media or '(empty)'!r} is not supported; send application/json.")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
-
-
-def too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-
-
-def body_timeout(timeout_s: float) -> RequestTimeout:
-    return RequestTimeout(f"The request body was not received within {timeout_s:g} s.")
-
-
-def parse_body(body: bytes | bytearray) -> dict[str, Any]:
-    """The request body as a JSON object, or InvalidRequest naming what is wrong."""
-    if not body:
-        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
-    data: Any = _STDLIB_PARSE_FAILED
-    if _LONG_DIGITS.search(body) is None:  # orjson reads integers past 64 bits as floats
-        with contextlib.suppress(orjson.JSONDecodeError):
-            data = orjson.loads(body)  # the common case, fast
-    if data is _STDLIB_PARSE_FAILED:
-        data = _parse_json_stdlib(bytes(body))  # same answer and errors as before
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return data
-
-
-async def read_json(request: Request, limit: int, timeout_s: float = 30.0) -> dict[str, Any]:
-    check_body_headers(request.headers.get("content-type"), request.headers.get("content-length"),
-                       limit)
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):  # a slow sender must not hold a worker
-            async for part in request.stream():
-                body += part
-                if len(body) > limit:
-                    raise too_large(limit)
-    except TimeoutError:
-        raise body_timeout(timeout_s) from None
-    return parse_body(body)
-
-
-_STDLIB_PARSE_FAILED = object()
-_LONG_DIGITS = re.compile(rb"\d{19}")
-
-
-def _parse_json_stdlib(body: bytes) -> Any:
-    """json.loads, whose behaviour is the reference: NaN/Infinity literals and integers past
-    64 bits parse (and the validators name the param), UTF-16/32 bodies are decoded. orjson
-    refuses those, so a body orjson refuses is parsed again here."""
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "not valid JSON"
-        raise InvalidRequest(f"The request body is {reason}.", code="invalid_json") from None
-
-
-def resolve_model(state: Any, tenant: TenantConfig, name: str) -> tuple[ModelConfig, str | None]:
+def resolve_model(state: GatewayState, tenant: TenantConfig, name: str) -> tuple[ModelConfig, str | None]:
     """`model` or `model:adapter` -> (the tenant's model, the adapter asked for or None).
 
     A configured model name wins as a whole (names may contain ':'); otherwise the part after
@@ -121,162 +36,6 @@ def resolve_model(state: Any, tenant: TenantConfig, name: str) -> tuple[ModelCon
             param="model", code="model_not_found",
         )
     return model, adapter
-
-
-class _DisconnectWatch:
-    """Cancel the current task when the client goes away (an ASGI `http.disconnect`).
-
-    One watcher task per request: the work itself runs in the request's own task (no second
-    task, no asyncio.wait). `gone` tells a client-caused cancellation from any other (server
-    shutdown), which stays a CancelledError.
-    """
-
-    __slots__ = ("_receive", "_task", "_watcher", "done", "gone")
-
-    def __init__(self, receive: Any) -> None:
-        self._receive = receive
-        self._task = asyncio.current_task()
-        self.gone = False
-        self.done = False
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        if not self.done and self._task is not None:
-            self.gone = True
-            self._task.cancel()
-
-    def stop(self) -> None:
-        self.done = True
-        self._watcher.cancel()
-
-    def client_gone(self) -> bool:
-        """Called on CancelledError: True (and the cancellation absorbed) if it was ours."""
-        return self.gone and self._task is not None and self._task.uncancel() == 0
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client goes away first (non-streaming requests)."""
-    watch = _DisconnectWatch(request.receive)
-    try:
-        return await work  # cancelled here, the generation releases what it holds
-    except asyncio.CancelledError:
-        if watch.client_gone():
-            raise ClientDisconnected("The client closed the connection.") from None
-        raise
-    finally:
-        watch.stop()
-
-
-class EventStreamResponse(Response):
-    """SSE without StreamingResponse's task group: one watcher task cancels the stream when
-    the client disconnects, and the events generator is always closed (releasing the
-    generation). Same status line and headers as StreamingResponse(media_type=SSE)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> None:
-        self.events = events
-        self.status_code = 200
-        self.background = None
-        self.init_headers(headers)
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        events = self.events
-        watch = _DisconnectWatch(receive)
-        try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
-            ended = False
-            async for event in events:
-                if event.endswith(DONE):  # the last event: sent with the end of the body
-                    watch.done = ended = True
-                    await send({"type": "http.response.body", "body": event, "more_body": False})
-                    break
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-            if not ended:
-                watch.done = True
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not watch.client_gone():
-                raise
-        finally:
-            watch.stop()
-            await events.aclose()  # type: ignore[attr-defined]
-
-
-def begin_generation(state: Any, kind: str, tenant: TenantConfig, body: dict[str, Any],
-                     request_id: str) -> tuple[RequestContext, Pipeline]:
-    """A validated body -> the request's context and its pipeline (both HTTP paths)."""
-    chat = kind == "chat"
-    validation.check_fields(body, validation.CHAT_FIELDS if chat else validation.COMPLETION_FIELDS)
-    model, adapter = resolve_model(state, tenant, validation.model_name(body))
-    stream, include_usage = validation.stream_flags(body)
-    user = body.get("user")
-    ctx = RequestContext(
-        request_id=request_id,
-        tenant=tenant.name,
-        kind=kind,
-        requested_model=model.name,
-        target_model=model.name,
-        backend=model.backend,
-        sampling=validation.sampling(body, state.settings.server.default_max_tokens, chat=chat),
-        stream=stream,
-        include_usage=include_usage,
-        messages=validation.messages(body) if chat else None,
-        prompt=None if chat else validation.prompt(body),
-        requested_adapter=adapter,  # the adapter_selection policy sets ctx.adapter
-        user=user if isinstance(user, str) else None,
-        created=time.time(),
-    )
-    if not state.ready:
-        raise Unavailable("The gateway is starting; try again shortly.", retry_after=1)
-    return ctx, Pipeline(state)
-
-
-async def _generate(request: Request, kind: str) -> Response:
-    """The ASGI path (any ASGI server, in-process tests); `gateway serve` answers these routes
-    on gateway/fastpath.py's path, with the same steps."""
-    state = _state(request)
-    tenant = state.tenants.authenticate(request.headers.get("authorization"))
-    body = await read_json(request, state.settings.server.max_body_bytes,
-                           state.settings.server.body_timeout_s)
-    ctx, pipeline = begin_generation(state, kind, tenant, body, request.scope["state"]["request_id"])
-    chunks = pipeline.run(ctx)
-    drain = state.drain  # ends generations cleanly at shutdown (gateway/shutdown.py)
-    if not ctx.stream:
-        try:
-            result = await _until_disconnect(request, collect(ctx, chunks, drain))
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-        return Response(orjson.dumps(result), headers=pipeline.headers(ctx),
-                        media_type="application/json")
-    # Wait for the first chunk so that failures before the first byte get a real status code.
-    first = await _until_disconnect(request, first_chunk(chunks, drain))
-    return EventStreamResponse(stream_events(ctx, chunks, first, drain),
-                               headers={**SSE_HEADERS, **pipeline.headers(ctx)})
-
-
-async def first_chunk(chunks: AsyncIterator[Chunk], drain: Drain) -> Chunk | None:
-    try:
-        return await drain.next(chunks)
-    except StopAsyncIteration:
-        await chunks.aclose()  # type: ignore[attr-defined]
-        return None
-    except BaseException:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        raise
-
-
-async def chat_completions(request: Request) -> Response:
-    return await _generate(request, "chat")
-
-
-async def completions(request: Request) -> Response:
-    return await _generate(request, "completion")
 
 
 def _model_card(model: ModelConfig, created: int) -> dict[str, Any]:

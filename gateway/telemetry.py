@@ -1,6 +1,8 @@
-"""One app's telemetry: the request record, the ASGI middleware that opens and closes it, and
-the hooks the pipeline calls (begin, watch, policy). Metrics, spans and the in-flight table
-are all fed from here, once per request, when the last response byte has gone."""
+"""One app's telemetry: the request record the generation handler opens and closes, and the
+hooks the pipeline calls with it (begin, generating, chunk, backend_failed). Metrics, spans
+and the in-flight table are all fed from here, once per request, when the last response byte
+has gone. The record is passed explicitly; only OpenTelemetry's own context makes the
+request's span current (policy spans are its children)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,12 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, TracerProvider
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.core.backend import Backend
 from gateway.core.context import Chunk, Decision, RequestContext
@@ -38,9 +38,6 @@ from policies.base import PolicyChain
 
 log = logging.getLogger("gateway.telemetry")
 
-GENERATION_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-
-
 @dataclass(slots=True)
 class RequestRecord:
     """Timings of one generation request (monotonic seconds) and its span."""
@@ -57,7 +54,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     finish_reason: str | None = None
     batch_size: int | None = None
-    tokens: tuple[Any, Any] | None = None  # while open: the otel context's and _current's
+    otel_token: object = None  # while open: OpenTelemetry's context token
 
     def ns(self, t: float) -> int:
         return self.start_ns + int((t - self.start) * 1e9)
@@ -73,8 +70,6 @@ class Telemetry:
         self.metrics = GatewayMetrics()
         self.tracer = tracer_provider.get_tracer("gateway")
         self.trace_context = TraceContext()
-        self._current: ContextVar[RequestRecord | None] = ContextVar(
-            f"gateway_request_{id(self)}", default=None)
         self._in_flight: dict[int, RequestRecord] = {}
         self.gpu = GpuProbe()
         self.collector = MemoryCollector(
@@ -132,25 +127,18 @@ class Telemetry:
 
     # ---- hooks for the pipeline ---------------------------------------------------------
 
-    def begin(self, ctx: RequestContext) -> None:
-        """The request's context is known: label its metrics and list it as in flight."""
-        rec = self._current.get()
-        if rec is not None:
-            rec.ctx = ctx
-            ctx.trace_headers = trace_headers(rec.span)
+    def begin(self, rec: RequestRecord, ctx: RequestContext) -> None:
+        """The request's context is known: label its metrics and list it as in flight; its
+        upstream calls carry the request span's trace context."""
+        rec.ctx = ctx
+        ctx.trace_headers = trace_headers(rec.span)
 
-    def generating(self, ctx: RequestContext) -> None:
+    def generating(self, rec: RequestRecord) -> None:
         """The policies are done and the backend is about to be called."""
-        rec = self._current.get()
-        if rec is not None:
-            rec.ctx = ctx
-            rec.generate_start = time.monotonic()
+        rec.generate_start = time.monotonic()
 
-    def chunk(self, ctx: RequestContext, chunk: Chunk) -> None:
+    def chunk(self, rec: RequestRecord, ctx: RequestContext, chunk: Chunk) -> None:
         """Called for every backend chunk: times the first and the last."""
-        rec = self._current.get()
-        if rec is None:
-            return
         if rec.first_chunk is None:
             rec.first_chunk = time.monotonic()
             backend = self.backends.get(ctx.backend)
@@ -162,18 +150,16 @@ class Telemetry:
             rec.finish_reason = chunk.finish_reason
             rec.generate_end = time.monotonic()
 
-    def backend_failed(self, ctx: RequestContext, code: str | None) -> None:
+    def backend_failed(self, rec: RequestRecord, ctx: RequestContext, code: str | None) -> None:
         """A backend raised: count it by backend, code and whether a chunk had gone out."""
-        rec = self._current.get()
-        phase = "mid_stream" if rec is not None and rec.first_chunk is not None else "before_first_byte"
+        phase = "mid_stream" if rec.first_chunk is not None else "before_first_byte"
         self.metrics.backend_errors.labels(ctx.backend, code or "backend_error", phase).inc()
 
-    # ---- the request lifecycle (called by the middleware) -------------------------------
+    # ---- the request lifecycle (called by the generation handler) ------------------------
 
     def open(self, kind: str, method: str, path: str, headers: Mapping[str, str]) -> RequestRecord:
         """A request's record, in flight, with its span (a child of the client's traceparent)
-        current and itself the task's current record until close(); both HTTP paths call
-        this, in the request's task."""
+        current in OpenTelemetry's context until close(); called in the request's task."""
         parent = self.trace_context.extract(headers)
         if self.record_spans:
             span = self.tracer.start_span(
@@ -184,16 +170,14 @@ class Telemetry:
             span = passthrough_span(parent)
         rec = RequestRecord(span=span)
         self._in_flight[id(rec)] = rec
-        rec.tokens = (otel_context.attach(trace.set_span_in_context(span)), self._current.set(rec))
+        rec.otel_token = otel_context.attach(trace.set_span_in_context(span))
         return rec
 
     def close(self, rec: RequestRecord) -> None:
         """After the last byte: undo open()'s context, then the request's metrics and spans."""
-        if rec.tokens is not None:
-            otel_token, var_token = rec.tokens
-            rec.tokens = None
-            self._current.reset(var_token)
-            otel_context.detach(otel_token)
+        if rec.otel_token is not None:
+            otel_context.detach(rec.otel_token)  # type: ignore[arg-type]
+            rec.otel_token = None
         self._in_flight.pop(id(rec), None)
         end = time.monotonic()
         ctx = rec.ctx
@@ -299,32 +283,3 @@ class TracedPolicy:
 
     def __getattr__(self, name: str) -> Any:  # the policy's own attributes, for chain.get()
         return getattr(self.policy, name)
-
-
-class TelemetryMiddleware:
-    """Pure ASGI: opens a record (and the request span, child of the client's traceparent) for
-    each generation request, makes the span current, and closes it after the last byte."""
-
-    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
-        self.app = app
-        self.telemetry = telemetry
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = GENERATION_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if kind is None:
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
-                   if k in (b"traceparent", b"tracestate")}
-        tel = self.telemetry
-        rec = tel.open(kind, scope.get("method", ""), scope["path"], headers)
-
-        async def send_status(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                rec.status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            tel.close(rec)

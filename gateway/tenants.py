@@ -6,8 +6,8 @@ import hashlib
 import hmac
 import os
 
-from gateway.core.errors import AuthenticationFailed, PermissionDenied
 from gateway.core.config import TenantConfig
+from gateway.core.errors import AuthenticationFailed, PermissionDenied
 
 
 class TenantDirectory:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from typing import Any
 
+import orjson
+
 from gateway.core.context import SamplingParams
-from gateway.core.errors import InvalidRequest
+from gateway.core.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
+from gateway.core.media import is_json_media
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -205,3 +216,54 @@ def prompt(body: dict[str, Any]) -> str:
         raise InvalidRequest("'prompt' must be a string (one prompt per request is served).",
                              param="prompt", code="invalid_type")
     return raw
+
+
+# ---- the body itself ---------------------------------------------------------------------
+
+
+def check_body_headers(ctype: str | None, declared: str | None, limit: int) -> None:
+    """Content-Type JSON (or absent) and a declared Content-Length within the limit."""
+    if ctype is not None and not is_json_media(ctype):  # absent: taken as JSON
+        media = ctype.partition(";")[0].strip().lower()
+        raise UnsupportedMediaType(
+            f"Content-Type {media or '(empty)'!r} is not supported; send application/json.")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+
+
+def body_timeout(timeout_s: float) -> RequestTimeout:
+    return RequestTimeout(f"The request body was not received within {timeout_s:g} s.")
+
+
+def parse_body(body: bytes | bytearray) -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidRequest naming what is wrong."""
+    if not body:
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    data: Any = _STDLIB_PARSE_FAILED
+    if _LONG_DIGITS.search(body) is None:  # orjson reads integers past 64 bits as floats
+        with contextlib.suppress(orjson.JSONDecodeError):
+            data = orjson.loads(body)  # the common case, fast
+    if data is _STDLIB_PARSE_FAILED:
+        data = _parse_json_stdlib(bytes(body))  # same answer and errors as before
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+_STDLIB_PARSE_FAILED = object()
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _parse_json_stdlib(body: bytes) -> Any:
+    """json.loads, whose behaviour is the reference: NaN/Infinity literals and integers past
+    64 bits parse (and the validators name the param), UTF-16/32 bodies are decoded. orjson
+    refuses those, so a body orjson refuses is parsed again here."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "not valid JSON"
+        raise InvalidRequest(f"The request body is {reason}.", code="invalid_json") from None

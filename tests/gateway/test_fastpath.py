@@ -1,4 +1,4 @@
-"""The generation routes' own HTTP path (gateway/fastpath.py) on the wire, raw sockets against
+"""The generation routes' fast writer (gateway/http/fast.py) on the wire, raw sockets against
 a real `gateway serve` with an `openai` upstream: what uvicorn's cycle guaranteed still holds
 (pipelining, HTTP/1.0, 100-continue, bodies over many segments, keep-alive), and the answers
 equal those of the ASGI path (the same route with a query string takes it)."""
@@ -230,7 +230,8 @@ def test_a_bug_in_the_handler_is_an_openai_shaped_500() -> None:
 
     from uvicorn.protocols.http.flow_control import FlowControl
 
-    from gateway.fastpath import FastCycle, GenerationHandler
+    from gateway.handler import GenerationHandler, Incoming
+    from gateway.http.fast import FastCycle
 
     class Broken:
         def authenticate(self, authorization: str | None) -> None:
@@ -259,7 +260,8 @@ def test_a_bug_in_the_handler_is_an_openai_shaped_500() -> None:
             transport=transport, flow=FlowControl(transport), logger=logging.getLogger("t"),
             access_logger=logging.getLogger("t.access"), access_log=False, default_headers=[],
             message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
-            on_response=lambda: done.append(1), handler=GenerationHandler(State()), kind="chat")
+            on_response=lambda: done.append(1), handler=GenerationHandler(State()),  # type: ignore[arg-type]
+            request=Incoming("chat", "POST", "/v1/chat/completions", [(b"x-request-id", b"bug-1")]))
         cycle.more_body = False
         await cycle.run_asgi(None)
         return transport, done

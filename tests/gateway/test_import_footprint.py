@@ -16,7 +16,7 @@ PROBE = f"HEAVY = {HEAVY!r}\n" + """
 import json, sys, time
 t0 = time.perf_counter()
 import gateway.app
-import gateway.protocol
+import gateway.http.protocol
 from gateway.settings import parse_settings
 app = gateway.app.create_app(parse_settings({
     "backends": {"up": {"kind": "openai", "url": "http://127.0.0.1:9/v1"}},

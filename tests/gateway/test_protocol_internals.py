@@ -1,4 +1,4 @@
-"""The uvicorn internals gateway/protocol.py and gateway/fastpath.py use (UVICORN_INTERNALS),
+"""The uvicorn internals gateway/http/protocol.py and gateway/http/fast.py use (UVICORN_INTERNALS),
 each checked on a real protocol, cycle and flow control: an upgrade of uvicorn that renames
 or drops one fails here, loudly, instead of the fast path misbehaving."""
 
@@ -16,7 +16,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.server import ServerState
 
-from gateway.protocol import UVICORN_INTERNALS, GatewayHttpProtocol
+from gateway.http.protocol import UVICORN_INTERNALS, GatewayHttpProtocol
 
 ROOT = Path(__file__).resolve().parents[2]
 

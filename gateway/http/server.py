@@ -10,8 +10,8 @@ import uvicorn
 from gateway.shutdown import Drain
 
 # The protocol `gateway serve` runs (an import string, so that `--workers N` processes load it
-# too): bounded request heads and the generation routes' own path (gateway/protocol.py).
-HTTP_PROTOCOL = "gateway.protocol:GatewayHttpProtocol"
+# too): bounded request heads and the generation routes' fast writer (gateway/http/).
+HTTP_PROTOCOL = "gateway.http.protocol:GatewayHttpProtocol"
 
 
 class DrainingServer(uvicorn.Server):

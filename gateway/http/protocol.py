@@ -9,9 +9,10 @@
   byte at all closes after the keep-alive timeout;
 - duplicate Authorization, Content-Type or Content-Length headers refused with 400 (two
   Authorization headers would let the two halves of a stack pick different tenants);
-- the generation routes (POST /v1/chat/completions, /v1/completions) answered on
-  gateway/fastpath.py's path instead of through the ASGI stack. Everything else (other
-  routes, a root_path, a query string, percent-escapes) goes to the ASGI app as before.
+- the generation routes (POST /v1/chat/completions, /v1/completions) answered through the
+  fast writer (gateway/http/fast.py) instead of the ASGI stack. Everything else (other
+  routes, a root_path, a query string, percent-escapes) goes to the ASGI app, whose own
+  writer gives the generation routes the same handler (gateway/handler.py).
 
 All of it holds for every route, whichever path answers it. The uvicorn internals this
 relies on are listed in UVICORN_INTERNALS; uvicorn is pinned to the minor version tested, and
@@ -28,7 +29,8 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway.core.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
-from gateway.fastpath import ROUTES, FastCycle, GenerationHandler
+from gateway.handler import GENERATION_ROUTES, GenerationHandler, Incoming
+from gateway.http.fast import FastCycle
 
 MAX_HEADER_BYTES = 64 * 1024  # request line + all headers
 DEFAULT_HEADER_TIMEOUT_S = 10.0
@@ -36,7 +38,10 @@ LINGER_S = 2.0  # after a refusal, what the client still sends is dropped this l
 LINGER_BYTES = 4 * 2**20  # ... and this much at most
 SINGLETON_HEADERS = (b"authorization", b"content-type", b"content-length")
 
-# What gateway/protocol.py and gateway/fastpath.py use of uvicorn beyond its public API:
+# The paths the fast writer answers, as the parser gives them.
+FAST_ROUTES = {path.encode(): kind for path, kind in GENERATION_ROUTES.items()}
+
+# What gateway/http/protocol.py and gateway/http/fast.py use of uvicorn beyond its public API:
 # (where, name). The test named above checks each on a real protocol and cycle.
 UVICORN_INTERNALS: tuple[tuple[str, str], ...] = tuple(
     ("protocol", n) for n in (
@@ -202,7 +207,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                     raise httptools.HttpParserError("duplicate singleton header")
                 seen.add(name)
         handler = self.handler
-        kind = ROUTES.get(self.url) if handler is not None else None
+        kind = FAST_ROUTES.get(self.url) if handler is not None else None
         parser = self.parser
         if (kind is None or handler is None or parser.get_method() != b"POST"
                 or parser.should_upgrade() or self.limit_concurrency is not None):
@@ -213,7 +218,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         scope["method"] = "POST"
         if http_version != "1.1":
             scope["http_version"] = http_version
-        scope["path"] = self.url.decode("ascii")
+        path = scope["path"] = self.url.decode("ascii")
         scope["raw_path"] = self.url
         scope["query_string"] = b""
         existing = self.cycle
@@ -230,7 +235,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             keep_alive=http_version != "1.0" and parser.should_keep_alive(),
             on_response=self.on_response_complete,
             handler=handler,
-            kind=kind,
+            request=Incoming(kind, "POST", path, self.headers),
         )
         if existing is None or existing.response_complete:
             self._start_asgi_task(self.cycle, self.app)
