@@ -28,7 +28,7 @@ demo-model: $(DEMO)
 serve: $(VENV)/.local $(DEMO)
 	$(BIN)/gateway serve --config $(CONFIG) --port $(PORT)
 
-test: $(VENV)/.dev $(DEMO) lint obs-tools
+test: $(VENV)/.dev $(DEMO) lint typecheck obs-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not vllm and not litellm and not soak"
 
 # vLLM CPU in its own venv (about 3 GB, 2-3 minutes); its CUDA-built extras break imports.
@@ -72,7 +72,7 @@ dashboards: $(VENV)/.dev
 	$(BIN)/python -m grafana.generate
 
 typecheck: $(VENV)/.dev
-	$(BIN)/mypy gateway policies
+	$(BIN)/mypy gateway policies backends
 
 clean:
 	rm -rf $(VENV) .venv-vllm .venv-litellm models build *.egg-info

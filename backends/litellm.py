@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +87,7 @@ class LiteLLMBackend(RemoteBackend):
             kw["stop"] = s.stop
         return kw
 
-    async def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+    async def generate(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         if self._litellm is None:
             raise BackendError(f"backend {self.name} is not started", status=503)
         kw = self._kwargs(ctx)

@@ -22,7 +22,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,7 +196,7 @@ class OpenAIBackend(RemoteBackend):
             raise _upstream_error(resp)
         raise BackendError(f"upstream {self.name} failed", status=502)  # not reached
 
-    async def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+    async def generate(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         client = self._http
         if client is None:
             raise BackendError(f"backend {self.name} is not started", status=503)
@@ -229,7 +229,7 @@ class OpenAIBackend(RemoteBackend):
             raise BackendError(f"upstream {self.name} failed: {exc}", status=502,
                                code="upstream_error") from None
 
-    async def _chunks(self, resp: UpstreamResponse, ctx: RequestContext) -> AsyncIterator[Chunk]:
+    async def _chunks(self, resp: UpstreamResponse, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         """The upstream's SSE as chunks. Read a block at a time (whatever arrived), so that
         the chunks of one block go out together (Chunk.more) in one write to the client."""
         state = _SSEState()

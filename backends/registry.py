@@ -6,7 +6,8 @@ Classes are imported on first use so that `import gateway` never pulls torch or 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+from gateway.core.backend import Backend
 
 BACKEND_KINDS: dict[str, str] = {
     "local": "backends.local.backend:LocalBackend",
@@ -16,10 +17,11 @@ BACKEND_KINDS: dict[str, str] = {
 }
 
 
-def backend_class(kind: str) -> Any:
+def backend_class(kind: str) -> type[Backend]:
     try:
         target = BACKEND_KINDS[kind]
     except KeyError:
         raise KeyError(f"unknown backend kind {kind!r} (known: {', '.join(sorted(BACKEND_KINDS))})") from None
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+    module, _, name = target.partition(":")
+    cls: type[Backend] = getattr(importlib.import_module(module), name)
+    return cls

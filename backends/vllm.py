@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,7 +102,7 @@ class VLLMBackend(OpenAIBackend):
         self._model: ModelConfig | None = None
         self._tokenizer: ChatTokenizer | None = None
         self._reading = VLLMReading()
-        self._refresh: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Task[bool] | None = None
         self._adapter_sizes: dict[str, int] = {}
         self._served: str | None = cfg.model
         self.remote = RemoteAdapters(cfg.adapter_budget_bytes, self._load, self._unload,
@@ -186,7 +186,7 @@ class VLLMBackend(OpenAIBackend):
 
     # ---- generation ------------------------------------------------------------------------
 
-    async def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+    async def generate(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         adapter = ctx.adapter
         if adapter is not None:
             await self.remote.acquire(adapter)

@@ -89,7 +89,7 @@ def workers_pss(n: int) -> list[dict[str, int]]:
 
 def weights_int8() -> dict[str, float]:
     from backends.local.loader import load_checkpoint
-    from backends.local.quantize import quantize_checkpoint
+    from backends.local.tools.quantize import quantize_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         dst = quantize_checkpoint(MODEL, Path(tmp) / "q8")

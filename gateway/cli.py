@@ -94,7 +94,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from backends.local.quantize import QuantizeError, quantize_checkpoint
+    from backends.local.quantize import QuantizeError
+    from backends.local.tools.quantize import quantize_checkpoint
 
     try:
         out = quantize_checkpoint(args.src, args.dst)

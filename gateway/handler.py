@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -58,7 +58,7 @@ class ResponseWriter(Protocol):
     async def respond(self, status: int, media: Media, headers: dict[str, str], body: bytes) -> None:
         """The whole answer. Past a stream's start it cuts the connection instead."""
 
-    async def stream(self, headers: dict[str, str], events: AsyncIterator[bytes]) -> None:
+    async def stream(self, headers: dict[str, str], events: AsyncGenerator[bytes, None]) -> None:
         """200 with server-sent events, until the last one (which ends with [DONE]); closes
         `events` whatever happens."""
 
@@ -144,7 +144,7 @@ class GenerationHandler:
                 await out.respond(200, Media.JSON, {**pipeline.headers(ctx), "x-request-id": rid},
                                   payload)
             finally:  # after the answer: the backend's and the policies' releases
-                await chunks.aclose()  # type: ignore[attr-defined]
+                await chunks.aclose()
             return
         # The first chunk first: a failure before it still gets its own status code.
         first = await first_chunk(chunks, drain)
@@ -182,12 +182,12 @@ class GenerationHandler:
         return ctx
 
 
-async def first_chunk(chunks: AsyncIterator[Chunk], drain: Drain) -> Chunk | None:
+async def first_chunk(chunks: AsyncGenerator[Chunk, None], drain: Drain) -> Chunk | None:
     try:
         return await drain.next(chunks)
     except StopAsyncIteration:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()
         return None
     except BaseException:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()
         raise

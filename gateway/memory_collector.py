@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from gateway.core.backend import Backend
+from gateway.core.backend import Backend, MemorySnapshot
 from gateway.core.context import RequestContext
 from gateway.core.procmem import GpuProbe, read_process_memory
 
@@ -34,7 +34,7 @@ class Sample:
     gpu: bool = False  # one device seen by every worker: aggregate by max, not sum
 
 
-def snapshot_components(snap: Any) -> dict[str, int]:
+def snapshot_components(snap: MemorySnapshot) -> dict[str, int]:
     """Bytes by component of a MemorySnapshot, including `other` when something is measured.
     Reads the dataclass fields, so a component a backend adds (e.g. `runtime`) shows up."""
     out: dict[str, int] = {}
@@ -63,7 +63,7 @@ class MemoryCollector:
         self.tenants = tuple(tenants)
         self.in_flight = in_flight
         self.gpu = gpu
-        # tenant -> bytes the admission ledger holds; None: sum the requests in flight
+        # tenant -> bytes admission reserved; None: sum the requests in flight
         self.reservations: Callable[[], Mapping[str, int]] | None = None
 
     # ---- the samples (shared by both modes) ---------------------------------------------
@@ -122,19 +122,19 @@ class MemoryCollector:
     def _tenants(self) -> Iterator[Sample]:
         reserved = dict.fromkeys(self.tenants, 0)
         count = dict.fromkeys(self.tenants, 0)
-        ledger = self.reservations() if self.reservations is not None else None
+        admitted = self.reservations() if self.reservations is not None else None
         for ctx in self.in_flight():
             if ctx.tenant in reserved:
-                if ledger is None:
+                if admitted is None:
                     reserved[ctx.tenant] += ctx.memory.kv_bytes_reserved + ctx.memory.adapter_bytes
                 count[ctx.tenant] += 1
-        for tenant, nbytes in (ledger or {}).items():
+        for tenant, nbytes in (admitted or {}).items():
             if tenant in reserved:
                 reserved[tenant] = nbytes
         for tenant in self.tenants:
             lab = (("tenant", tenant),)
             yield Sample("gateway_memory_reserved_bytes",
-                         "Bytes reserved for the tenant's requests (admission ledger, else in-flight KV + adapters).", lab,
+                         "Bytes reserved for the tenant's requests (admission's reservations, else in-flight KV + adapters).", lab,
                          reserved[tenant])
             yield Sample("gateway_requests_in_flight", "Requests in flight.", lab, count[tenant])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from gateway.core.backend import Backend
 from gateway.core.context import Chunk, RequestContext
@@ -37,7 +37,7 @@ class Pipeline:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
 
-    async def run(self, ctx: RequestContext, rec: RequestRecord) -> AsyncIterator[Chunk]:
+    async def run(self, ctx: RequestContext, rec: RequestRecord) -> AsyncGenerator[Chunk, None]:
         telemetry = self.state.telemetry
         telemetry.begin(rec, ctx)
         outcome: Outcome = "error"
@@ -82,7 +82,7 @@ class Pipeline:
                         yield chunk
                     break
                 finally:
-                    await stream.aclose()  # type: ignore[attr-defined]
+                    await stream.aclose()
             outcome = "ok"
         except BackendError as exc:  # issue #8: every backend failure the client sees is counted
             telemetry.backend_failed(rec, ctx, exc.code)

@@ -93,7 +93,7 @@ async def debug_memory(request: Request) -> Response:
     state = _state(request)
     state.admin.authenticate(request.headers.get("authorization"))
     report = memory_report(state.telemetry)
-    report["reservations"] = state.policies.ledger.snapshot()  # admission's bytes held
+    report["reservations"] = state.policies.reservations.snapshot()  # admission's bytes held
     return JSONResponse(report)
 
 

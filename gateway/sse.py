@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
@@ -55,8 +55,9 @@ def _choice(ctx: RequestContext, text: str | None, finish: str | None, first: bo
     return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
 
-async def stream_events(ctx: RequestContext, chunks: AsyncIterator[Chunk],
-                        first: Chunk | None = None, drain: Drain | None = None) -> AsyncIterator[bytes]:
+async def stream_events(ctx: RequestContext, chunks: AsyncGenerator[Chunk, None],
+                        first: Chunk | None = None, drain: Drain | None = None
+                        ) -> AsyncGenerator[bytes, None]:
     """SSE exactly as OpenAI streams: one id, role first, finish_reason, usage, [DONE].
 
     `first`: a chunk already taken from `chunks` (None: the stream ended before one came).
@@ -103,9 +104,7 @@ async def stream_events(ctx: RequestContext, chunks: AsyncIterator[Chunk],
         error = GatewayError("The backend failed while streaming this response.").sse_event()
         yield b"".join([*pending, error])
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await chunks.aclose()
 
 
 async def collect(ctx: RequestContext, chunks: AsyncIterator[Chunk],

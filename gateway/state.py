@@ -19,7 +19,7 @@ class GatewayState:
     tenants: TenantDirectory
     admin: AdminKey
     backends: dict[str, Backend]
-    policies: PolicyChain  # the configured policy chain; .ledger holds the reservations
+    policies: PolicyChain  # the configured policy chain; .reservations: the bytes admission holds
     telemetry: Telemetry
     ready: bool = False
     started: float = field(default_factory=time.time)

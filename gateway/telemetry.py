@@ -106,11 +106,11 @@ class Telemetry:
         self.gpu.close()
 
     def attach_policies(self, chain: PolicyChain) -> None:
-        """Trace each policy's apply() as a child span; read reservations from the ledger."""
+        """Trace each policy's apply() as a child span; read the bytes admission reserved."""
         if self.record_spans:
             chain.policies = tuple(TracedPolicy(p, self.tracer) for p in chain.policies)
         if chain.get("admission") is not None:
-            self.collector.reservations = chain.ledger.reserved_by_tenant
+            self.collector.reservations = chain.reservations.reserved_by_tenant
 
     # ---- reads --------------------------------------------------------------------------
 

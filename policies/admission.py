@@ -9,7 +9,7 @@ Order of checks, each with the status a client can act on:
   or the deadline: 429 if the tenant's own limits held it, else 503, both with a Retry-After
   from the observed drain rate.
 
-The sum of reservations on a backend never exceeds its budget (Ledger.reserve refuses).
+The sum of reservations on a backend never exceeds its budget (Reservations.reserve refuses).
 """
 
 from __future__ import annotations
@@ -76,18 +76,14 @@ class Admission:
 
     def __init__(self, env: PolicyEnv, cfg: AdmissionConfig) -> None:
         self.env = env
-        self.ledger = env.ledger
-        self.ledger.drain_window_s = cfg.drain_window_s  # the drain rate behind Retry-After
+        self.reservations = env.reservations
+        self.reservations.drain_window_s = cfg.drain_window_s  # the drain rate behind Retry-After
         self.cfg = cfg
         self._tenants: dict[str, TenantState] = {}
         self._waiters: list[Waiter] = []
         self._seq = itertools.count()
 
     # ---- for telemetry --------------------------------------------------------------------
-
-    def reservations(self) -> dict[str, object]:
-        """Reserved bytes in total, per backend and per tenant, plus the queue length."""
-        return {**self.ledger.snapshot(), "waiting": len(self._waiters)}
 
     @property
     def waiting(self) -> int:
@@ -98,7 +94,7 @@ class Admission:
     async def apply(self, ctx: RequestContext) -> Decision:
         tenant = self._tenant(self.env.tenant(ctx))
         need = demand(self.env.backend(ctx), ctx)
-        pool = self.ledger.pool(ctx.backend, need.budget)
+        pool = self.reservations.pool(ctx.backend, need.budget)
         self._refuse_impossible(tenant, need)
         self._refuse_over_rate(tenant, need)
         if tenant.rpm is not None:
@@ -213,7 +209,7 @@ class Admission:
 
     def _key(self, w: Waiter) -> tuple[int, int, int, int]:
         """Priority first; among equals, the tenant holding fewer bytes now, then FIFO."""
-        pool = self.ledger.pools[w.ctx.backend]
+        pool = self.reservations.pools[w.ctx.backend]
         return (w.rank, pool.tenant_bytes(w.tenant.cfg.name), w.tenant.active, w.seq)
 
     def _tenant_fits(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> bool:
@@ -222,7 +218,7 @@ class Admission:
         if limit is not None and tenant.active >= limit:
             return False
         cap = tenant.share_cap(need.budget)
-        pool = self.ledger.pools[ctx.backend]
+        pool = self.reservations.pools[ctx.backend]
         return cap is None or pool.tenant_bytes(tenant.cfg.name) + need.kv_bytes <= cap
 
     def _dispatch(self) -> None:
@@ -238,7 +234,7 @@ class Admission:
                 if not self._tenant_fits(w.ctx, w.tenant, w.need):
                     w.held_by = "tenant"
                     continue
-                if not self.ledger.pools[w.ctx.backend].fits(w.need.kv_bytes):
+                if not self.reservations.pools[w.ctx.backend].fits(w.need.kv_bytes):
                     w.held_by = "capacity"
                     blocked.add(w.ctx.backend)
                     continue
@@ -249,7 +245,7 @@ class Admission:
     def _reserve(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> Reservation:
         res = Reservation(ctx.backend, tenant.cfg.name, need.kv_bytes, need.tokens, ctx.adapter,
                           need.adapter_bytes)
-        self.ledger.reserve(res)
+        self.reservations.reserve(res)
         tenant.active += 1
         return res
 
@@ -260,10 +256,10 @@ class Admission:
 
     def _leave_queue(self, w: Waiter) -> None:
         self._waiters.remove(w)
-        self.ledger.pools[w.ctx.backend].queued -= w.need.kv_bytes
+        self.reservations.pools[w.ctx.backend].queued -= w.need.kv_bytes
 
     def _release(self, res: Reservation) -> None:
-        self.ledger.release(res)
+        self.reservations.release(res)
         self._tenants[res.tenant].active -= 1
         self._dispatch()
 
@@ -280,7 +276,7 @@ class Admission:
 
     def _give_up(self, w: Waiter) -> GatewayError:
         self._abandon(w)
-        wait = self.ledger.wait_estimate(w.ctx.backend, w.need.kv_bytes)
+        wait = self.reservations.wait_estimate(w.ctx.backend, w.need.kv_bytes)
         retry = min(MAX_RETRY_AFTER_S, max(1.0, wait if wait is not None else self.cfg.queue_timeout_s))
         if w.held_by == "tenant":
             return RateLimited(

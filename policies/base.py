@@ -17,7 +17,7 @@ from gateway.core.config import ModelConfig, TenantConfig
 from gateway.core.context import Decision, RequestContext
 from gateway.core.errors import BackendError, GatewayError
 from gateway.core.policy import Fallback, Outcome, Policy
-from policies.ledger import Ledger
+from policies.reservations import Reservations
 from policies.routing import Router
 
 log = logging.getLogger("gateway.policies")
@@ -27,13 +27,13 @@ FALLBACK = "fallback"  # the Decision.policy that records a failover (metrics co
 
 @dataclass
 class PolicyEnv:
-    """What every policy of one chain shares: the tiers and tenants, the backends, the ledger
-    of reserved bytes, the replica router, a clock."""
+    """What every policy of one chain shares: the tiers and tenants, the backends, the
+    bytes reserved on them, the replica router, a clock."""
 
     models: Mapping[str, ModelConfig]
     tenants: Mapping[str, TenantConfig]
     backends: Mapping[str, Backend]
-    ledger: Ledger
+    reservations: Reservations
     router: Router
     clock: Callable[[], float] = time.monotonic
 
@@ -70,11 +70,11 @@ class PolicyKind(Protocol):
 
 
 class PolicyChain:
-    """The configured policies, in order. `ledger` exposes reservations to telemetry."""
+    """The configured policies, in order. `reservations` exposes the bytes held to telemetry."""
 
-    def __init__(self, policies: Sequence[Policy], ledger: Ledger) -> None:
+    def __init__(self, policies: Sequence[Policy], reservations: Reservations) -> None:
         self.policies = tuple(policies)
-        self.ledger = ledger
+        self.reservations = reservations
         # the policies that can take over a failed attempt, in chain order
         self.fallbacks: tuple[Fallback, ...] = tuple(p for p in policies if isinstance(p, Fallback))
 

@@ -54,9 +54,9 @@ class Degrade:
         need = demand(self.env.backend(ctx), ctx)
         if need.budget is None or need.budget <= 0:
             return passed(self.name, "tier reports no capacity")
-        pool = self.env.ledger.pool(ctx.backend, need.budget)
+        pool = self.env.reservations.pool(ctx.backend, need.budget)
         pressure = pool.reserved / need.budget
-        wait = self.env.ledger.wait_estimate(ctx.backend, need.kv_bytes)
+        wait = self.env.reservations.wait_estimate(ctx.backend, need.kv_bytes)
         wait_s = math.inf if wait is None else wait
         if pressure <= self.cfg.high_watermark and wait_s <= self.cfg.wait_threshold_s:
             return passed(self.name, f"pressure {pressure:.2f}, wait {wait_s:.2f} s")

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from gateway.core.backend import Backend, Capacity
 from gateway.core.context import RequestContext
 from gateway.core.kv import kv_bytes_for
-
-if TYPE_CHECKING:
-    from gateway.core.backend import Backend, Capacity
 
 CHARS_PER_TOKEN = 4  # the estimate where a backend cannot count (remote upstreams)
 

@@ -12,7 +12,7 @@ from policies.admission import Admission
 from policies.base import PolicyChain, PolicyEnv, PolicyKind
 from policies.context_trim import ContextTrim
 from policies.degrade import Degrade
-from policies.ledger import Ledger
+from policies.reservations import Reservations
 from policies.routing import Router, Routing
 
 POLICY_KINDS: dict[str, PolicyKind] = {
@@ -32,14 +32,14 @@ def build_chain(
     clock: Callable[[], float] = time.monotonic,
 ) -> PolicyChain:
     """One instance of each named policy, in order, with its options (`options[name]`, else
-    its Config's defaults), sharing one env: ledger, router, clock."""
+    its Config's defaults), sharing one env: reservations, router, clock."""
     unknown = [n for n in names if n not in POLICY_KINDS]
     if unknown:
         raise KeyError(f"unknown policies {unknown} (known: {', '.join(sorted(POLICY_KINDS))})")
     env = PolicyEnv(models={m.name: m for m in models}, tenants={t.name: t for t in tenants},
-                    backends=backends, ledger=Ledger(clock), router=Router(), clock=clock)
+                    backends=backends, reservations=Reservations(clock), router=Router(), clock=clock)
     policies = []
     for name in names:
         kind = POLICY_KINDS[name]
         policies.append(kind(env, options.get(name) or kind.Config()))
-    return PolicyChain(policies, env.ledger)
+    return PolicyChain(policies, env.reservations)

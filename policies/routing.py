@@ -20,7 +20,7 @@ tiers; whoever routes a request releases it in on_finish (release is idempotent)
 Python: the counts are per gateway process (each worker routes on what it sends).
 
 In the default chain routing runs right after adapter_selection, so context_trim, degrade and
-admission see the chosen replica (its tokenizer, its KV pool in the ledger). Fallback: a
+admission see the chosen replica (its tokenizer, its KV pool in the reservations). Fallback: a
 request whose replica failed before its first byte (a 5xx, a refused connection, a timeout)
 is taken over by another replica of the same tier, in rotation, that has not failed it; the
 chain then runs again on it (degrade's fallback to a smaller tier comes after, when no

@@ -22,7 +22,7 @@ GLOBEX_SHA = "bbb8fab5ab2c83254e4969c119cdbb68880ee066c42a36223f8ac83fff2d5b96"
 
 
 def reservations(url: str, admin_key: str = "sk-admin") -> dict[str, Any]:
-    """The admission ledger's view from /debug/memory of a gateway (`url` ends in /v1)."""
+    """Admission's reservations as /debug/memory shows them of a gateway (`url` ends in /v1)."""
     r = httpx.get(url.removesuffix("/v1") + "/debug/memory",
                   headers={"authorization": f"Bearer {admin_key}"}, timeout=10)
     r.raise_for_status()

@@ -49,6 +49,13 @@ class Resident:
         return self.adapter.nbytes
 
     @property
+    def device_slot(self) -> int:
+        """The slot of an adapter on the device (acquire() returns only those, pinned)."""
+        if self.slot is None:
+            raise RuntimeError(f"adapter {self.adapter.name!r} is not on the device")
+        return self.slot
+
+    @property
     def tier(self) -> str:
         return "host" if self.slot is None else "device"
 

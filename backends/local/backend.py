@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -168,7 +168,7 @@ class LocalBackend:
 
     # ---- generation --------------------------------------------------------------------
 
-    async def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+    async def generate(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         loaded, tok, engine, adapters = self._parts()
         ids = self._encode(tok, ctx)
         if not ids:
@@ -228,7 +228,7 @@ class LocalBackend:
                     emit,
                     stop=list(sp.stop),
                     eos_ids=frozenset() if ctx.sampling.ignore_eos else tok.eos_token_ids,
-                    adapter_slot=resident.slot if resident is not None else 0,
+                    adapter_slot=resident.device_slot if resident is not None else 0,
                 )
             except EngineClosed as e:
                 raise BackendError(str(e), 503, "backend_closed") from None

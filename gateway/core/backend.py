@@ -3,7 +3,7 @@ memory by component, counters."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -72,7 +72,7 @@ class Backend(Protocol):
     async def start(self) -> None:
         """Load what is needed (weights, connections). Called once by the app lifespan."""
 
-    def generate(self, ctx: RequestContext) -> AsyncIterator[Chunk]:
+    def generate(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         """The only generation path. Cancelling the iteration frees everything it held."""
 
     def count_tokens(self, ctx: RequestContext) -> int | None:

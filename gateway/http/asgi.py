@@ -11,7 +11,7 @@ writer's connection_lost does), and sends the answer as ASGI messages.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -83,7 +83,7 @@ class ASGIWriter:
         await self._send({"type": "http.response.start", "status": status, "headers": head})
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def stream(self, headers: dict[str, str], events: AsyncIterator[bytes]) -> None:
+    async def stream(self, headers: dict[str, str], events: AsyncGenerator[bytes, None]) -> None:
         try:
             self.started = True
             head = _head(Media.SSE, headers, SSE_HEADERS)
@@ -97,7 +97,7 @@ class ASGIWriter:
             self._done = True  # ended without [DONE] (an error event)
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
 
     def close(self) -> None:
         self._done = True

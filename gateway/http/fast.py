@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
@@ -136,7 +136,7 @@ class FastCycle(RequestResponseCycle):
         self.transport.write(self._head(status, media, headers, len(body)) + body)
         self._complete()
 
-    async def stream(self, headers: dict[str, str], events: AsyncIterator[bytes]) -> None:
+    async def stream(self, headers: dict[str, str], events: AsyncGenerator[bytes, None]) -> None:
         """200 with chunked server-sent events; the head goes out with the first event."""
         pending = self._head(200, Media.SSE, {**SSE_HEADERS, **headers}, None)
         try:
@@ -153,7 +153,7 @@ class FastCycle(RequestResponseCycle):
             if await self._write(pending + _LAST_CHUNK):  # ended without [DONE] (an error event)
                 self._complete()
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
 
     async def _write(self, data: bytes) -> bool:
         if self.flow.write_paused and not self.disconnected:

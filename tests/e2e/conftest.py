@@ -40,7 +40,7 @@ def hostile() -> Iterator[HostileUpstream]:
 
 
 @pytest.fixture(scope="module")
-def gateway(hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def hostile_gateway(hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with running_gateway(hostile_config(hostile.url), tmp_path_factory.mktemp("hostile"),
                          env=ENV) as url:
         yield url

@@ -19,6 +19,7 @@ Modes:
   bom           an SSE answer that opens with a UTF-8 byte-order mark
   multiline     SSE events whose JSON is split over two data: lines, CR line endings
   rate-limited  429 with Retry-After: 17 and an OpenAI-shaped rate-limit error
+  invalid       400 with an OpenAI-shaped error naming a param
   huge-head     a 20 MB response header, then the connection closes (`huge_head_sent`
                 records whether all of it could be written: only if the client read it all)
   huge-body     a 17 MiB JSON answer (past the test config's max_response_bytes)
@@ -196,6 +197,10 @@ class HostileUpstream:
                              "param": None, "code": "rate_limit_exceeded"}}
             w.write(json_response(json.dumps(err).encode(), "429 Too Many Requests",
                                   b"retry-after: 17\r\n"))
+        elif mode == "invalid":
+            err = {"error": {"message": "'temperature' is out of range", "type":
+                             "invalid_request_error", "param": "temperature", "code": None}}
+            w.write(json_response(json.dumps(err).encode(), "400 Bad Request"))
         elif mode == "huge-head":
             w.write(b"HTTP/1.1 200 OK\r\nx-junk: " + b"j" * (20 * 2**20) + b"\r\n\r\n")
             try:

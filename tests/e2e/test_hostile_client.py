@@ -56,8 +56,8 @@ def post(path: bytes, headers: list[bytes], body: bytes = BODY) -> bytes:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_one_authorization_header_is_served(gateway: str, path: bytes) -> None:
-    answer = exchange(gateway, post(path, [b"authorization: Bearer sk-demo-acme",
+def test_one_authorization_header_is_served(hostile_gateway: str, path: bytes) -> None:
+    answer = exchange(hostile_gateway, post(path, [b"authorization: Bearer sk-demo-acme",
                                           b"content-type: application/json",
                                           b"content-length: %d" % len(BODY)]))
     assert answer.startswith(b"HTTP/1.1 200 ")
@@ -71,14 +71,14 @@ def test_one_authorization_header_is_served(gateway: str, path: bytes) -> None:
     [b"content-type: application/json", b"content-type: text/plain"],
     [b"content-length: %d" % len(BODY), b"content-length: %d" % len(BODY)],
 ])
-def test_duplicate_singleton_headers_are_a_400(gateway: str, path: bytes, twice: list[bytes]) -> None:
+def test_duplicate_singleton_headers_are_a_400(hostile_gateway: str, path: bytes, twice: list[bytes]) -> None:
     """Defect 6: two Authorization headers picked the last tenant on one path and the first on
     the other; now any repeated Authorization, Content-Type or Content-Length is refused."""
     headers = [b"authorization: Bearer sk-demo-acme", b"content-type: application/json",
                b"content-length: %d" % len(BODY)]
     name = twice[0].split(b":")[0].lower()
     headers = [h for h in headers if h.split(b":")[0].lower() != name] + twice
-    answer = exchange(gateway, post(path, headers))
+    answer = exchange(hostile_gateway, post(path, headers))
     status, error = error_of(answer)
     assert status == 400 and error["type"] == "invalid_request_error"
     assert b"sk-demo" not in answer  # the key is never echoed
@@ -92,17 +92,17 @@ def _health_while(url: str, stop: threading.Event, seen: list[int]) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_a_header_value_that_never_ends_is_a_431(gateway: str, path: bytes) -> None:
+def test_a_header_value_that_never_ends_is_a_431(hostile_gateway: str, path: bytes) -> None:
     """Defect 7: a header value without its line end was buffered without limit (174 MB in
     60 s). The head is bounded on raw bytes: 431, then the connection closes."""
     stop, health = threading.Event(), []
-    poller = threading.Thread(target=_health_while, args=(gateway, stop, health))
+    poller = threading.Thread(target=_health_while, args=(hostile_gateway, stop, health))
     poller.start()
     while not health:  # the poller is under way before the attack starts
         time.sleep(0.01)
     sent = 0
     try:
-        with socket.create_connection(address(gateway)) as sock:
+        with socket.create_connection(address(hostile_gateway)) as sock:
             sock.settimeout(10)
             sock.sendall(b"POST " + path + b" HTTP/1.1\r\nhost: gw\r\nx-never-ends: ")
             try:
@@ -113,30 +113,30 @@ def test_a_header_value_that_never_ends_is_a_431(gateway: str, path: bytes) -> N
                 pass
             answer = read_until_closed(sock)
         with httpx.Client(timeout=30) as client:  # and it answers after
-            health.append(client.get(gateway.removesuffix("/v1") + "/health").status_code)
+            health.append(client.get(hostile_gateway.removesuffix("/v1") + "/health").status_code)
     finally:
         stop.set()
         poller.join()
-    assert sent < 64 * 2**20  # the gateway stopped reading long before
+    assert sent < 64 * 2**20  # the hostile_gateway stopped reading long before
     status, error = error_of(answer)
     assert status == 431 and error["code"] == "request_headers_too_large"
     assert health and set(health) == {200}
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_a_whole_head_past_64_kib_is_a_431(gateway: str, path: bytes) -> None:
-    answer = exchange(gateway, post(path, [b"authorization: Bearer sk-demo-acme",
+def test_a_whole_head_past_64_kib_is_a_431(hostile_gateway: str, path: bytes) -> None:
+    answer = exchange(hostile_gateway, post(path, [b"authorization: Bearer sk-demo-acme",
                                           b"x-big: " + b"b" * 70000,
                                           b"content-length: %d" % len(BODY)]))
     assert error_of(answer)[0] == 431
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_a_slow_head_times_out_with_408(gateway: str, path: bytes) -> None:
+def test_a_slow_head_times_out_with_408(hostile_gateway: str, path: bytes) -> None:
     """Defect 8: a head sent a byte at a time was kept open for good. header_timeout_s (1.5 s
     in this config) bounds it from the head's first byte: 408, then the connection closes."""
     head = b"POST " + path + b" HTTP/1.1\r\nhost: gw\r\nx-slow: " + b"s" * 200
-    with socket.create_connection(address(gateway)) as sock:
+    with socket.create_connection(address(hostile_gateway)) as sock:
         sock.settimeout(10)
         closed = False
         for i in range(len(head)):  # up to 200 x 0.1 s: far past the timeout
@@ -152,7 +152,7 @@ def test_a_slow_head_times_out_with_408(gateway: str, path: bytes) -> None:
     assert status == 408 and error["code"] == "request_timeout"
 
 
-def test_a_connection_that_never_sends_a_byte_is_closed(gateway: str) -> None:
+def test_a_connection_that_never_sends_a_byte_is_closed(hostile_gateway: str) -> None:
     """... and one that sends nothing closes after the keep-alive timeout (2 s here)."""
-    with socket.create_connection(address(gateway)) as sock:
+    with socket.create_connection(address(hostile_gateway)) as sock:
         assert read_until_closed(sock, limit_s=30) == b""

@@ -49,12 +49,12 @@ async def one(clients: dict[str, openai.AsyncOpenAI], mode: str, stream: bool, k
         return "stream-error", type(exc).__name__
 
 
-def test_a_thousand_hostile_exchanges(gateway: str, hostile: HostileUpstream) -> None:
+def test_a_thousand_hostile_exchanges(hostile_gateway: str, hostile: HostileUpstream) -> None:
     work = [(mode, stream, key, uuid.uuid4().hex[:12]) for mode, stream, key in plan()]
     results: list[tuple[str, bool, str, tuple[str, object]]] = []
 
     async def run() -> None:
-        clients = {k: openai.AsyncOpenAI(base_url=gateway, api_key=k, max_retries=0, timeout=60)
+        clients = {k: openai.AsyncOpenAI(base_url=hostile_gateway, api_key=k, max_retries=0, timeout=60)
                    for k in KEYS}
         queue: asyncio.Queue[tuple[str, bool, str, str]] = asyncio.Queue()
         for item in work:
@@ -91,7 +91,7 @@ def test_a_thousand_hostile_exchanges(gateway: str, hostile: HostileUpstream) ->
         if mode not in FAILING:
             assert outcomes[f"{mode}:ok"] >= 5, outcomes
     for _ in range(100):  # the last releases run just after the last answers
-        if held(gateway) == NOTHING_HELD:
+        if held(hostile_gateway) == NOTHING_HELD:
             break
         time.sleep(0.05)
-    assert held(gateway) == NOTHING_HELD
+    assert held(hostile_gateway) == NOTHING_HELD

@@ -9,7 +9,7 @@ from gateway.core.backend import Capacity
 from gateway.core.context import RequestContext, SamplingParams
 from gateway.settings import Settings, parse_settings
 from policies.base import PolicyEnv
-from policies.ledger import Ledger
+from policies.reservations import Reservations
 from policies.routing import Router
 
 SHA = "0" * 64
@@ -73,7 +73,7 @@ def env(s: Settings, backends: dict[str, Any] | None = None,
     clock = clock or FakeClock()
     backends = backends or {"big": FakeBackend("big"), "small": FakeBackend("small")}
     return PolicyEnv(models={m.name: m for m in s.models}, tenants={t.name: t for t in s.tenants},
-                     backends=backends, ledger=Ledger(clock, 30.0), router=Router(), clock=clock)
+                     backends=backends, reservations=Reservations(clock, 30.0), router=Router(), clock=clock)
 
 
 P = TypeVar("P")

@@ -28,11 +28,11 @@ async def test_reserves_whole_blocks_and_releases() -> None:
     d = await a.apply(c)
     assert d.action == "pass"
     assert c.reservation.kv_bytes == 2 * BLOCK == c.memory.kv_bytes_reserved
-    assert a.ledger.total_reserved() == 2 * BLOCK
-    assert a.ledger.reserved_by_tenant() == {"acme": 2 * BLOCK}
+    assert a.reservations.total_reserved() == 2 * BLOCK
+    assert a.reservations.reserved_by_tenant() == {"acme": 2 * BLOCK}
     await a.on_finish(c, "ok")
     await a.on_finish(c, "ok")  # twice is harmless
-    assert a.ledger.total_reserved() == 0 and a.ledger.reserved_by_tenant() == {}
+    assert a.reservations.total_reserved() == 0 and a.reservations.reserved_by_tenant() == {}
 
 
 async def test_never_fits_is_400_not_a_queue() -> None:
@@ -124,11 +124,11 @@ async def test_waits_for_capacity_then_runs() -> None:
     task = asyncio.ensure_future(a.apply(second))
     await asyncio.sleep(0.01)
     assert not task.done() and a.waiting == 1
-    assert a.ledger.pools["big"].queued == 2 * BLOCK
+    assert a.reservations.pools["big"].queued == 2 * BLOCK
     await a.on_finish(first, "ok")
     await asyncio.wait_for(task, 1)
     assert second.reservation.kv_bytes == 2 * BLOCK and a.waiting == 0
-    assert a.ledger.pools["big"].queued == 0
+    assert a.reservations.pools["big"].queued == 0
 
 
 async def test_queue_timeout_is_503_with_retry_after_from_drain_rate() -> None:
@@ -145,7 +145,7 @@ async def test_queue_timeout_is_503_with_retry_after_from_drain_rate() -> None:
     assert info.value.status == 503
     # 2 blocks short, drained 2 blocks per 10 s -> 10 s
     assert info.value.response_headers()["retry-after"] == "10"
-    assert a.waiting == 0 and a.ledger.total_reserved() == 4 * BLOCK
+    assert a.waiting == 0 and a.reservations.total_reserved() == 4 * BLOCK
 
 
 async def test_tenant_concurrency_waits_and_times_out_as_429() -> None:
@@ -211,9 +211,9 @@ async def test_cancelled_waiter_leaves_nothing_behind() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert a.waiting == 0 and a.ledger.pools["big"].queued == 0
+    assert a.waiting == 0 and a.reservations.pools["big"].queued == 0
     await a.on_finish(hog, "ok")
-    assert a.ledger.total_reserved() == 0
+    assert a.reservations.total_reserved() == 0
 
 
 async def test_backend_without_capacity_only_quotas_apply() -> None:
@@ -245,8 +245,8 @@ async def test_random_load_never_exceeds_the_budget() -> None:
             except RateLimited:  # over initech's share: refused, never queued
                 refused.append(i)
                 return
-            peak = max(peak, a.ledger.total_reserved())
-            assert a.ledger.total_reserved() <= budget
+            peak = max(peak, a.reservations.total_reserved())
+            assert a.reservations.total_reserved() <= budget
             await asyncio.sleep(rng.random() * 0.005)
         finally:
             await a.on_finish(c, "ok")
@@ -254,4 +254,4 @@ async def test_random_load_never_exceeds_the_budget() -> None:
     await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(200))), 20)
     assert peak > budget // 2
     assert 0 < len(refused) < 100
-    assert a.ledger.total_reserved() == 0 and a.waiting == 0
+    assert a.reservations.total_reserved() == 0 and a.waiting == 0

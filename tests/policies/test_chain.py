@@ -13,8 +13,8 @@ from gateway.core.policy import Outcome, passed
 from gateway.settings import ConfigError, Settings
 from policies.admission import AdmissionConfig
 from policies.base import PolicyChain
-from policies.ledger import Ledger
 from policies.registry import DEFAULT_POLICIES, POLICY_KINDS, build_chain
+from policies.reservations import Reservations
 from policies.token_bucket import TokenBucket
 from tests.policies.fakes import FakeBackend, FakeClock, ctx, settings
 
@@ -36,7 +36,7 @@ class Recorder:
 async def test_reject_stops_the_chain_and_finish_runs_for_all() -> None:
     log: list[str] = []
     chain = PolicyChain([Recorder("a", log), Recorder("b", log, reject=True), Recorder("c", log)],
-                        Ledger(FakeClock()))
+                        Reservations(FakeClock()))
     c = ctx()
     with pytest.raises(RateLimited):
         await chain.apply(c)
@@ -104,23 +104,23 @@ def test_token_bucket_refills_to_its_size() -> None:
 
 def test_drain_rate_and_wait_estimate() -> None:
     clock = FakeClock()
-    ledger = Ledger(clock, drain_window_s=10)
+    book = Reservations(clock, drain_window_s=10)
     from gateway.core.context import Reservation
 
-    ledger.pool("b", 100)
+    book.pool("b", 100)
     r = Reservation("b", "t", 80)
-    ledger.reserve(r)
-    assert ledger.drain_rate("b") is None and ledger.wait_estimate("b", 40) is None
-    assert ledger.wait_estimate("b", 20) == 0
+    book.reserve(r)
+    assert book.drain_rate("b") is None and book.wait_estimate("b", 40) is None
+    assert book.wait_estimate("b", 20) == 0
     with pytest.raises(ValueError):
-        ledger.reserve(Reservation("b", "t", 30))
+        book.reserve(Reservation("b", "t", 30))
     clock.now += 4
-    ledger.release(r)
-    ledger.reserve(Reservation("b", "t", 90))
-    assert ledger.drain_rate("b") == pytest.approx(80 / 4)
-    assert ledger.wait_estimate("b", 30) == pytest.approx(20 / 20)
+    book.release(r)
+    book.reserve(Reservation("b", "t", 90))
+    assert book.drain_rate("b") == pytest.approx(80 / 4)
+    assert book.wait_estimate("b", 30) == pytest.approx(20 / 20)
     clock.now += 20
-    assert ledger.drain_rate("b") is None  # the window forgot it
+    assert book.drain_rate("b") is None  # the window forgot it
 
 
 def test_demo_config_enables_the_default_chain() -> None:

@@ -20,8 +20,8 @@ def policy(watermark: float = 0.95) -> Degrade:
 
 
 def fill(p: Degrade, blocks: int) -> None:
-    p.env.ledger.pool("big", 64 * BLOCK)
-    p.env.ledger.reserve(Reservation("big", "other", blocks * BLOCK))
+    p.env.reservations.pool("big", 64 * BLOCK)
+    p.env.reservations.reserve(Reservation("big", "other", blocks * BLOCK))
 
 
 async def test_passes_when_the_tier_has_room() -> None:

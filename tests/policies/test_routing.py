@@ -116,8 +116,8 @@ async def test_degrade_routes_to_the_smaller_tier_and_releases() -> None:
     d = Degrade(p.env, DegradeConfig())
     c = request("acme")
     await p.apply(c)
-    p.env.ledger.pool(c.backend, 64 * 16 * 2048)
-    p.env.ledger.reserve(Reservation(c.backend, "other", 63 * BLOCK))
+    p.env.reservations.pool(c.backend, 64 * 16 * 2048)
+    p.env.reservations.reserve(Reservation(c.backend, "other", 63 * BLOCK))
     await d.apply(c)
     assert (c.target_model, c.backend, c.degraded_from) == ("tiny", "small", "large")
     router = p.env.router

@@ -18,7 +18,7 @@ from uvicorn.server import ServerState
 
 from gateway.http.protocol import UVICORN_INTERNALS, GatewayHttpProtocol
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_uvicorn_is_pinned_to_the_tested_minor_version() -> None:

@@ -10,7 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode, checks
 
-from tests.reliability.conftest import FUZZ_KEY
+from tests.e2e.reliability.conftest import FUZZ_KEY
 
 
 def test_openapi_document_matches_the_validation_rules(rel_gateway: str) -> None:

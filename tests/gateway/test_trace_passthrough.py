@@ -7,7 +7,7 @@ import asyncio
 
 from gateway.app import create_app
 from gateway.settings import parse_settings
-from tests.observability.test_tracing import (  # noqa: F401  (upstream is a fixture)
+from tests.gateway.test_tracing import (  # noqa: F401  (upstream is a fixture)
     CLIENT_SPAN,
     TRACE_ID,
     TRACEPARENT,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.reliability.conftest import ENV, reliability_config
+from tests.e2e.reliability.conftest import ENV, reliability_config
 from tests.server import gateway_process
 
 

@@ -66,7 +66,7 @@ TENANTS = [{"name": "acme", "priority": "high", "limits": {"max_concurrency": 3,
 
 
 def _check_ledger(a: Admission, live: list[Any]) -> None:
-    for name, pool in a.ledger.pools.items():
+    for name, pool in a.reservations.pools.items():
         held = [c.reservation.kv_bytes for c in live if c.reservation and c.backend == name
                 and not c.reservation.released]
         assert pool.reserved == sum(held)
@@ -115,8 +115,8 @@ async def _drive(blocks: int, ops: list[tuple[str, Any]]) -> None:
         await a.on_finish(c, "cancelled")
         await _settle()
         _check_ledger(a, [c for _, c in tasks])
-    assert a.ledger.total_reserved() == 0 and a.waiting == 0
-    assert all(p.queued == 0 and not p.by_tenant for p in a.ledger.pools.values())
+    assert a.reservations.total_reserved() == 0 and a.waiting == 0
+    assert all(p.queued == 0 and not p.by_tenant for p in a.reservations.pools.values())
 
 
 @FAST

@@ -32,7 +32,7 @@ class Pool:
         return self.by_tenant.get(tenant, 0)
 
 
-class Ledger:
+class Reservations:
     def __init__(self, clock: Callable[[], float], drain_window_s: float = 30.0) -> None:
         self.clock = clock
         self.drain_window_s = drain_window_s

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.reliability.fake_upstream import FakeUpstream
+from tests.e2e.reliability.fake_upstream import FakeUpstream
 from tests.server import ACME_SHA, free_port, running_gateway
 
 UPSTREAM_KEY = "sk-upstream-secret-123"

@@ -25,7 +25,7 @@ from tests.server import ACME_SHA, GLOBEX_SHA, free_port, reservations, running_
 
 pytestmark = pytest.mark.vllm
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 PROMPT = [{"role": "user", "content": "How do I get a refund for my order?"}]
 NOSY = "sk-nosy"  # a third tenant that may not degrade

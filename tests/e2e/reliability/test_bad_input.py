@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.reliability.conftest import METRICS_KEY
+from tests.e2e.reliability.conftest import METRICS_KEY
 
 AUTH = {"authorization": "Bearer sk-demo-acme"}
 PROMPT = [{"role": "user", "content": "hi"}]

@@ -15,10 +15,10 @@ import httpx
 import openai
 import pytest
 
-from tests.observability.prom import instant, running_prometheus, wait_for_targets_up
+from tests.e2e.observability.prom import instant, running_prometheus, wait_for_targets_up
 from tests.server import demo_config, running_gateway
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LIMITED_KEY = "sk-obs-limited"
 LONG_CHAT = [{"role": "user" if i % 2 == 0 else "assistant",
               "content": "Tell me about refunds and orders and shipping. " * 12} for i in range(41)]

@@ -14,7 +14,7 @@ from tests.server import ACME_SHA, running_gateway
 
 pytestmark = pytest.mark.litellm
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LITELLM_PY = ROOT / ".venv-litellm" / "bin" / "python"
 PROMPT = [{"role": "user", "content": "Can I change my delivery address?"}]
 
