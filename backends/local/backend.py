@@ -224,7 +224,7 @@ class LocalBackend:
                     emit,
                     stop=list(sp.stop),
                     eos_ids=frozenset() if ctx.sampling.ignore_eos else tok.eos_token_ids,
-                    adapter_slot=resident.slot if resident is not None else 0,
+                    adapter_slot=resident.slot or 0 if resident is not None else 0,
                 )
             except EngineClosed as e:
                 raise BackendError(str(e), 503, "backend_closed") from None

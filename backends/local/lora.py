@@ -130,10 +130,10 @@ def install(model: Llama, adapter: LoraAdapter, slot: int) -> None:
         proj = model.get_submodule(module)
         if not isinstance(proj, Proj):
             raise AdapterError(f"{module} is not a linear projection")
-        proj.adapters[slot] = LoraWeights(a, b, adapter.config.scale)
+        proj.set_adapter(slot, LoraWeights(a, b, adapter.config.scale))
 
 
 def uninstall(model: Llama, slot: int) -> None:
     for m in model.modules():
         if isinstance(m, Proj):
-            m.adapters.pop(slot, None)
+            m.drop_adapter(slot)
