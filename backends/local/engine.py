@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backends.local import placement
 from backends.local.block_manager import BlockManager
 from backends.local.memory_plan import KVLayout, kv_bytes_per_token
 from backends.local.model import Llama
@@ -87,7 +87,8 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
         self.workspace = WorkspaceMeter(cfg, elem, model, block_size)
         self.runner = ModelRunner(model, self.blocks, self.device)
-        self.num_threads = num_threads or os.cpu_count() or 1
+        self.requested_threads = num_threads  # None: MEMGATE_TORCH_THREADS or the default
+        self.num_threads = 0  # set by start (placement.apply)
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -119,6 +120,7 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("engine already started")
+        self.num_threads = placement.apply(self.requested_threads)
         self.runner.allocate()
         self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
         self._thread.start()
