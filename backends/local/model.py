@@ -122,8 +122,14 @@ class Proj(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.adapters: dict[int, LoraWeights] = {}
+        self.packed: torch.Tensor | None = None  # oneDNN-blocked weight (packing.py)
         self._stacks: dict[tuple[int, ...], Stack] = {}
         self._lock = threading.Lock()
+
+    def pack(self, packed: torch.Tensor) -> None:
+        """Serve `base` from `packed` (packing.py); the plain weight is dropped."""
+        self.packed = packed
+        self.weight = nn.Parameter(self.weight.new_empty((0, self.in_features)), requires_grad=False)
 
     def set_adapter(self, slot: int, weights: LoraWeights) -> None:
         with self._lock:
@@ -137,6 +143,9 @@ class Proj(nn.Module):
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """y = x @ weight.T + bias (quantized projections override this one method)."""
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+            return cast(torch.Tensor, y)
         return F.linear(x, self.weight, self.bias)
 
     def _stack(self, slots: list[int]) -> Stack | None:
