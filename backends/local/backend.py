@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from backends.base import BackendError, BackendStats, Capacity, MemorySnapshot
 from backends.local.adapter_cache import AdapterCache, Resident
 from backends.local.engine import Engine, EngineClosed, Event
 from backends.local.loader import CheckpointError, LoadedModel, load_checkpoint, parse_dtype
+from backends.local.mailbox import Mailbox
 from backends.local.runtime_memory import baseline_rss, resident_bytes
 from backends.local.sampler import Sampler
 from backends.local.tokenizer import ChatTokenizer, TokenizerError
@@ -62,6 +64,7 @@ class LocalBackend:
         self._engine: Engine | None = None
         self._adapters: AdapterCache | None = None
         self._closed = False
+        self._mailbox: Mailbox[Event] | None = None  # engine events -> this loop's queues
         self._runtime = 0  # measured at start: interpreter, libraries, kernel caches (see _warm_up)
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -207,11 +210,10 @@ class LocalBackend:
             resident = await adapters.acquire(ctx.adapter)
             ctx.memory.adapter, ctx.memory.adapter_bytes = ctx.adapter, resident.nbytes
         loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
         events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(ev: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-
+        emit = functools.partial(self._mailbox.post, events)
         seq_id: int | None = None
         done = False
         try:
@@ -231,6 +233,10 @@ class LocalBackend:
             ctx.memory.kv_bytes_reserved = reserve
             while True:
                 ev = await events.get()
+                while ev.finish_reason is None and ev.error is None and not events.empty():
+                    nxt = events.get_nowait()  # arrived together: one chunk for both
+                    nxt.text = ev.text + nxt.text
+                    ev = nxt
                 if ev.error is not None:
                     done = True
                     status, code = (
