@@ -61,6 +61,11 @@ def _multiprocess_metrics_dir() -> None:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
+    if args.size == "mid":
+        from backends.local.tools.mid_model import write_mid
+
+        write_mid(Path(args.dir), force=args.force)
+        return 0
     from gateway.demo import write_demo
 
     write_demo(Path(args.dir), steps=args.steps, force=args.force)
@@ -123,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("dir")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the full run)")
     demo.add_argument("--force", action="store_true", help="rewrite even if DIR exists")
+    demo.add_argument("--size", choices=("demo", "mid"), default="demo",
+                      help="mid: a random 24.6M-parameter Llama with 8 adapters, for benchmarks")
     demo.set_defaults(func=_demo_model)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
