@@ -81,7 +81,11 @@ clean:
 $(MID): | $(VENV)/.local
 	$(BIN)/gateway demo-model models/mid --size mid
 
-.PHONY: bench-engine bench-memory mid-model
+# The engine's GPU check (bench/gpu_check.py): on CUDA where torch sees it, else CPU mode (CI).
+gpu-check: $(VENV)/.dev $(DEMO)
+	PY=$(BIN)/python bash bench/gpu_check.sh
+
+.PHONY: bench-engine bench-memory mid-model gpu-check
 mid-model: $(MID)
 
 # The engine side by side with transformers(+peft) and over HTTP, float32 and bfloat16 (~25 min)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,12 @@ from backends.local.adapter_cache import AdapterCache, Resident
 from backends.local.engine import Engine, EngineClosed, Event
 from backends.local.loader import CheckpointError, LoadedModel, load_checkpoint, parse_dtype
 from backends.local.mailbox import Mailbox
-from backends.local.runtime_memory import baseline_rss, resident_bytes
+from backends.local.runtime_memory import (
+    cuda_available,
+    device_baseline,
+    device_bytes,
+    resident_bytes,
+)
 from backends.local.sampler import Sampler
 from backends.local.tokenizer import ChatTokenizer, TokenizerError
 from gateway.context import Chunk, RequestContext, Usage
@@ -47,6 +53,8 @@ class LocalConfig:
             )
         if self.kv_cache_bytes <= 0 or self.adapter_cache_bytes < 0:
             raise ValueError("kv_cache_bytes must be positive and adapter_cache_bytes >= 0")
+        if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
+            raise ValueError(f"device={self.device!r}; expected cpu, cuda or cuda:N")
         if min(self.max_batch_size, self.block_size, self.max_prefill_tokens, self.max_loras) <= 0:
             raise ValueError(
                 "max_batch_size, block_size, max_prefill_tokens and max_loras must be positive"
@@ -72,6 +80,9 @@ class LocalBackend:
     async def start(self) -> None:
         if self._engine is not None:
             return
+        if self.cfg.device.startswith("cuda") and not cuda_available():
+            raise BackendError(f"{self.name}: device {self.cfg.device} asked for, but torch sees "
+                               "no CUDA device here", 500)
         try:
             loaded, tokenizer = await asyncio.to_thread(self._load)
         except (CheckpointError, TokenizerError, ValueError, OSError) as e:
@@ -116,7 +127,7 @@ class LocalBackend:
             submitted += 1
         for _ in range(submitted):
             await finished.get()
-        measured = baseline_rss()  # after gc + malloc_trim
+        measured = device_baseline(engine.device)  # after gc + malloc_trim (CPU)
         explained = loaded.weight_bytes + engine.kv_bytes_total + engine.workspace.peak
         self._runtime = max(0, measured - explained)
 
@@ -318,7 +329,9 @@ class LocalBackend:
         return dict(vars(self._adapters.stats))
 
     def memory(self) -> MemorySnapshot:
-        snap = MemorySnapshot(measured=resident_bytes(), runtime=self._runtime)
+        device = self._engine.device if self._engine is not None else None
+        measured = device_bytes(device) if device is not None else resident_bytes()
+        snap = MemorySnapshot(measured=measured, runtime=self._runtime)
         if self._loaded is not None:
             snap.weights = self._loaded.weight_bytes
         if self._adapters is not None:
