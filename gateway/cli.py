@@ -111,6 +111,19 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from backends.local.tools.prune import PruneError, prune_checkpoint
+
+    try:
+        record = prune_checkpoint(args.src, args.dst, args.drop_layers, args.ffn_keep,
+                                  args.calibration, adapters=args.adapters)
+    except (PruneError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {record['name']} to {args.dst}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("src")
     quant.add_argument("dst")
     quant.set_defaults(func=_quantize)
+
+    prune = sub.add_parser("prune", help="write a smaller checkpoint: fewer layers, narrower FFN")
+    prune.add_argument("src")
+    prune.add_argument("dst")
+    prune.add_argument("--drop-layers", type=int, default=0,
+                       help="how many layers to drop (the least important, as measured)")
+    prune.add_argument("--ffn-keep", type=float, default=1.0,
+                       help="share of FFN channels each layer keeps (the most important)")
+    prune.add_argument("--calibration", type=Path, default=None,
+                       help="text to measure importance on (default: the model's own samples)")
+    prune.add_argument("--adapters", action="store_true",
+                       help="also write SRC's attention-only adapters remapped to the kept layers")
+    prune.set_defaults(func=_prune)
 
     args = parser.parse_args(argv)
     return int(args.func(args))
