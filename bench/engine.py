@@ -155,7 +155,7 @@ def machine() -> dict[str, Any]:
                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                  platform.processor())
     info: dict[str, Any] = {"nproc": os.cpu_count(), "cpu": model, "torch": torch.__version__,
-                            "python": platform.python_version()}
+                            "python": platform.python_version(), "loadavg": os.getloadavg()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -219,6 +219,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     dtypes = args.dtype.split(",")
+    loadavg_at_start = os.getloadavg()  # the machine is shared: say how busy it was
     cells = [(int(b), int(a)) for b, a in (c.split(":") for c in args.cells.split(","))]
     max_batch = max(b for b, _ in cells)
     tok = ChatTokenizer.from_dir(args.model)
@@ -267,7 +268,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": " ".join(["python", "-m", "bench.engine", *sys.argv[1:]]),
-        "machine": machine(), "model": str(args.model), "device": args.device,
+        "machine": {**machine(), "loadavg_at_start": loadavg_at_start}, "model": str(args.model), "device": args.device,
         "prompt_tokens": len(prompts[0]), "new_tokens": args.new, "threads": threads,
         "tables": tables,
         "cells": [{"batch": b, "adapters": a, **{n: {"tok_s": results[n][(b, a)],
