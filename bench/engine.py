@@ -9,7 +9,9 @@ time from submission to the last token (prefill included). "8 adapters" serves r
 adapter rand-(i mod 8) of MODEL/adapters (`gateway demo-model --size mid` writes them; peft
 mixes them through `adapter_names`). Targets run in their own processes and are interleaved:
 every repeat runs every cell on every target, the order rotating per repeat; the table gives
-medians and ratios of medians; "best hf" is the faster of the transformers configurations
+medians and ratios of medians, of tok/s and (steadier on a shared machine) of tokens per
+CPU-second of the target's process (every thread; for HTTP the gateway's, not the load
+generator's); "best hf" is the faster of the transformers configurations
 run (`--hf-threads default,1`: torch's default threads and one thread). The HTTP target is a
 real `gateway serve` (default policy chain) driven by an httpx load generator in this
 process, on the same machine. With two dtypes, a last table divides bfloat16 by float32.
@@ -77,12 +79,14 @@ class Worker:
             raise RuntimeError(f"bench target exited with {self.proc.wait()}")
         return dict(json.loads(line))
 
-    def run(self, prompts: list[list[int]], adapters: int, new: int) -> float:
+    def run(self, prompts: list[list[int]], adapters: int, new: int) -> tuple[float, float]:
+        """(wall seconds, the target process's CPU seconds) of one batch."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"prompts": prompts, "adapters": adapters, "new": new}))
         self.proc.stdin.write("\n")
         self.proc.stdin.flush()
-        return float(self._read()["seconds"])
+        answer = self._read()
+        return float(answer["seconds"]), float(answer["cpu"])
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -93,8 +97,13 @@ class Worker:
 class Http:
     """`gateway serve` on the same checkpoint, driven over HTTP from this process."""
 
-    def __init__(self, url: str, texts: list[str], threads: int) -> None:
-        self.url, self.texts, self.threads = url, texts, threads
+    def __init__(self, url: str, pid: int, texts: list[str], threads: int) -> None:
+        self.url, self.pid, self.texts, self.threads = url, pid, texts, threads
+
+    def cpu(self) -> float:
+        """The gateway process's CPU seconds so far (every thread; not the load generator)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     async def _batch(self, texts: list[str], adapters: int, new: int) -> float:
         limits = httpx.Limits(max_connections=len(texts) + 1)
@@ -112,8 +121,10 @@ class Http:
                 raise RuntimeError(f"the gateway made {r.json()['usage']} tokens, not {new}")
         return seconds
 
-    def run(self, prompts: list[list[int]], adapters: int, new: int) -> float:
-        return asyncio.run(self._batch(self.texts[: len(prompts)], adapters, new))
+    def run(self, prompts: list[list[int]], adapters: int, new: int) -> tuple[float, float]:
+        cpu = self.cpu()
+        seconds = asyncio.run(self._batch(self.texts[: len(prompts)], adapters, new))
+        return seconds, self.cpu() - cpu
 
     def close(self) -> None:
         return None
@@ -144,10 +155,10 @@ def http_target(
 ) -> Iterator[Http]:
     with tempfile.TemporaryDirectory() as tmp, gateway_process(
         gateway_config(args, dtype, max_batch), Path(tmp), env={"BENCH_KEYS": KEY}, timeout=300
-    ) as (url, _):
+    ) as (url, proc):
         from backends.local import placement
 
-        yield Http(url, texts, placement.resolve_threads(args.threads))
+        yield Http(url, proc.pid, texts, placement.resolve_threads(args.threads))
 
 
 def machine() -> dict[str, Any]:
@@ -168,12 +179,14 @@ def medians(results: Results) -> dict[str, dict[Cell, float]]:
     return {n: {c: statistics.median(v) for c, v in cells.items()} for n, cells in results.items()}
 
 
-def table(cells: list[Cell], med: dict[str, dict[Cell, float]], dtype: str) -> str:
+def table(
+    cells: list[Cell], med: dict[str, dict[Cell, float]], dtype: str, unit: str = "tok/s"
+) -> str:
     """One dtype's table: tok/s per target, memgate / best hf, memgate / each hf, http ratio."""
     names = [n for n in med if n.endswith(f"/{dtype}")]
     hfs = [n for n in names if n.startswith("hf")]
     http, mine = f"http/{dtype}", f"memgate/{dtype}"
-    head = "| batch | adapters | " + " | ".join(f"{n.split('/')[0]} tok/s" for n in names)
+    head = "| batch | adapters | " + " | ".join(f"{n.split('/')[0]} {unit}" for n in names)
     if hfs:
         head += " | memgate / best hf" + "".join(f" | memgate / {n.split('/')[0]}" for n in hfs)
     head += " | http / in-process" if http in med else ""
@@ -243,6 +256,7 @@ def main() -> None:
         for t in targets.values():
             stack.callback(t.close)
         results: Results = {n: {c: [] for c in cells} for n in targets}
+        per_cpu: Results = {n: {c: [] for c in cells} for n in targets}
         for t in targets.values():  # warm-up: every cell once, a few tokens (adapters load)
             for batch, adapters in cells:
                 t.run(prompts[:batch], adapters, 4)
@@ -251,17 +265,21 @@ def main() -> None:
             for cell in cells:
                 batch, adapters = cell
                 for name in order[rep % len(order):] + order[: rep % len(order)]:
-                    seconds = targets[name].run(prompts[:batch], adapters, args.new)
+                    seconds, cpu = targets[name].run(prompts[:batch], adapters, args.new)
                     results[name][cell].append(batch * args.new / seconds)
+                    per_cpu[name][cell].append(batch * args.new / max(cpu, 1e-9))
                     print(f"repeat {rep + 1} batch {batch:>2} adapters {adapters or 'none':>4} "
-                          f"{name:<18} {batch * args.new / seconds:8.1f} tok/s", flush=True)
+                          f"{name:<18} {batch * args.new / seconds:8.1f} tok/s "
+                          f"{batch * args.new / max(cpu, 1e-9):8.1f} tok/CPU-s", flush=True)
         threads = {n: t.threads for n, t in targets.items()}
-    med = medians(results)
+    med, med_cpu = medians(results), medians(per_cpu)
     print(f"\n{args.model} on {args.device}, prompts {len(prompts[0])} tokens, {args.new} new, "
           f"greedy, medians of {args.repeats}; torch threads {threads}")
     tables = {d: table(cells, med, d) for d in dtypes}
     if len(dtypes) == 2:
         tables[f"{dtypes[1]} / {dtypes[0]}"] = dtype_table(cells, med, dtypes)
+    for d in dtypes:  # steadier on a shared machine: tokens per CPU-second of the target process
+        tables[f"{d}, tokens per CPU-second"] = table(cells, med_cpu, d, "tok/CPU-s")
     for title, text in tables.items():
         print(f"\n{title}\n{text}")
     out = args.out or ROOT / "bench" / "results" / f"engine-{args.model.name}.json"
@@ -271,9 +289,10 @@ def main() -> None:
         "machine": {**machine(), "loadavg_at_start": loadavg_at_start}, "model": str(args.model), "device": args.device,
         "prompt_tokens": len(prompts[0]), "new_tokens": args.new, "threads": threads,
         "tables": tables,
-        "cells": [{"batch": b, "adapters": a, **{n: {"tok_s": results[n][(b, a)],
-                                                     "median": med[n][(b, a)]} for n in results}}
-                  for b, a in cells],
+        "cells": [{"batch": b, "adapters": a, **{n: {
+            "tok_s": results[n][(b, a)], "median": med[n][(b, a)],
+            "tok_per_cpu_s": per_cpu[n][(b, a)], "median_per_cpu_s": med_cpu[n][(b, a)]}
+            for n in results}} for b, a in cells],
     }, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -3,7 +3,8 @@ memgate|hf --model DIR --dtype D`): one JSON request per stdin line, one JSON an
 stdout line, so the driver can interleave targets and repeat cells without reloading models.
 
 A request: {"batch": B, "adapters": 0 | n, "new": T, "prompts": [[ids], ...]}; the answer:
-{"seconds": wall time from submitting the batch to its last token, "tokens": tokens made}.
+{"seconds": wall time from submitting the batch to its last token, "cpu": this process's CPU
+seconds over the same span (every thread), "tokens": tokens made}.
 Every request of a batch is submitted at once, greedy, exactly `new` tokens (EOS ignored).
 `adapters: n` serves request i with adapter rand-(i mod n) of DIR/adapters.
 """
@@ -128,9 +129,11 @@ def main() -> None:
     print(json.dumps({"ready": True, "threads": target.threads}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
+        cpu = time.process_time()
         seconds = target.run(req["prompts"], req["adapters"], req["new"])
-        print(json.dumps({"seconds": seconds, "tokens": len(req["prompts"]) * req["new"]}),
-              flush=True)
+        cpu = time.process_time() - cpu
+        print(json.dumps({"seconds": seconds, "cpu": cpu,
+                          "tokens": len(req["prompts"]) * req["new"]}), flush=True)
 
 
 if __name__ == "__main__":
