@@ -107,6 +107,7 @@ class LoraBatch:
 
 
 Stack = tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, float], ...]]
+UPCAST_ROWS = 256  # packed bfloat16 projections of this many rows or more run in float32
 
 
 class Proj(nn.Module):
@@ -144,6 +145,9 @@ class Proj(nn.Module):
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """y = x @ weight.T + bias (quantized projections override this one method)."""
         if self.packed is not None:
+            if x.numel() >= UPCAST_ROWS * self.in_features:  # a prefill chunk: see packing.py
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x.float(), self.packed.to_dense(torch.float32), bias).to(x.dtype)
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
             return cast(torch.Tensor, y)
         return F.linear(x, self.weight, self.bias)

@@ -6,7 +6,12 @@ batch 1 and 32 on this project's development CPU (AVX512-BF16; README "Engine sp
 once at load keeps only the blocked copy:
 
     packed = reorder(weight)                      (load, once; the plain weight is dropped)
-    y = x @ weight^T + bias = linear(x, packed)   (Proj.base, every step)
+    y = x @ weight^T + bias = linear(x, packed)   (Proj.base, fewer than UPCAST_ROWS rows)
+    y = (x.float() @ to_float32(packed)^T).to(bfloat16)   (UPCAST_ROWS rows or more)
+
+Without AMX, oneDNN's AVX512-BF16 kernel beats MKL's float32 one only where the weight bytes
+dominate (a few rows); with hundreds of rows (prefill chunks) a per-call upcast of the packed
+weight to float32 is faster than the bfloat16 kernel (`python -m bench.gemm`).
 
 Only for bfloat16 on CPU where torch has the oneDNN ops; everything else keeps `F.linear`.
 The packed weight is the projection's only copy: its state_dict entry is gone (the checkpoint

@@ -7,7 +7,7 @@ import torch
 
 from backends.local import packing
 from backends.local.loader import load_checkpoint
-from backends.local.model import Proj
+from backends.local.model import UPCAST_ROWS, Proj
 
 from .conftest import TinyCheckpoint
 
@@ -26,11 +26,13 @@ def test_bfloat16_load_packs_and_answers_like_plain_weights(
     monkeypatch.setattr(packing, "available", lambda dtype, device: False)
     plain = load_checkpoint(tiny_checkpoint.model_dir, dtype="bfloat16")
     assert plain.packed == 0 and plain.weight_bytes == packed.weight_bytes
-    ids = torch.randint(0, plain.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        a, b = packed.model.forward_full(ids), plain.model.forward_full(ids)
-    assert (a - b).abs().max().item() < 0.05
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9
+    g = torch.Generator().manual_seed(0)
+    for rows in (17, UPCAST_ROWS // 2 + 3):  # 34 rows: the packed kernel; 2 x 131: upcast
+        ids = torch.randint(0, plain.config.vocab_size, (2, rows), generator=g)
+        with torch.inference_mode():
+            a, b = packed.model.forward_full(ids), plain.model.forward_full(ids)
+        assert (a - b).abs().max().item() < 0.05
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9
 
 
 def test_float32_and_int8_are_never_packed(tiny_checkpoint: TinyCheckpoint) -> None:
