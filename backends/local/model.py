@@ -5,10 +5,11 @@ Two forwards share every weight:
 - ``forward_full(input_ids[B, T])``: plain causal forward from position 0, no cache, differentiable
   (training, parity tests).
 - ``forward_step(step, kv)``: the engine's forward. Tokens of several sequences are flattened
-  into one ``[N]`` vector with their positions; each sequence sees its keys and values through
-  ``kv_slots`` (indices into a flat, paged KV pool); new keys and values are written at
-  ``write_slots``. LoRA is applied per token through an adapter index (slot 0 = base model),
-  so one step can mix adapters.
+  into one ``[N]`` vector with their positions; new keys and values are written at
+  ``write_slots`` of a flat, paged KV pool; every sequence that feeds one token is attended in
+  one batched call through its padded slot table (``attention.decode_attention``), each
+  prefill chunk through its ``kv_slots``. LoRA is applied per token through an adapter index
+  (slot 0 = base model), so one step can mix adapters.
 """
 
 from __future__ import annotations
