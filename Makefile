@@ -5,6 +5,7 @@ BIN     := $(VENV)/bin
 PORT    ?= 8000
 CONFIG  ?= examples/demo.yaml
 DEMO    := models/demo/config.json
+MID     := models/mid/config.json
 
 .PHONY: setup setup-dev serve demo-model test test-soak test-vllm vllm-venv test-litellm litellm-venv lint typecheck clean obs-tools dashboards
 
@@ -77,9 +78,19 @@ typecheck: $(VENV)/.dev
 clean:
 	rm -rf $(VENV) .venv-vllm .venv-litellm models build *.egg-info
 
-.PHONY: bench-engine bench-memory
-bench-engine: $(VENV)/.dev $(DEMO)
-	$(BIN)/python -m bench.engine
+$(MID): | $(VENV)/.local
+	$(BIN)/gateway demo-model models/mid --size mid
+
+# The engine's GPU check (bench/gpu_check.py): on CUDA where torch sees it, else CPU mode (CI).
+gpu-check: $(VENV)/.dev $(DEMO)
+	PY=$(BIN)/python bash bench/gpu_check.sh
+
+.PHONY: bench-engine bench-memory mid-model gpu-check
+mid-model: $(MID)
+
+# The engine side by side with transformers(+peft) and over HTTP, float32 and bfloat16 (~25 min)
+bench-engine: $(VENV)/.dev $(DEMO) $(MID)
+	$(BIN)/python -m bench.engine --model models/mid --dtype float32,bfloat16 --http --repeats 5
 
 bench-memory: $(VENV)/.dev $(DEMO)
 	$(BIN)/python -m bench.memory

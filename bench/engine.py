@@ -1,157 +1,300 @@
-"""Engine throughput: prefill and decode tokens/s at batch 1, 8, 32; one adapter vs 8 mixed.
+"""Engine throughput side by side: memgate in-process, transformers(+peft), and `gateway serve`
+over HTTP, on any local checkpoint, in one run.
 
-Side by side in one run on the same model and requests: the local engine, and transformers +
-peft (mixed batches through `adapter_names`). vLLM is measured only when importable here.
-Writes bench/results/engine.json.  Run: `.venv/bin/python -m bench.engine [--quick]`.
+    .venv/bin/python -m bench.engine --model models/mid [--dtype float32,bfloat16] [--http]
+
+Each cell is a batch of B greedy requests (prompts of about --prompt tokens from the demo
+corpus, exactly --new tokens each, EOS ignored) submitted at once; tok/s = B x new / the wall
+time from submission to the last token (prefill included). "8 adapters" serves request i with
+adapter rand-(i mod 8) of MODEL/adapters (`gateway demo-model --size mid` writes them; peft
+mixes them through `adapter_names`). Targets run in their own processes and are interleaved:
+every repeat runs every cell on every target, the order rotating per repeat; the table gives
+medians and ratios of medians, of tok/s and (steadier on a shared machine) of tokens per
+CPU-second of the target's process (every thread; for HTTP the gateway's, not the load
+generator's); "best hf" is the faster of the transformers configurations
+run (`--hf-threads default,1`: torch's default threads and one thread). The HTTP target is a
+real `gateway serve` (default policy chain) driven by an httpx load generator in this
+process, on the same machine. With two dtypes, a last table divides bfloat16 by float32.
+Writes bench/results/engine-<model>.json (or --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import shutil
+import os
+import platform
+import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import torch
-from safetensors.torch import load_file, save_file
 
-from backends.local.engine import Engine, Event
-from backends.local.loader import load_checkpoint
-from backends.local.lora import install, load_adapter
-from backends.local.sampler import Sampler
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-MODEL = Path("models/demo")
-RESULTS = Path("bench/results")
+from backends.local.tokenizer import ChatTokenizer  # noqa: E402
+from gateway.demo import DATA_DIR  # noqa: E402
+from tests.server import gateway_process  # noqa: E402
 
-
-def make_adapters(root: Path, n: int) -> list[Path]:
-    """n random adapters shaped like the demo's acme-support."""
-    src = MODEL / "adapters" / "acme-support"
-    base = load_file(str(src / "adapter_model.safetensors"))
-    out = []
-    for i in range(n):
-        d = root / f"rand-{i}"
-        d.mkdir(parents=True)
-        shutil.copy(src / "adapter_config.json", d)
-        g = torch.Generator().manual_seed(i)
-        save_file(
-            {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in base.items()},
-            str(d / "adapter_model.safetensors"),
-        )
-        out.append(d)
-    return out
+KEY = "sk-bench"
+Cell = tuple[int, int]  # (batch, adapters)
 
 
-class Detok:
-    def push(self, token: int) -> str:
-        return ""
-
-    def flush(self) -> str:
-        return ""
-
-
-def run_ours(engine: Engine, prompts: list[list[int]], slots: list[int], new: int) -> float:
-    """Seconds until every sequence of one batch (submitted at once) has finished."""
-    done = threading.Semaphore(0)
-
-    def emit(ev: Event) -> None:
-        if ev.finish_reason is not None or ev.error is not None:
-            done.release()
-
-    t0 = time.perf_counter()
-    for p, s in zip(prompts, slots, strict=True):
-        engine.submit(p, new, Sampler(2048, 0.0), Detok(), emit, adapter_slot=s)  # type: ignore[arg-type]
-    for _ in prompts:
-        done.acquire()
-    return time.perf_counter() - t0
+def prompts_for(tok: ChatTokenizer, n: int, length: int) -> list[str]:
+    """n different texts of about `length` tokens (windows over the demo corpus)."""
+    corpus = " ".join(p.read_text(encoding="utf-8") for p in sorted(DATA_DIR.glob("*.txt")))
+    ids = tok.encode(corpus, add_special_tokens=False)
+    stride = max(1, (len(ids) - length) // max(n, 1))
+    return [tok.decode(ids[i * stride : i * stride + length - 1]) for i in range(n)]
 
 
-def decode_rate(tokens: int, seconds: float) -> float:
-    """Decode tok/s from (all - prefill-only) time; NaN when noise makes that non-positive."""
-    return tokens / seconds if seconds > 0 else float("nan")
+class Worker:
+    """A target in its own process (bench/engine_targets.py), one JSON line each way."""
+
+    def __init__(
+        self, target: str, args: argparse.Namespace, dtype: str, max_batch: int,
+        threads: int | None,
+    ) -> None:
+        cmd = [sys.executable, "-m", "bench.engine_targets", target, "--model", str(args.model),
+               "--dtype", dtype, "--max-batch", str(max_batch), "--device", args.device]
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.threads = int(self._read()["threads"])
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench target exited with {self.proc.wait()}")
+        return dict(json.loads(line))
+
+    def run(self, prompts: list[list[int]], adapters: int, new: int) -> tuple[float, float]:
+        """(wall seconds, the target process's CPU seconds) of one batch."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "adapters": adapters, "new": new}))
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        answer = self._read()
+        return float(answer["seconds"]), float(answer["cpu"])
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(60)
 
 
-def bench_ours(batch: int, adapters: int, new: int, plen: int, paths: list[Path]) -> dict[str, float]:
-    loaded = load_checkpoint(MODEL)
-    for i, p in enumerate(paths[:adapters]):
-        install(loaded.model, load_adapter(p, loaded.model), i + 1)
-    engine = Engine(loaded.model, 256 << 20, max_batch_size=64, max_prefill_tokens=4096)
-    engine.start()
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(4, 2048, (plen,), generator=g).tolist() for _ in range(batch)]
-    slots = [1 + i % adapters for i in range(batch)]
-    try:
-        run_ours(engine, prompts[:1], slots[:1], 2)  # warm-up
-        t_one = run_ours(engine, prompts, slots, 1)  # prefill (+ one sample)
-        t_all = run_ours(engine, prompts, slots, new)
-    finally:
-        engine.stop()
+class Http:
+    """`gateway serve` on the same checkpoint, driven over HTTP from this process."""
+
+    def __init__(self, url: str, pid: int, texts: list[str], threads: int) -> None:
+        self.url, self.pid, self.texts, self.threads = url, pid, texts, threads
+
+    def cpu(self) -> float:
+        """The gateway process's CPU seconds so far (every thread; not the load generator)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def _batch(self, texts: list[str], adapters: int, new: int) -> float:
+        limits = httpx.Limits(max_connections=len(texts) + 1)
+        async with httpx.AsyncClient(base_url=self.url, timeout=600, limits=limits,
+                                     headers={"authorization": f"Bearer {KEY}"}) as client:
+            bodies = [{"model": f"bench:rand-{i % adapters}" if adapters else "bench",
+                       "prompt": t, "max_tokens": new, "temperature": 0, "ignore_eos": True}
+                      for i, t in enumerate(texts)]
+            t0 = time.perf_counter()
+            replies = await asyncio.gather(*(client.post("/completions", json=b) for b in bodies))
+            seconds = time.perf_counter() - t0
+        for r in replies:
+            r.raise_for_status()
+            if r.json()["usage"]["completion_tokens"] != new:
+                raise RuntimeError(f"the gateway made {r.json()['usage']} tokens, not {new}")
+        return seconds
+
+    def run(self, prompts: list[list[int]], adapters: int, new: int) -> tuple[float, float]:
+        cpu = self.cpu()
+        seconds = asyncio.run(self._batch(self.texts[: len(prompts)], adapters, new))
+        return seconds, self.cpu() - cpu
+
+    def close(self) -> None:
+        return None
+
+
+def gateway_config(args: argparse.Namespace, dtype: str, max_batch: int) -> dict[str, Any]:
+    server: dict[str, Any] = {"max_body_bytes": "1MiB"}
+    if args.threads is not None:
+        server["torch_threads"] = args.threads
+    adapters = sorted(p.name for p in (args.model / "adapters").iterdir())
     return {
-        "prefill_tok_s": batch * plen / t_one,
-        "decode_tok_s": decode_rate(batch * (new - 1), t_all - t_one),
+        "server": server,
+        "backends": {"local": {
+            "kind": "local", "model": str(args.model.resolve()), "dtype": dtype,
+            "device": args.device, "kv_cache_bytes": "256MiB",
+            "adapters_dir": str((args.model / "adapters").resolve()),
+            "adapter_cache_bytes": "64MiB", "max_loras": 8, "max_batch_size": max_batch,
+        }},
+        "models": [{"name": "bench", "backend": "local"}],
+        "tenants": [{"name": "bench", "api_keys_env": "BENCH_KEYS", "models": ["bench"],
+                     "allowed_adapters": {"bench": adapters}}],
     }
 
 
-def bench_hf(batch: int, adapters: int, new: int, plen: int, paths: list[Path]) -> dict[str, float]:
-    import peft
-    import transformers
+@contextmanager
+def http_target(
+    args: argparse.Namespace, dtype: str, texts: list[str], max_batch: int
+) -> Iterator[Http]:
+    with tempfile.TemporaryDirectory() as tmp, gateway_process(
+        gateway_config(args, dtype, max_batch), Path(tmp), env={"BENCH_KEYS": KEY}, timeout=300
+    ) as (url, proc):
+        from backends.local import placement
 
-    model = transformers.LlamaForCausalLM.from_pretrained(str(MODEL)).eval()
-    pm = peft.PeftModel.from_pretrained(model, str(paths[0]), adapter_name="a0")
-    for i in range(1, adapters):
-        pm.load_adapter(str(paths[i]), adapter_name=f"a{i}")
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, 2048, (batch, plen), generator=g)
-    names = [f"a{i % adapters}" for i in range(batch)]
-    kw = {"do_sample": False, "pad_token_id": 1, "eos_token_id": None}
-    with torch.inference_mode():
-        pm.generate(ids[:1], max_new_tokens=2, adapter_names=names[:1], **kw)
-        t0 = time.perf_counter()
-        pm.generate(ids, max_new_tokens=1, min_new_tokens=1, adapter_names=names, **kw)
-        t_one = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pm.generate(ids, max_new_tokens=new, min_new_tokens=new, adapter_names=names, **kw)
-        t_all = time.perf_counter() - t0
-    return {
-        "prefill_tok_s": batch * plen / t_one,
-        "decode_tok_s": decode_rate(batch * (new - 1), t_all - t_one),
-    }
+        yield Http(url, proc.pid, texts, placement.resolve_threads(args.threads))
+
+
+def machine() -> dict[str, Any]:
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+                 platform.processor())
+    info: dict[str, Any] = {"nproc": os.cpu_count(), "cpu": model, "torch": torch.__version__,
+                            "python": platform.python_version(), "loadavg": os.getloadavg()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+Results = dict[str, dict[Cell, list[float]]]
+
+
+def medians(results: Results) -> dict[str, dict[Cell, float]]:
+    return {n: {c: statistics.median(v) for c, v in cells.items()} for n, cells in results.items()}
+
+
+def table(
+    cells: list[Cell], med: dict[str, dict[Cell, float]], dtype: str, unit: str = "tok/s"
+) -> str:
+    """One dtype's table: tok/s per target, memgate / best hf, memgate / each hf, http ratio."""
+    names = [n for n in med if n.endswith(f"/{dtype}")]
+    hfs = [n for n in names if n.startswith("hf")]
+    http, mine = f"http/{dtype}", f"memgate/{dtype}"
+    head = "| batch | adapters | " + " | ".join(f"{n.split('/')[0]} {unit}" for n in names)
+    if hfs:
+        head += " | memgate / best hf" + "".join(f" | memgate / {n.split('/')[0]}" for n in hfs)
+    head += " | http / in-process" if http in med else ""
+    lines = [head + " |", "|" + "---|" * (head.count("|") - 0)]
+    for cell in cells:
+        row = f"| {cell[0]} | {cell[1] or 'none'} | " + " | ".join(
+            f"{med[n][cell]:,.1f}" for n in names)
+        if hfs:
+            row += f" | **{med[mine][cell] / max(med[n][cell] for n in hfs):.2f}x**"
+            row += "".join(f" | {med[mine][cell] / med[n][cell]:.2f}x" for n in hfs)
+        if http in med:
+            row += f" | {med[http][cell] / med[mine][cell]:.2f}"
+        lines.append(row + " |")
+    return "\n".join(lines)
+
+
+def dtype_table(cells: list[Cell], med: dict[str, dict[Cell, float]], dtypes: list[str]) -> str:
+    kinds = [k for k in ("memgate", "http") if all(f"{k}/{d}" in med for d in dtypes)]
+    lines = ["| batch | adapters | " + " | ".join(f"{k} {dtypes[1]} / {dtypes[0]}" for k in kinds)
+             + " |", "|---|---|" + "---|" * len(kinds)]
+    for cell in cells:
+        lines.append(f"| {cell[0]} | {cell[1] or 'none'} | " + " | ".join(
+            f"{med[f'{k}/{dtypes[1]}'][cell] / med[f'{k}/{dtypes[0]}'][cell]:.2f}x"
+            for k in kinds) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="batch 1 and 8 only, fewer tokens")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=Path("models/mid"))
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16, or both (comma)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cells", default="1:0,8:0,8:8,32:0",
+                    help="batch:adapters,... (adapters 0 = base model)")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--http", action="store_true", help="also `gateway serve` over HTTP")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--threads", type=int, default=None, help="memgate torch threads (default: auto)")
+    ap.add_argument("--hf-threads", default="default,1",
+                    help="transformers torch threads, a comma list: default (torch's) and/or N")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    batches = (1, 8) if args.quick else (1, 8, 32)
-    new, plen = (8, 32) if args.quick else (32, 64)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = make_adapters(Path(tmp), 8)
-        for batch in batches:
-            for adapters in (1, 8):
-                for name, fn in (("memgate", bench_ours), ("hf+peft", bench_hf)):
-                    r = fn(batch, adapters, new, plen, paths)
-                    rows.append({"engine": name, "batch": batch, "adapters": adapters, **r})
-                    print(
-                        f"{name:<8} batch {batch:>2} adapters {adapters}  "
-                        f"prefill {r['prefill_tok_s']:>9.0f} tok/s  "
-                        f"decode {r['decode_tok_s']:>8.0f} tok/s",
-                        flush=True,
-                    )
-    try:
-        import vllm  # noqa: F401
-
-        print("vllm is importable, but its CPU bench is not wired here yet")
-    except ImportError:
-        print("vllm: not installed in this environment; skipped")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"prompt_tokens": plen, "new_tokens": new, "threads": torch.get_num_threads()}
-    (RESULTS / "engine.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {RESULTS / 'engine.json'}")
+    dtypes = args.dtype.split(",")
+    loadavg_at_start = os.getloadavg()  # the machine is shared: say how busy it was
+    cells = [(int(b), int(a)) for b, a in (c.split(":") for c in args.cells.split(","))]
+    max_batch = max(b for b, _ in cells)
+    tok = ChatTokenizer.from_dir(args.model)
+    texts = prompts_for(tok, max_batch, args.prompt)
+    prompts = [tok.encode(t) for t in texts]  # what the gateway's completion path encodes
+    if len({len(p) for p in prompts}) != 1:
+        width = min(len(p) for p in prompts)  # transformers takes a rectangular batch
+        texts = [tok.decode(p[1:width]) for p in prompts]
+        prompts = [tok.encode(t) for t in texts]
+    with ExitStack() as stack:
+        targets: dict[str, Worker | Http] = {}
+        for dtype in dtypes:
+            targets[f"memgate/{dtype}"] = Worker("memgate", args, dtype, max_batch, args.threads)
+            for spec in [] if args.no_hf else args.hf_threads.split(","):
+                threads = None if spec == "default" else int(spec)
+                name = "hf" if threads is None else f"hf@{threads}t"
+                targets[f"{name}/{dtype}"] = Worker("hf", args, dtype, max_batch, threads)
+            if args.http:
+                targets[f"http/{dtype}"] = stack.enter_context(
+                    http_target(args, dtype, texts, max_batch))
+        for t in targets.values():
+            stack.callback(t.close)
+        results: Results = {n: {c: [] for c in cells} for n in targets}
+        per_cpu: Results = {n: {c: [] for c in cells} for n in targets}
+        for t in targets.values():  # warm-up: every cell once, a few tokens (adapters load)
+            for batch, adapters in cells:
+                t.run(prompts[:batch], adapters, 4)
+        order = list(targets)
+        for rep in range(args.repeats):
+            for cell in cells:
+                batch, adapters = cell
+                for name in order[rep % len(order):] + order[: rep % len(order)]:
+                    seconds, cpu = targets[name].run(prompts[:batch], adapters, args.new)
+                    results[name][cell].append(batch * args.new / seconds)
+                    per_cpu[name][cell].append(batch * args.new / max(cpu, 1e-9))
+                    print(f"repeat {rep + 1} batch {batch:>2} adapters {adapters or 'none':>4} "
+                          f"{name:<18} {batch * args.new / seconds:8.1f} tok/s "
+                          f"{batch * args.new / max(cpu, 1e-9):8.1f} tok/CPU-s", flush=True)
+        threads = {n: t.threads for n, t in targets.items()}
+    med, med_cpu = medians(results), medians(per_cpu)
+    print(f"\n{args.model} on {args.device}, prompts {len(prompts[0])} tokens, {args.new} new, "
+          f"greedy, medians of {args.repeats}; torch threads {threads}")
+    tables = {d: table(cells, med, d) for d in dtypes}
+    if len(dtypes) == 2:
+        tables[f"{dtypes[1]} / {dtypes[0]}"] = dtype_table(cells, med, dtypes)
+    for d in dtypes:  # steadier on a shared machine: tokens per CPU-second of the target process
+        tables[f"{d}, tokens per CPU-second"] = table(cells, med_cpu, d, "tok/CPU-s")
+    for title, text in tables.items():
+        print(f"\n{title}\n{text}")
+    out = args.out or ROOT / "bench" / "results" / f"engine-{args.model.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": " ".join(["python", "-m", "bench.engine", *sys.argv[1:]]),
+        "machine": {**machine(), "loadavg_at_start": loadavg_at_start}, "model": str(args.model), "device": args.device,
+        "prompt_tokens": len(prompts[0]), "new_tokens": args.new, "threads": threads,
+        "tables": tables,
+        "cells": [{"batch": b, "adapters": a, **{n: {
+            "tok_s": results[n][(b, a)], "median": med[n][(b, a)],
+            "tok_per_cpu_s": per_cpu[n][(b, a)], "median_per_cpu_s": med_cpu[n][(b, a)]}
+            for n in results}} for b, a in cells],
+    }, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

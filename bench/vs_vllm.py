@@ -1,17 +1,20 @@
 """The demo model served end to end by `gateway serve` (local engine) and by vLLM CPU.
 
-Same HTTP load against both, one after the other in one run: N concurrent greedy completions
-(64-token prompts, `ignore_eos`, 32 new tokens) at concurrency 1, 8 and 32, base model and
-an adapter. Reports generated tokens/s and the ratio. Needs .venv-vllm (`make vllm-venv`).
-Run: `.venv/bin/python -m bench.vs_vllm`; writes bench/results/vs_vllm.json.
+Both servers run for the whole benchmark and the same HTTP load alternates between them:
+every repeat runs each cell (N concurrent greedy completions: 64-token prompts, `ignore_eos`,
+32 new tokens, 2 waves; base model or the acme-support adapter) on both, the order rotating.
+Reports medians of generated tokens/s and their ratio. Needs .venv-vllm (`make vllm-venv`).
+Run: `.venv/bin/python -m bench.vs_vllm [--repeats 3]`; writes bench/results/vs_vllm.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +36,8 @@ async def load(url: str, key: str, model: str, concurrency: int, rounds: int) ->
     """Generated tokens per second over `rounds` waves of `concurrency` requests."""
     body = {"model": model, "prompt": PROMPT_WORDS, "max_tokens": NEW_TOKENS, "temperature": 0,
             "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=url, timeout=600,
+    limits = httpx.Limits(max_connections=concurrency + 1)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits,
                                  headers={"authorization": f"Bearer {key}"}) as client:
         await client.post("/completions", json={**body, "max_tokens": 2})  # warm-up
         t0 = time.perf_counter()
@@ -70,38 +74,53 @@ def start_vllm(port: int, log: Path) -> subprocess.Popen[bytes]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
     if not VLLM_PY.exists():
         sys.exit("no .venv-vllm: run `make vllm-venv` first")
-    levels = (1, 8, 32)
-    results: dict[str, dict[str, float]] = {}
+    levels = [int(c) for c in args.levels.split(",")]
+    runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = demo_config(MODEL)
         cfg["server"]["default_max_tokens"] = NEW_TOKENS
         # The same request shape both ways: one tenant on the base model, one with acme-support.
         cfg["tenants"].append({"name": "base", "api_keys_env": "BASE_KEYS", "models": ["demo"]})
-        with gateway_process(cfg, Path(tmp), env={"BASE_KEYS": "sk-base"}) as (url, _):
-            for c in levels:
-                results[f"memgate base c={c}"] = {"tok_s": asyncio.run(load(url, "sk-base", "demo", c, 2))}
-                results[f"memgate lora c={c}"] = {
-                    "tok_s": asyncio.run(load(url, "sk-demo-acme", "demo", c, 2))}
         port = free_port()
         proc = start_vllm(port, Path(tmp) / "vllm.log")
         try:
-            url = f"http://127.0.0.1:{port}/v1"
-            for c in levels:
-                results[f"vllm base c={c}"] = {"tok_s": asyncio.run(load(url, "x", "demo", c, 2))}
-                results[f"vllm lora c={c}"] = {"tok_s": asyncio.run(load(url, "x", "acme-support", c, 2))}
+            with gateway_process(cfg, Path(tmp), env={"BASE_KEYS": "sk-base"}) as (gw, _):
+                vllm = f"http://127.0.0.1:{port}/v1"
+                targets = {
+                    "memgate": {"base": (gw, "sk-base", "demo"),
+                                "lora": (gw, "sk-demo-acme", "demo")},
+                    "vllm": {"base": (vllm, "x", "demo"), "lora": (vllm, "x", "acme-support")},
+                }
+                for rep in range(args.repeats):
+                    for c in levels:
+                        for kind in ("base", "lora"):
+                            order = list(targets) if rep % 2 == 0 else list(targets)[::-1]
+                            for name in order:
+                                url, key, model = targets[name][kind]
+                                tps = asyncio.run(load(url, key, model, c, 2))
+                                runs.setdefault(f"{name} {kind} c={c}", []).append(tps)
+                                print(f"repeat {rep + 1} c={c:<3} {kind:5} {name:8} {tps:8.0f} tok/s",
+                                      flush=True)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(60)
-    print(f"{'requests':10} {'adapter':8} {'memgate tok/s':>14} {'vLLM tok/s':>11} {'ratio':>6}")
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    print(f"\nmedians of {args.repeats}\n| concurrent requests | adapter | memgate tok/s | "
+          "vLLM tok/s | ratio |\n|---|---|---|---|---|")
     for c in levels:
         for kind in ("base", "lora"):
-            ours = results[f"memgate {kind} c={c}"]["tok_s"]
-            theirs = results[f"vllm {kind} c={c}"]["tok_s"]
-            print(f"{c:<10} {kind:8} {ours:14.0f} {theirs:11.0f} {ours / theirs:6.2f}")
+            ours, theirs = med[f"memgate {kind} c={c}"], med[f"vllm {kind} c={c}"]
+            print(f"| {c} | {kind} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f} |")
     out = ROOT / "bench" / "results" / "vs_vllm.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json.dumps({"command": "python -m bench.vs_vllm " + " ".join(sys.argv[1:]),
+                               "repeats": args.repeats, "runs": runs, "medians": med},
+                              indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    os.environ["MEMGATE_TORCH_THREADS"] = str(settings.server.torch_threads)  # read by engines
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,6 +61,11 @@ def _multiprocess_metrics_dir() -> None:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
+    if args.size == "mid":
+        from backends.local.tools.mid_model import write_mid
+
+        write_mid(Path(args.dir), force=args.force)
+        return 0
     from gateway.demo import write_demo
 
     write_demo(Path(args.dir), steps=args.steps, force=args.force)
@@ -106,6 +112,19 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from backends.local.tools.prune import PruneError, prune_checkpoint
+
+    try:
+        record = prune_checkpoint(args.src, args.dst, args.drop_layers, args.ffn_keep,
+                                  args.calibration, adapters=args.adapters)
+    except (PruneError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {record['name']} to {args.dst}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("dir")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the full run)")
     demo.add_argument("--force", action="store_true", help="rewrite even if DIR exists")
+    demo.add_argument("--size", choices=("demo", "mid"), default="demo",
+                      help="mid: a random 24.6M-parameter Llama with 8 adapters, for benchmarks")
     demo.set_defaults(func=_demo_model)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -137,6 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("src")
     quant.add_argument("dst")
     quant.set_defaults(func=_quantize)
+
+    prune = sub.add_parser("prune", help="write a smaller checkpoint: fewer layers, narrower FFN")
+    prune.add_argument("src")
+    prune.add_argument("dst")
+    prune.add_argument("--drop-layers", type=int, default=0,
+                       help="how many layers to drop (the least important, as measured)")
+    prune.add_argument("--ffn-keep", type=float, default=1.0,
+                       help="share of FFN channels each layer keeps (the most important)")
+    prune.add_argument("--calibration", type=Path, default=None,
+                       help="text to measure importance on (default: the model's own samples)")
+    prune.add_argument("--adapters", action="store_true",
+                       help="also write SRC's attention-only adapters remapped to the kept layers")
+    prune.set_defaults(func=_prune)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -16,6 +16,7 @@ temporary folder and renamed into place, so a half-written model never looks com
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -122,9 +123,18 @@ def write_demo(
 
     `steps` overrides the number of optimizer steps of every training run (for fast tests).
     """
-    out_dir = Path(out_dir)
+    build = functools.partial(_build, steps=steps, log=log)
+    write_atomically(Path(out_dir), build, "demo model", force=force, log=log)
+
+
+def write_atomically(
+    out_dir: Path, build: Callable[[Path], None], what: str, *, force: bool = False,
+    log: Log = print,
+) -> None:
+    """Run `build` on a sibling temporary folder, then rename it to `out_dir` (skipped when
+    `out_dir` already holds a config.json, unless `force`)."""
     if (out_dir / "config.json").exists() and not force:
-        log(f"demo model already present in {out_dir}; pass force to rebuild")
+        log(f"{what} already present in {out_dir}; pass force to rebuild")
         return
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise FileExistsError(f"{out_dir} exists, is not empty and holds no config.json")
@@ -133,11 +143,11 @@ def write_demo(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _build(tmp, steps, log)
+        build(tmp)
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"demo model written to {out_dir}")
+    log(f"{what} written to {out_dir}")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -56,6 +56,7 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests get this long, then end
     metrics_api_key_env: str | None = None  # set: /metrics needs this bearer key
     # -- end reliability
+    torch_threads: Any = "auto"  # process-wide torch intra-op threads: "auto" or an integer
 
     def __post_init__(self) -> None:
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s",
@@ -67,6 +68,9 @@ class ServerConfig:
             raise ValueError("server.port must be between 0 and 65535")
         if self.max_body_bytes < 1 or self.default_max_tokens < 1:
             raise ValueError("server.max_body_bytes and server.default_max_tokens must be >= 1")
+        threads = self.torch_threads
+        if threads != "auto" and (type(threads) is not int or threads < 1):
+            raise ValueError("server.torch_threads must be 'auto' or a positive integer")
 
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,13 @@ from typing import ClassVar
 from backends.local.adapter_cache import AdapterCache, Resident
 from backends.local.engine import Engine, EngineClosed, Event
 from backends.local.loader import CheckpointError, LoadedModel, load_checkpoint, parse_dtype
-from backends.local.runtime_memory import baseline_rss, resident_bytes
+from backends.local.mailbox import Mailbox
+from backends.local.runtime_memory import (
+    cuda_available,
+    device_baseline,
+    device_bytes,
+    resident_bytes,
+)
 from backends.local.sampler import Sampler
 from backends.local.tokenizer import ChatTokenizer, TokenizerError
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
@@ -46,6 +54,8 @@ class LocalConfig:
             )
         if self.kv_cache_bytes <= 0 or self.adapter_cache_bytes < 0:
             raise ValueError("kv_cache_bytes must be positive and adapter_cache_bytes >= 0")
+        if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
+            raise ValueError(f"device={self.device!r}; expected cpu, cuda or cuda:N")
         if min(self.max_batch_size, self.block_size, self.max_prefill_tokens, self.max_loras) <= 0:
             raise ValueError(
                 "max_batch_size, block_size, max_prefill_tokens and max_loras must be positive"
@@ -63,6 +73,7 @@ class LocalBackend:
         self._engine: Engine | None = None
         self._adapters: AdapterCache | None = None
         self._closed = False
+        self._mailbox: Mailbox[Event] | None = None  # engine events -> this loop's queues
         self._runtime = 0  # measured at start: interpreter, libraries, kernel caches (see _warm_up)
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -70,6 +81,9 @@ class LocalBackend:
     async def start(self) -> None:
         if self._engine is not None:
             return
+        if self.cfg.device.startswith("cuda") and not cuda_available():
+            raise BackendError(f"{self.name}: device {self.cfg.device} asked for, but torch sees "
+                               "no CUDA device here", 500)
         try:
             loaded, tokenizer = await asyncio.to_thread(self._load)
         except (CheckpointError, TokenizerError, ValueError, OSError) as e:
@@ -114,7 +128,7 @@ class LocalBackend:
             submitted += 1
         for _ in range(submitted):
             await finished.get()
-        measured = baseline_rss()  # after gc + malloc_trim
+        measured = device_baseline(engine.device)  # after gc + malloc_trim (CPU)
         explained = loaded.weight_bytes + engine.kv_bytes_total + engine.workspace.peak
         self._runtime = max(0, measured - explained)
 
@@ -211,11 +225,10 @@ class LocalBackend:
             resident = await adapters.acquire(ctx.adapter)
             ctx.memory.adapter, ctx.memory.adapter_bytes = ctx.adapter, resident.nbytes
         loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
         events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(ev: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-
+        emit = functools.partial(self._mailbox.post, events)
         seq_id: int | None = None
         done = False
         try:
@@ -235,6 +248,10 @@ class LocalBackend:
             ctx.memory.kv_bytes_reserved = reserve
             while True:
                 ev = await events.get()
+                while ev.finish_reason is None and ev.error is None and not events.empty():
+                    nxt = events.get_nowait()  # arrived together: one chunk for both
+                    nxt.text = ev.text + nxt.text
+                    ev = nxt
                 if ev.error is not None:
                     done = True
                     status, code = (
@@ -316,7 +333,9 @@ class LocalBackend:
         return dict(vars(self._adapters.stats))
 
     def memory(self) -> MemorySnapshot:
-        snap = MemorySnapshot(measured=resident_bytes(), runtime=self._runtime)
+        device = self._engine.device if self._engine is not None else None
+        measured = device_bytes(device) if device is not None else resident_bytes()
+        snap = MemorySnapshot(measured=measured, runtime=self._runtime)
         if self._loaded is not None:
             snap.weights = self._loaded.weight_bytes
         if self._adapters is not None:

@@ -29,6 +29,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
     dtype: str = "float32"
+    pruned_name: str | None = None  # `gateway prune` output: adapters must name this model
 
     @property
     def context_window(self) -> int:
@@ -92,6 +93,7 @@ class ModelConfig:
             else ((int(eos),) if eos is not None else ())
         )
         dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+        pruned = d.get("memgate_pruned")
         return cls(
             hidden_size=hidden,
             num_attention_heads=heads,
@@ -108,6 +110,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             architecture=arch,
             dtype=str(dtype),
+            pruned_name=str(pruned["name"]) if isinstance(pruned, dict) and "name" in pruned else None,
             **cfg_vals,
         )
 
@@ -151,4 +154,6 @@ class ModelConfig:
             out["mlp_bias"] = False
         if self.rope_scaling:
             out["rope_scaling"] = dict(rope)
+        if self.pruned_name is not None:
+            out["memgate_pruned"] = {"name": self.pruned_name}
         return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
@@ -19,9 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backends.local import placement
 from backends.local.block_manager import BlockManager
 from backends.local.memory_plan import KVLayout, kv_bytes_per_token
-from backends.local.model import KVPool, Llama, LoraBatch, SeqSpan, StepInput
+from backends.local.model import Llama
+from backends.local.runner import ModelRunner
 from backends.local.sampler import Sampler
 from backends.local.scheduler import Scheduler, Sequence
 from backends.local.stop import StopFilter
@@ -84,9 +85,10 @@ class Engine:
         self.block_size = block_size
         self.blocks = BlockManager(self.layout.num_blocks, block_size, self.layout.bytes_per_block)
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
-        self.workspace = WorkspaceMeter(cfg, elem, model)
-        self.num_threads = num_threads or os.cpu_count() or 1
-        self.kv: KVPool | None = None
+        self.workspace = WorkspaceMeter(cfg, elem, model, block_size)
+        self.runner = ModelRunner(model, self.blocks, self.device)
+        self.requested_threads = num_threads  # None: MEMGATE_TORCH_THREADS or the default
+        self.num_threads = 0  # set by start (placement.apply)
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -118,9 +120,8 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("engine already started")
-        self.kv = KVPool.allocate(
-            self.model.config, self.blocks.num_blocks * self.block_size, self.dtype, self.device
-        )
+        self.num_threads = placement.apply(self.requested_threads)
+        self.runner.allocate()
         self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
         self._thread.start()
 
@@ -201,36 +202,6 @@ class Engine:
         except RuntimeError:  # the caller's event loop is gone; drop the sequence
             seq.cancelled = True
 
-    def _build(self, seqs: list[Sequence]) -> StepInput:
-        ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        writes: list[torch.Tensor] = []
-        spans: list[SeqSpan] = []
-        rows: list[int] = []
-        lora: list[int] = []
-        offsets = torch.arange(self.block_size)
-        for seq in seqs:
-            pending = seq.step_ids()
-            start, n = seq.num_cached, len(pending)
-            table = torch.tensor(self.blocks.blocks(seq.seq_id), dtype=torch.long)
-            slots = (table[:, None] * self.block_size + offsets).flatten()[: start + n]
-            spans.append(SeqSpan(len(ids), n, slots.to(self.device)))
-            ids.extend(pending)
-            positions.append(torch.arange(start, start + n))
-            writes.append(slots[start:])
-            rows.append(len(ids) - 1)
-            lora.extend([seq.adapter_slot] * n)
-        lora_t = torch.tensor(lora, dtype=torch.long)
-        dev = self.device
-        return StepInput(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.cat(positions).to(dev),
-            write_slots=torch.cat(writes).to(dev),
-            seqs=spans,
-            logits_rows=torch.tensor(rows, dtype=torch.long, device=dev),
-            lora=LoraBatch.from_index(lora_t.to(dev)),
-        )
-
     def _step(self) -> None:
         batch = self.scheduler.schedule()
         if not batch.seqs:
@@ -243,9 +214,8 @@ class Engine:
         for seq, share in zip(batch.seqs, shares, strict=True):
             seq.state.workspace_peak = max(seq.state.workspace_peak, share)
         try:
-            if self.kv is None:
-                raise EngineClosed("engine not started")
-            logits = self.model.forward_step(self._build(batch.seqs), self.kv)
+            logits, sampled = self.runner.run(batch.seqs)
+            greedy = logits.argmax(dim=-1).tolist() if sampled else []
         except Exception as e:
             log.exception("local engine step failed")
             for seq in batch.seqs:
@@ -253,21 +223,23 @@ class Engine:
                 self._send(seq, Event(error=e))
             return
         self.steps += 1
-        for i, seq in enumerate(batch.seqs):
+        for seq in batch.seqs:
             seq.num_cached += seq.chunk
             if seq.cancelled:
                 self.scheduler.finish(seq)
-            elif not seq.prefilling:  # a chunk that ends the prompt yields the first token
-                try:
-                    self._advance(seq, logits[i])
-                except Exception as e:  # one sequence's failure never stops the engine
-                    log.exception("local engine: sequence %s failed", seq.seq_id)
-                    self.scheduler.finish(seq)
-                    self._send(seq, Event(error=e))
+        for i, seq in enumerate(sampled):  # a chunk that ends the prompt yields the first token
+            if seq.finished:
+                continue
+            try:
+                self._advance(seq, logits[i], greedy[i])
+            except Exception as e:  # one sequence's failure never stops the engine
+                log.exception("local engine: sequence %s failed", seq.seq_id)
+                self.scheduler.finish(seq)
+                self._send(seq, Event(error=e))
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _advance(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> None:
         st: SeqState = seq.state
-        token = st.sampler.sample(logits)
+        token = argmax if st.sampler.plain_greedy else st.sampler.sample(logits)
         seq.output_ids.append(token)
         st.sampler.observe(token)
         self.tokens_generated += 1

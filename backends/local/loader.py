@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from backends.local import memory_plan
+from backends.local import memory_plan, packing
 from backends.local.model import Llama, ModelConfig
 from backends.local.quantize import quantize_state, swap_quantized
 
@@ -120,6 +120,7 @@ class LoadedModel:
     files: list[MappedFile]
     copied_bytes: int = 0  # bytes that had to be converted onto the heap
     quantized: bool = False  # int8 weights (from the checkpoint or quantized at load)
+    packed: int = 0  # projections served from oneDNN-packed bfloat16 weights (packing.py)
 
 
 def read_config(model_dir: Path) -> ModelConfig:
@@ -200,4 +201,5 @@ def load_checkpoint(
     model.requires_grad_(False)
     model.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    return LoadedModel(model, cfg, weight_bytes, files, copied, quantized=bool(int8))
+    packed = packing.pack(model)  # bfloat16 on CPU: oneDNN's blocked layout, packed once
+    return LoadedModel(model, cfg, weight_bytes, files, copied, quantized=bool(int8), packed=packed)

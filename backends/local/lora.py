@@ -32,6 +32,7 @@ class AdapterConfig:
     lora_alpha: float
     target_modules: tuple[str, ...] | str
     use_rslora: bool = False
+    base_model: str | None = None  # base_model_name_or_path: the model it was made for
 
     @property
     def scale(self) -> float:
@@ -59,6 +60,7 @@ class AdapterConfig:
             lora_alpha=float(d.get("lora_alpha", r)),
             target_modules=targets if isinstance(targets, str) else tuple(targets),
             use_rslora=bool(d.get("use_rslora", False)),
+            base_model=str(d["base_model_name_or_path"]) if d.get("base_model_name_or_path") else None,
         )
 
 
@@ -88,6 +90,13 @@ def load_adapter(path: str | Path, model: Llama, name: str | None = None) -> Lor
     if not cfg_path.exists() or not weights_path.exists():
         raise AdapterError(f"{d}: needs adapter_config.json and adapter_model.safetensors")
     config = AdapterConfig.from_dict(json.loads(cfg_path.read_text()))
+    pruned = model.config.pruned_name
+    if pruned is not None and config.base_model != pruned:
+        raise AdapterError(
+            f"{d}: this model is a pruned checkpoint ({pruned}: fewer layers and FFN channels "
+            f"than its source) and the adapter was made for {config.base_model or 'another model'!r};"
+            f" an adapter for it must be made for {pruned!r} (base_model_name_or_path)"
+        )
     mapped = map_safetensors(weights_path)
     dtype, device = model.compute_dtype, model.device
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -130,10 +139,10 @@ def install(model: Llama, adapter: LoraAdapter, slot: int) -> None:
         proj = model.get_submodule(module)
         if not isinstance(proj, Proj):
             raise AdapterError(f"{module} is not a linear projection")
-        proj.adapters[slot] = LoraWeights(a, b, adapter.config.scale)
+        proj.set_adapter(slot, LoraWeights(a, b, adapter.config.scale))
 
 
 def uninstall(model: Llama, slot: int) -> None:
     for m in model.modules():
         if isinstance(m, Proj):
-            m.adapters.pop(slot, None)
+            m.drop_adapter(slot)

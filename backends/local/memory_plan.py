@@ -171,6 +171,42 @@ def adapter_bytes(adapter_dir: Path, elem_bytes: int) -> int:
 
 
 @dataclass(frozen=True)
+class PrunedFrom:
+    """What a `gateway prune` checkpoint was cut from, in this plan's dtype and quantization."""
+
+    name: str
+    source: str
+    layers: tuple[int, int]  # before, after
+    ffn: tuple[int, int]
+    weights_before: int
+    kv_per_token_before: int
+
+    @classmethod
+    def from_record(
+        cls, record: dict[str, Any], layers: int, ffn: int, kv_per_layer: int, elem: int,
+        quantize: str,
+    ) -> PrunedFrom:
+        src = record["source"]
+        matrices = int(src["matrix_params"])
+        if quantize == "int8":  # int8 + one float scale per row, as weight_bytes counts
+            weights = matrices + int(src["matrix_rows"]) * elem
+        else:
+            weights = matrices * elem
+        return cls(
+            name=str(record["name"]),
+            source=str(src["name"]),
+            layers=(int(src["num_hidden_layers"]), layers),
+            ffn=(int(src["intermediate_size"]), ffn),
+            weights_before=weights + int(src["other_params"]) * elem,
+            kv_per_token_before=kv_per_layer * int(src["num_hidden_layers"]),
+        )
+
+
+def _drop(before: int, after: int) -> str:
+    return f"{before:,d} -> {after:,d} B ({(after - before) / before:+.1%})" if before else ""
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     weights: int
     kv: KVLayout
@@ -178,6 +214,7 @@ class MemoryPlan:
     max_batch_size: int
     adapter_budget: int
     adapters: dict[str, int] = field(default_factory=dict)
+    pruned: PrunedFrom | None = None
 
     def concurrency(self) -> dict[int, int]:
         """Largest KV-safe concurrency at each context length (capped at the window)."""
@@ -200,6 +237,14 @@ class MemoryPlan:
         ]
         for name, nbytes in sorted(self.adapters.items()):
             lines.append(f"  adapter {name:<20} {nbytes:>10,d} B")
+        if self.pruned is not None:
+            p = self.pruned
+            lines += [
+                f"pruned from          {p.source} ({p.layers[0]} -> {p.layers[1]} layers, "
+                f"FFN {p.ffn[0]} -> {p.ffn[1]})",
+                f"  weights            {_drop(p.weights_before, self.weights)}",
+                f"  kv bytes per token {_drop(p.kv_per_token_before, kv.bytes_per_token)}",
+            ]
         lines.append(f"context window       {self.context_window:>14,d} tokens")
         lines.append(f"max batch size       {self.max_batch_size:>14,d}")
         lines.append("context  kv bytes/request  kv-limited  max concurrency (<= batch size)")
@@ -234,8 +279,17 @@ def plan_checkpoint(
     sliding = d.get("sliding_window")
     if sliding and d.get("use_sliding_window", True):
         window = min(window, int(sliding))
-    per_token = kv_bytes_per_token(int(d["num_hidden_layers"]), kv_heads, head_dim, elem)
+    layers = int(d["num_hidden_layers"])
+    per_token = kv_bytes_per_token(layers, kv_heads, head_dim, elem)
     tied = bool(d.get("tie_word_embeddings", False))
+    record = d.get("memgate_pruned")
+    pruned = None
+    if isinstance(record, dict):
+        try:
+            pruned = PrunedFrom.from_record(record, layers, int(d["intermediate_size"]),
+                                            per_token // layers, elem, quantize)
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"{cfg_path}: malformed memgate_pruned record ({e})") from None
     adapters: dict[str, int] = {}
     if adapters_dir is not None and adapters_dir.is_dir():
         for p in sorted(adapters_dir.iterdir()):
@@ -248,6 +302,7 @@ def plan_checkpoint(
         max_batch_size=max_batch_size,
         adapter_budget=adapter_cache_bytes,
         adapters=adapters,
+        pruned=pruned,
     )
 
 

@@ -5,15 +5,17 @@ Two forwards share every weight:
 - ``forward_full(input_ids[B, T])``: plain causal forward from position 0, no cache, differentiable
   (training, parity tests).
 - ``forward_step(step, kv)``: the engine's forward. Tokens of several sequences are flattened
-  into one ``[N]`` vector with their positions; each sequence sees its keys and values through
-  ``kv_slots`` (indices into a flat, paged KV pool); new keys and values are written at
-  ``write_slots``. LoRA is applied per token through an adapter index (slot 0 = base model),
-  so one step can mix adapters.
+  into one ``[N]`` vector with their positions; new keys and values are written at
+  ``write_slots`` of a flat, paged KV pool; every sequence that feeds one token is attended in
+  one batched call through its padded slot table (``attention.decode_attention``), each
+  prefill chunk through its ``kv_slots``. LoRA is applied per token through an adapter index
+  (slot 0 = base model), so one step can mix adapters.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends.local.attention import DecodeBatch, decode_attention, prefill_attention
 from backends.local.config import ModelConfig
 
 __all__ = ["Llama", "ModelConfig"]
@@ -83,6 +86,12 @@ class LoraBatch:
         slots = [int(s) for s in torch.unique(index).tolist() if s != 0]
         return cls(index, slots) if slots else None
 
+    @classmethod
+    def from_slots(cls, slots: list[int], device: torch.device) -> LoraBatch | None:
+        """Per-token slots as a list; None when every token is on the base model."""
+        present = sorted(set(slots) - {0})
+        return cls(torch.tensor(slots, dtype=torch.long).to(device), present) if present else None
+
     def column_weights(self, layout: tuple[tuple[int, int, float], ...], dtype: torch.dtype) -> torch.Tensor:
         """[N, sum r]: scale_i where the column belongs to the token's own adapter i, else 0.
 
@@ -98,8 +107,16 @@ class LoraBatch:
         return w
 
 
+Stack = tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, float], ...]]
+UPCAST_ROWS = 256  # packed bfloat16 projections of this many rows or more run in float32
+
+
 class Proj(nn.Module):
-    """A linear projection (HF keys `weight`, `bias`) plus adapters by slot, kept out of state."""
+    """A linear projection (HF keys `weight`, `bias`) plus adapters by slot, kept out of state.
+
+    Adapters change from the event loop's thread while the engine thread runs forwards: they
+    are set and dropped under `_lock`, which also guards the cache of concatenated weights.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -107,10 +124,49 @@ class Proj(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.adapters: dict[int, LoraWeights] = {}
+        self.packed: torch.Tensor | None = None  # oneDNN-blocked weight (packing.py)
+        self._stacks: dict[tuple[int, ...], Stack] = {}
+        self._lock = threading.Lock()
+
+    def pack(self, packed: torch.Tensor) -> None:
+        """Serve `base` from `packed` (packing.py); the plain weight is dropped."""
+        self.packed = packed
+        self.weight = nn.Parameter(self.weight.new_empty((0, self.in_features)), requires_grad=False)
+
+    def set_adapter(self, slot: int, weights: LoraWeights) -> None:
+        with self._lock:
+            self.adapters[slot] = weights
+            self._stacks.clear()
+
+    def drop_adapter(self, slot: int) -> None:
+        with self._lock:
+            if self.adapters.pop(slot, None) is not None:
+                self._stacks.clear()
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """y = x @ weight.T + bias (quantized projections override this one method)."""
+        if self.packed is not None:
+            if x.numel() >= UPCAST_ROWS * self.in_features:  # a prefill chunk: see packing.py
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x.float(), self.packed.to_dense(torch.float32), bias).to(x.dtype)
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+            return cast(torch.Tensor, y)
         return F.linear(x, self.weight, self.bias)
+
+    def _stack(self, slots: list[int]) -> Stack | None:
+        """[A_1; ...; A_n], [B_1 ... B_n] and their (slot, rank, scale) layout, cached per set."""
+        key = tuple(slots)
+        stack = self._stacks.get(key)
+        if stack is None:
+            with self._lock:
+                present = [(s, self.adapters[s]) for s in slots if s in self.adapters]
+                if not present:
+                    return None
+                layout = tuple((s, int(w.a.shape[0]), float(w.scale)) for s, w in present)
+                a = torch.cat([w.a for _, w in present])
+                b = torch.cat([w.b for _, w in present], dim=1)
+                stack = self._stacks[key] = (a, b, layout)
+        return stack
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         """y = base(x) + scale_i * (x A_i^T) B_i^T, i = the token's adapter slot (0: none).
@@ -123,12 +179,10 @@ class Proj(nn.Module):
         y = self.base(x)
         if lora is None or not self.adapters:
             return y
-        present = [(slot, self.adapters[slot]) for slot in lora.slots if slot in self.adapters]
-        if not present:
+        stack = self._stack(lora.slots)
+        if stack is None:
             return y
-        layout = tuple((slot, int(w.a.shape[0]), float(w.scale)) for slot, w in present)
-        a = torch.cat([w.a for _, w in present]) if len(present) > 1 else present[0][1].a
-        b = torch.cat([w.b for _, w in present], dim=1) if len(present) > 1 else present[0][1].b
+        a, b, layout = stack
         xa = F.linear(x, a) * lora.column_weights(layout, x.dtype)
         return y.add_(F.linear(xa, b))
 
@@ -157,17 +211,34 @@ class SeqSpan:
 
 @dataclass
 class StepInput:
+    """One step's flat batch. Spans of one token are decoded together (`decode`, built from
+    the spans when the caller gives none); longer spans are prefill chunks."""
+
     input_ids: torch.Tensor  # [N] flat tokens of all sequences
     positions: torch.Tensor  # [N]
     write_slots: torch.Tensor  # [N] pool slot where each new token's K/V is written
     seqs: list[SeqSpan]
     logits_rows: torch.Tensor  # [S] flat rows whose logits are wanted (last token of each seq)
     lora: LoraBatch | None = None
+    decode: DecodeBatch | None = None
+
+    def decode_batch(self) -> DecodeBatch | None:
+        if self.decode is None:
+            ones = [s for s in self.seqs if s.length == 1]
+            if ones:
+                self.decode = DecodeBatch.from_slots(
+                    [s.start for s in ones], [s.kv_slots for s in ones], self.input_ids.device
+                )
+        return self.decode
+
+    @property
+    def prefill(self) -> list[SeqSpan]:
+        return [s for s in self.seqs if s.length > 1]
 
 
 @dataclass
 class KVPool:
-    """Flat paged KV storage: per layer k, v [num_slots, kv_heads, head_dim]."""
+    """Flat paged KV storage: per layer k, v [kv_heads, num_slots, head_dim]."""
 
     k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
@@ -176,7 +247,7 @@ class KVPool:
     def allocate(
         cls, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str
     ) -> KVPool:
-        shape = (num_slots, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_key_value_heads, num_slots, cfg.head_dim)
         n = cfg.num_hidden_layers
         return cls(
             [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
@@ -233,27 +304,20 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         q, k, v = self._qkv(x, cos, sin, step.lora)  # [N, H, D]
-        k_cache.index_copy_(0, step.write_slots, k)
-        v_cache.index_copy_(0, step.write_slots, v)
-        out = torch.empty_like(q)
-        for s in step.seqs:
-            ctx = s.kv_slots.numel()
-            qs = q[s.start : s.start + s.length].transpose(0, 1)  # [H, n, D]
-            ks = k_cache.index_select(0, s.kv_slots).transpose(0, 1)  # [KVH, ctx, D]
-            vs = v_cache.index_select(0, s.kv_slots).transpose(0, 1)
-            mask: torch.Tensor | None = None
-            if 1 < s.length < ctx:
-                qpos = torch.arange(ctx - s.length, ctx, device=x.device)
-                mask = torch.arange(ctx, device=x.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(
-                qs,
-                ks,
-                vs,
-                attn_mask=mask,
-                is_causal=s.length == ctx and s.length > 1,
-                enable_gqa=True,
-            )
-            out[s.start : s.start + s.length] = o.transpose(0, 1)
+        k_cache.index_copy_(1, step.write_slots, k.transpose(0, 1))
+        v_cache.index_copy_(1, step.write_slots, v.transpose(0, 1))
+        decode = step.decode_batch()
+        prefill = step.prefill
+        if decode is not None and decode.leading and decode.size == q.shape[0]:
+            out = decode_attention(q, k_cache, v_cache, decode)  # rows 0..B-1, all decoding
+        else:
+            out = torch.empty_like(q)
+            if decode is not None:
+                qd = q.index_select(0, decode.rows)
+                out.index_copy_(0, decode.rows, decode_attention(qd, k_cache, v_cache, decode))
+            for s in prefill:
+                rows = slice(s.start, s.start + s.length)
+                out[rows] = prefill_attention(q[rows], k_cache, v_cache, s.kv_slots)
         return self.o_proj.forward(out.reshape(out.shape[0], -1), step.lora)
 
 

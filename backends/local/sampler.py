@@ -45,6 +45,11 @@ class Sampler:
         # a one-hot on the argmax anyway, so take it directly.
         return self.temperature < 1e-4
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties: the token is the logits' argmax (taken for the batch)."""
+        return self.greedy and self._counts is None
+
     def observe(self, token: int) -> None:
         """Record a generated token (for presence/frequency penalties)."""
         if self._counts is not None and 0 <= token < self._counts.numel():

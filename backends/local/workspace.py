@@ -5,8 +5,11 @@ counter): with N new tokens, S sequences, hidden H, q width Q, kv width K, MLP w
 vocab V and element size e,
 
     resident = 2 N H e                                         (residual + normed input)
-    attn     = N (2Q + 3K) e + N Q e + max_s(2 c_s K e + heads n_s c_s e)   (q,k,v, roped, out,
-                                                               one sequence's gathered K/V + scores)
+    attn     = N (2Q + 3K) e + N Q e + max(prefill, decode)    (q,k,v, roped, out, and:)
+    prefill  = max over chunks of 2 c_s K e + heads n_s c_s e  (one chunk's gathered K/V + scores)
+    decode   = B L (2 K e + heads e)                           (the B decoding sequences' K/V
+                                                               gathered to L = longest context in
+                                                               whole blocks, and their scores)
     mlp      = 3 N I e                                         (gate, up, product)
     logits   = S V (e + 4)                                     (logits + float32 copy)
     dequant  = largest int8 matrix x e                         (QuantProj's transient float weight)
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from backends.local.config import ModelConfig
+from backends.local.memory_plan import blocks_for
 from backends.local.model import Llama
 
 
@@ -32,8 +36,9 @@ def largest_int8_matrix(model: Llama) -> int:
 class WorkspaceMeter:
     """Per-step workspace estimate, its last and peak values, and per-sequence shares."""
 
-    def __init__(self, cfg: ModelConfig, elem_bytes: int, model: Llama) -> None:
+    def __init__(self, cfg: ModelConfig, elem_bytes: int, model: Llama, block_size: int) -> None:
         self.cfg = cfg
+        self.block_size = block_size
         self.elem = elem_bytes
         self.dequant = largest_int8_matrix(model) * elem_bytes
         self.last = 0
@@ -45,10 +50,14 @@ class WorkspaceMeter:
         n = sum(t for t, _ in spans)
         q, k = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         resident = 2 * n * c.hidden_size * e
-        per_seq = max(
-            (2 * ctx * k * e + c.num_attention_heads * t * ctx * e for t, ctx in spans), default=0
+        heads = c.num_attention_heads
+        prefill = max(
+            (2 * ctx * k * e + heads * t * ctx * e for t, ctx in spans if t > 1), default=0
         )
-        attn = n * (3 * q + 3 * k) * e + per_seq
+        decoding = [ctx for t, ctx in spans if t == 1]
+        width = blocks_for(max(decoding, default=0), self.block_size) * self.block_size
+        decode = len(decoding) * width * (2 * k * e + heads * e)
+        attn = n * (3 * q + 3 * k) * e + max(prefill, decode)
         mlp = 3 * n * c.intermediate_size * e
         logits = len(spans) * c.vocab_size * (e + 4)
         index = 8 * (4 * n + sum(ctx for _, ctx in spans))

@@ -94,3 +94,18 @@ def test_invalid_yaml_is_reported(tmp_path: Path) -> None:
     cfg.write_text("server: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_settings(cfg)
+
+
+@pytest.mark.parametrize("threads", ["auto", 1, 4])
+def test_torch_threads_auto_or_positive(threads: object) -> None:
+    data = _base()
+    data["server"] = {"torch_threads": threads}
+    assert parse_settings(data).server.torch_threads == threads
+
+
+@pytest.mark.parametrize("threads", [0, -2, "two", True, 1.5])
+def test_torch_threads_rejects(threads: object) -> None:
+    data = _base()
+    data["server"] = {"torch_threads": threads}
+    with pytest.raises(ConfigError, match=r"server\.torch_threads must be 'auto' or a positive"):
+        parse_settings(data, "cfg.yaml")

@@ -8,28 +8,30 @@ from backends.local.model import KVPool, Llama, LoraBatch, SeqSpan, StepInput
 
 
 def prefill_logits(model: Llama, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-    """Run all prompts as one flat step (adapter slot per prompt); logits [S, T, V] per token."""
+    """Run all prompts as one flat step (adapter slot per prompt) on the model's device;
+    logits [S, T, V] per token, on the CPU."""
+    dev = model.device
     total = sum(len(p) for p in prompts)
-    kv = KVPool.allocate(model.config, total, torch.float32, "cpu")
+    kv = KVPool.allocate(model.config, total, torch.float32, dev)
     ids: list[int] = []
     spans: list[SeqSpan] = []
     pos: list[torch.Tensor] = []
     lora: list[int] = []
     for p, s in zip(prompts, slots, strict=True):
-        spans.append(SeqSpan(len(ids), len(p), torch.arange(len(ids), len(ids) + len(p))))
+        spans.append(SeqSpan(len(ids), len(p), torch.arange(len(ids), len(ids) + len(p), device=dev)))
         pos.append(torch.arange(len(p)))
         ids.extend(p)
         lora.extend([s] * len(p))
     step = StepInput(
-        input_ids=torch.tensor(ids),
-        positions=torch.cat(pos),
-        write_slots=torch.arange(total),
+        input_ids=torch.tensor(ids, device=dev),
+        positions=torch.cat(pos).to(dev),
+        write_slots=torch.arange(total, device=dev),
         seqs=spans,
-        logits_rows=torch.arange(total),
-        lora=LoraBatch.from_index(torch.tensor(lora)),
+        logits_rows=torch.arange(total, device=dev),
+        lora=LoraBatch.from_index(torch.tensor(lora, device=dev)),
     )
     with torch.inference_mode():
-        flat = model.forward_step(step, kv)
+        flat = model.forward_step(step, kv).cpu()
     return torch.stack([flat[s.start : s.start + s.length] for s in spans])
 
 

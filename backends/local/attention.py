@@ -1,0 +1,118 @@
+"""Attention over the paged KV pool: one batched call per layer for every decoding sequence,
+one SDPA call per prefill chunk.
+
+Pool layout, per layer: k, v [kv_heads, num_slots, head_dim] (head-major: the slots gathered
+for one sequence are each head's keys, contiguous, in the order SDPA and matmul want them).
+
+Decode (each sequence b feeds one token and sees n_b positions; L = the batch's longest
+context rounded up to whole blocks; g(h) = the KV head of query head h):
+
+    out[b, h] = softmax(q[b, h] . K[g(h), slots[b, :L]]^T / sqrt(D), masked to j < n_b)
+                . V[g(h), slots[b, :L]]          (padding reads slot 0 and is masked out)
+
+computed as one SDPA call whose "query positions" are the query heads sharing a KV head: with
+one new token per sequence they all see the same keys under the same mask, so no GQA
+expansion and no causal mask are needed, and torch's fused CPU kernel takes it.
+
+Prefill (a chunk of n tokens of one sequence whose context is c >= n positions): causal SDPA
+over its c gathered positions, the mask offset by c - n.
+
+The batched decode adds the same products as the per-sequence attention, but in another
+order (padded length, grouped heads), so logits agree to rounding, not bit for bit; the tests
+compare greedy tokens of solo and batched runs, and logits against transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DecodeBatch:
+    """The decoding sequences of one step: their flat rows, padded slot table and mask."""
+
+    rows: torch.Tensor  # [B] flat token rows of the decoding sequences
+    slots: torch.Tensor  # [B * L] pool slots, row-major, padding = slot 0
+    mask: torch.Tensor  # [B, 1, 1, L] True where the position is in the sequence's context
+    length: int  # L
+    leading: bool  # rows are 0..B-1 in order (the runner puts decoding sequences first)
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.numel())
+
+    @classmethod
+    def from_tables(
+        cls,
+        rows: list[int],
+        tables: list[list[int]],
+        lengths: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> DecodeBatch:
+        """From block tables (the scheduler's view): sequence b uses blocks tables[b]."""
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        slots = (padded[:, :, None] * block_size + torch.arange(block_size)).reshape(len(rows), -1)
+        return cls._make(rows, slots, lengths, device)
+
+    @classmethod
+    def from_slots(
+        cls, rows: list[int], slots: list[torch.Tensor], device: torch.device
+    ) -> DecodeBatch:
+        """From each sequence's slot list (positions 0..n-1), padded to the longest."""
+        lengths = [int(s.numel()) for s in slots]
+        table = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        for b, s in enumerate(slots):
+            table[b, : lengths[b]] = s.cpu()
+        return cls._make(rows, table, lengths, device)
+
+    @classmethod
+    def _make(
+        cls, rows: list[int], table: torch.Tensor, lengths: list[int], device: torch.device
+    ) -> DecodeBatch:
+        width = int(table.shape[1])
+        valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        return cls(
+            rows=torch.tensor(rows, dtype=torch.long).to(device),
+            slots=table.reshape(-1).to(device),
+            mask=valid[:, None, None, :].to(device),
+            length=width,
+            leading=rows == list(range(len(rows))),
+        )
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch
+) -> torch.Tensor:
+    """q [B, H, D] (one token per sequence) -> [B, H, D]; caches [KVH, slots, D]."""
+    b, heads, dim = q.shape
+    kv_heads = k_cache.shape[0]
+    group = heads // kv_heads
+    k = k_cache.index_select(1, batch.slots).view(kv_heads, b, batch.length, dim)
+    v = v_cache.index_select(1, batch.slots).view(kv_heads, b, batch.length, dim)
+    out = F.scaled_dot_product_attention(
+        q.view(b, kv_heads, group, dim), k.transpose(0, 1), v.transpose(0, 1), attn_mask=batch.mask
+    )  # [B, KVH, G, D]
+    return out.reshape(b, heads, dim)
+
+
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """q [n, H, D], the last n of the c positions at `slots` [c] -> [n, H, D] (causal)."""
+    n, ctx = q.shape[0], slots.numel()
+    ks = k_cache.index_select(1, slots)[None]  # [1, KVH, c, D]
+    vs = v_cache.index_select(1, slots)[None]
+    qs = q.transpose(0, 1)[None]  # [1, H, n, D]: 4-D inputs take the fused CPU kernel
+    mask: torch.Tensor | None = None
+    if 1 < n < ctx:
+        qpos = torch.arange(ctx - n, ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
+    o = F.scaled_dot_product_attention(
+        qs, ks, vs, attn_mask=mask, is_causal=n == ctx and n > 1, enable_gqa=True
+    )
+    return o[0].transpose(0, 1)

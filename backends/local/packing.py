@@ -1,0 +1,71 @@
+"""bfloat16 projections on CPU in oneDNN's packed weight layout.
+
+`F.linear` on bfloat16 CPU tensors hands oneDNN the plain [out, in] weight, which it reorders
+into its blocked layout on every call; that reorder made bfloat16 slower than float32 at
+batch 1 and 32 on this project's development CPU (AVX512-BF16; README "Engine speed"). Packing
+once at load keeps only the blocked copy:
+
+    packed = reorder(weight)                      (load, once; the plain weight is dropped)
+    y = x @ weight^T + bias = linear(x, packed)   (Proj.base, fewer than UPCAST_ROWS rows)
+    y = (x.float() @ to_float32(packed)^T).to(bfloat16)   (UPCAST_ROWS rows or more)
+
+Without AMX, oneDNN's AVX512-BF16 kernel beats MKL's float32 one only where the weight bytes
+dominate (a few rows); with hundreds of rows (prefill chunks) a per-call upcast of the packed
+weight to float32 is faster than the bfloat16 kernel (`python -m bench.gemm`).
+
+Only for bfloat16 on CPU where torch has the oneDNN ops; everything else keeps `F.linear`.
+The packed weight is the projection's only copy: its state_dict entry is gone (the checkpoint
+on disk is the source of truth for tools), and its bytes are counted as weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from backends.local.model import Llama, Proj
+
+log = logging.getLogger(__name__)
+BATCH_HINT = 8  # the batch size oneDNN picks the blocked layout for; any batch runs
+
+
+def available(dtype: torch.dtype, device: torch.device) -> bool:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (
+        dtype == torch.bfloat16
+        and device.type == "cpu"
+        and bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+        and mkldnn is not None
+        and hasattr(mkldnn, "_reorder_linear_weight")
+        and hasattr(mkldnn, "_linear_pointwise")
+    )
+
+
+def pack(model: Llama) -> int:
+    """Pack every plain bfloat16 projection of `model` (int8 ones keep their own path).
+
+    Returns how many were packed; 0 where packing does not apply or fails its self-check.
+    """
+    if not available(model.compute_dtype, model.device):
+        return 0
+    projs = [m for m in model.modules() if type(m) is Proj and m.weight.dtype == torch.bfloat16]
+    if not projs:
+        return 0
+    probe = Proj(projs[0].in_features, projs[0].out_features).to(torch.bfloat16)
+    x = torch.randn(3, probe.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        probe.weight.normal_(0.0, 0.02)
+        want = probe.base(x)
+        try:
+            probe.pack(torch.ops.mkldnn._reorder_linear_weight(probe.weight.detach(), BATCH_HINT))
+            ok = torch.allclose(probe.base(x), want, rtol=1e-2, atol=1e-2)
+        except RuntimeError as e:
+            log.info("oneDNN weight packing unavailable (%s): bfloat16 uses F.linear", e)
+            return 0
+    if not ok:
+        log.info("oneDNN packed linear differs from F.linear: bfloat16 uses F.linear")
+        return 0
+    for proj in projs:
+        proj.pack(torch.ops.mkldnn._reorder_linear_weight(proj.weight.detach(), BATCH_HINT))
+    return len(projs)
