@@ -76,7 +76,6 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = demo_config(MODEL)
-        cfg["server"]["default_max_tokens"] = NEW_TOKENS
         # The same request shape both ways: one tenant on the base model, one with acme-support.
         cfg["tenants"].append({"name": "base", "api_keys_env": "BASE_KEYS", "models": ["demo"]})
         with gateway_process(cfg, Path(tmp), env={"BASE_KEYS": "sk-base"}) as (url, _):

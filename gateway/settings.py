@@ -47,7 +47,6 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 4 * 2**20
-    default_max_tokens: int = 256
     admin_api_key_env: str | None = None
     # -- reliability (issue #8)
     body_timeout_s: float = 30.0  # a request body not fully received by then: 408
@@ -56,6 +55,9 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests get this long, then end
     metrics_api_key_env: str | None = None  # set: /metrics needs this bearer key
     # -- end reliability
+    # -- fidelity (issue 14)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); none: off
+    # -- end fidelity
 
     def __post_init__(self) -> None:
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s",
@@ -65,8 +67,8 @@ class ServerConfig:
                 raise ValueError(f"server.{name} must be between 0 and 86400 seconds")
         if not 0 <= self.port <= 65535:
             raise ValueError("server.port must be between 0 and 65535")
-        if self.max_body_bytes < 1 or self.default_max_tokens < 1:
-            raise ValueError("server.max_body_bytes and server.default_max_tokens must be >= 1")
+        if self.max_body_bytes < 1:
+            raise ValueError("server.max_body_bytes must be >= 1")
 
 
 
@@ -199,6 +201,10 @@ def _parse(data: Any, source: str, base: Path) -> Settings:
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown field (known: {', '.join(sorted(known))})")
+    if isinstance(data.get("server"), dict) and "default_max_tokens" in data["server"]:
+        raise ConfigError("server.default_max_tokens: removed (it capped answers silently); a "
+                          "request without max_tokens now runs to its end. To cap answers, set "
+                          "tenants[].limits.max_output_tokens")
     server = build(ServerConfig, data.get("server"), "server", base)
     backends: dict[str, BackendSpec] = {}
     raw_backends = data.get("backends") or {}

@@ -17,6 +17,7 @@ from backends.vllm import VLLMConfig
 from gateway.core.context import RequestContext, SamplingParams
 from gateway.core.errors import BackendError
 from gateway.core.media import is_json_media
+from tests.backends.chunks import text_of
 
 STREAM = (
     'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
@@ -100,7 +101,7 @@ def request(adapter: str | None = None) -> RequestContext:
 
 
 async def text(b: OpenAIBackend, ctx: RequestContext | None = None) -> str:
-    return "".join([c.text async for c in b.generate(ctx or request())])
+    return "".join([text_of(c) async for c in b.generate(ctx or request())])
 
 
 class Upstream:
@@ -179,7 +180,7 @@ async def test_no_retry_once_a_byte_went_out() -> None:
     got = []
     with pytest.raises(BackendError):
         async for chunk in b.generate(request()):
-            got.append(chunk.text)
+            got.append(text_of(chunk))
     assert got == ["Hel"] and len(calls) == 1 and not b.available()
     await b.aclose()
 

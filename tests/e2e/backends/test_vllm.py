@@ -75,7 +75,7 @@ def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def tiered_config(vllm_url: str, demo_model: Path, kv_budget: str = "1GiB") -> dict[str, Any]:
     adapters = {"demo-large": None, "demo": None}
     return {
-        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY", "default_max_tokens": 32},
+        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY"},
         "backends": {
             "big": {"kind": "vllm", "url": vllm_url, "model_dir": str(demo_model),
                     "adapters_dir": str(demo_model / "adapters"), "adapter_budget_bytes": "1MiB",
