@@ -136,7 +136,7 @@ class LocalBackend:
         tokenizer = ChatTokenizer.from_dir(Path(self.cfg.model), loaded.config.eos_token_ids)
         limits = GrammarLimits(cfg.grammar_max_schema_bytes, cfg.grammar_compile_timeout_s,
                                cfg.grammar_cache_size)
-        self._grammars = Grammars(tokenizer.tokenizer.to_str(), loaded.config.vocab_size,
+        self._grammars = Grammars(tokenizer.tokenizer, loaded.config.vocab_size,
                                   sorted(tokenizer.eos_token_ids), limits)
         return loaded, tokenizer
 

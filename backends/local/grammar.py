@@ -1,35 +1,37 @@
-"""Grammar-constrained decoding with llguidance: JSON (any object, or one schema) and tool
+"""Grammar-constrained decoding with xgrammar: JSON (any object, or one schema) and tool
 calls, per sequence, so one batch mixes constrained and free sequences.
 
-Why llguidance (README "Structured outputs"): at batch 8 on the demo model its per-token
-mask cost was measured against xgrammar's with bench/grammar.py, and it installs as one
-wheel with no dependencies (xgrammar brings transformers and triton).
+Why xgrammar (README "Structured outputs"): on the demo model at batch 8 its next-token mask
+cost 6 µs against llguidance's 36 µs per token (bench/grammar.py, side by side), because it
+precomputes most of each grammar's token masks when it compiles it. What that costs: a
+heavier install (xgrammar brings transformers and triton), and a compile that does more work,
+which the limits below bound.
 
 Grammars are bounded: a schema larger than `max_schema_bytes`, or one that does not compile
-within `compile_timeout_s` (or past llguidance's own size and fuel limits), is a 400; the
-compiled matchers are cached by grammar text (LRU of `cache_size`), so a repeated schema is
-compiled once and a hostile one cannot make every request pay for it.
+within `compile_timeout_s`, is a 400; compiled grammars are cached by grammar text (LRU of
+`cache_size`), so a repeated schema is compiled once and a hostile one cannot make every
+request pay for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import llguidance as llg
 import numpy as np
 import torch
+import xgrammar as xgr
+from tokenizers import Tokenizer
 
 from gateway.core.errors import InvalidRequest
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-# Compact JSON, properties in the schema's order: what the tool-call parser reads back.
-_JSON_OPTIONS: Any = {"whitespace_flexible": False}  # llguidance's stub names no type
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,21 @@ class GrammarLimits:
             raise ValueError("grammar limits must be positive")
 
 
+# A grammar's text (the cache key) says how it compiles: "json:" + a JSON schema (compact
+# output), or "tag:" + an xgrammar structural tag (tool calls).
+JSON, TAG = "json:", "tag:"
+_WHERE = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # xgrammar's "[time] file.cc:line: " prefix
+
+
+def _schema(schema: dict[str, Any] | bool) -> dict[str, Any]:
+    """A JSON-schema content of a structural tag: properties in schema order (what the
+    tool-call parser reads back), at most one whitespace character between elements."""
+    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
+
+
 def json_grammar(schema: dict[str, Any] | None) -> str:
     """Any JSON object (json_object), or one that validates against `schema` (json_schema)."""
-    return llg.LLMatcher.grammar_from_json_schema(schema if schema is not None else {"type": "object"},
-                                                 defaults=_JSON_OPTIONS)
+    return JSON + json.dumps(schema if schema is not None else {"type": "object"})
 
 
 def tool_call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -66,59 +79,64 @@ def tools_grammar(tools: Sequence[dict[str, Any]], required: bool, parallel: boo
     """Calls of `tools` as <tool_call>{...}</tool_call> (one, or one or more with `parallel`);
     unless `required`, free text instead (or JSON when `text_schema` is a schema / True for
     any object)."""
-    call_schema = {**tool_call_schema(tools), "x-guidance": _JSON_OPTIONS}
-    call = f'"{TOOL_CALL_OPEN}" %json {json.dumps(call_schema)} "{TOOL_CALL_CLOSE}"'
-    calls = "call+" if parallel else "call"
+    call = {"type": "tag", "begin": TOOL_CALL_OPEN, "content": _schema(tool_call_schema(tools)),
+            "end": TOOL_CALL_CLOSE}
+    calls: dict[str, Any] = {"type": "plus", "content": call} if parallel else call
+    fmt: dict[str, Any]
     if required:
-        start = calls
-    elif text_schema is False:
-        start = f"TEXT | {calls}"
+        fmt = calls
+    elif text_schema is False:  # free text, or calls once the text opens one
+        fmt = {"type": "triggered_tags", "triggers": [TOOL_CALL_OPEN], "tags": [call],
+               "at_least_one": False, "stop_after_first": not parallel}
     else:
         schema = text_schema if isinstance(text_schema, dict) else {"type": "object"}
-        start = f"%json {json.dumps({**schema, 'x-guidance': _JSON_OPTIONS})} | {calls}"
-    return (f"start: {start}\ncall: {call}\n"
-            # free text: anything that does not open a tool call
-            "TEXT: /[^<](.|\\n)*/\n")
+        fmt = {"type": "or", "elements": [_schema(schema), calls]}
+    return TAG + json.dumps({"type": "structural_tag", "format": fmt})
 
 
 class Constraint:
     """One sequence's grammar state: the mask of the tokens it allows next, then the token
     taken. After the grammar ends only the end of sequence is allowed."""
 
-    def __init__(self, matcher: llg.LLMatcher, model_vocab: int, eos_ids: Sequence[int]) -> None:
+    def __init__(self, matcher: xgr.GrammarMatcher, model_vocab: int, eos_ids: Sequence[int]) -> None:
         self.matcher = matcher
         self.vocab = model_vocab
         self.eos_ids = list(eos_ids)
+        self._bits = xgr.allocate_token_bitmask(1, model_vocab)  # filled in place
 
     def allowed(self) -> torch.Tensor:
         """Bool [model vocab]: True where the token keeps the output in the grammar."""
-        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8),
-                             bitorder="little")
-        mask = np.zeros(self.vocab, dtype=np.bool_)
-        n = min(self.vocab, bits.size)
-        mask[:n] = bits[:n]
-        if not mask.any():  # an error state: end the sequence rather than sample from nothing
+        self.matcher.fill_next_token_bitmask(self._bits)
+        bits = np.unpackbits(self._bits.numpy().view(np.uint8), bitorder="little")
+        mask = bits[: self.vocab].astype(np.bool_)
+        if not mask.any():  # nothing left to allow: end the sequence rather than sample nothing
             mask[self.eos_ids] = True
         return torch.from_numpy(mask)
 
     def accept(self, token: int) -> None:
-        self.matcher.consume_token(token)  # an error state ends in EOS-only masks
-
-    @property
-    def failed(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
+        self.matcher.accept_token(token)  # a refused token (never sampled from the mask) is a no-op
 
 
 class Grammars:
     """Compiles and caches grammars for one tokenizer."""
 
-    def __init__(self, tokenizer_json: str, model_vocab: int, eos_ids: Sequence[int],
+    def __init__(self, tokenizer: Tokenizer, model_vocab: int, eos_ids: Sequence[int],
                  limits: GrammarLimits) -> None:
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        encoded = [""] * max(len(vocab), max(vocab.values(), default=-1) + 1)
+        for token, i in vocab.items():
+            encoded[i] = token
+        # how the tokenizer encodes bytes (byte-level, byte fallback, raw), as xgrammar's own
+        # from_huggingface reads it from the same tokenizer.json
+        meta = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer.to_str())
+        self.info = xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=model_vocab,
+                                      stop_token_ids=sorted(eos_ids),
+                                      add_prefix_space=meta["add_prefix_space"])
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self.eos_ids = sorted(eos_ids)
-        self.tokenizer = llg.LLTokenizer(tokenizer_json, eos_token=self.eos_ids)
         self.vocab = model_vocab
         self.limits = limits
-        self._cache: OrderedDict[str, llg.LLMatcher] = OrderedDict()
+        self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self.compiled = 0  # grammars compiled (cache misses), for tests and telemetry
 
@@ -131,31 +149,38 @@ class Grammars:
                 code="schema_too_large")
 
     async def constraint(self, grammar: str, param: str) -> Constraint:
-        """A fresh Constraint for `grammar` (compiled once, then copied from the cache)."""
+        """A fresh Constraint for `grammar` (compiled once, then taken from the cache)."""
         with self._lock:
-            template = self._cache.get(grammar)
-            if template is not None:
+            compiled = self._cache.get(grammar)
+            if compiled is not None:
                 self._cache.move_to_end(grammar)
-        if template is None:
-            template = await self._compile(grammar, param)
-        with self._lock:
-            return Constraint(template.deep_copy(), self.vocab, self.eos_ids)
+        if compiled is None:
+            compiled = await self._compile(grammar, param)
+        return Constraint(xgr.GrammarMatcher(compiled), self.vocab, self.eos_ids)
 
-    async def _compile(self, grammar: str, param: str) -> llg.LLMatcher:
-        task = asyncio.to_thread(llg.LLMatcher, self.tokenizer, grammar, log_level=0)
+    async def _compile(self, grammar: str, param: str) -> xgr.CompiledGrammar:
+        compile_one: Callable[[], xgr.CompiledGrammar]
+        if grammar.startswith(JSON):
+            def compile_one() -> xgr.CompiledGrammar:
+                return self.compiler.compile_json_schema(grammar[len(JSON):], any_whitespace=False)
+        else:
+            def compile_one() -> xgr.CompiledGrammar:
+                return self.compiler.compile_structural_tag(grammar[len(TAG):])
+        task = asyncio.to_thread(compile_one)
         try:
-            matcher = await asyncio.wait_for(task, self.limits.compile_timeout_s)
+            compiled = await asyncio.wait_for(task, self.limits.compile_timeout_s)
         except TimeoutError:
             raise InvalidRequest(
                 f"'{param}' did not compile to a grammar within "
                 f"{self.limits.compile_timeout_s:g} s; simplify the schema.", param=param,
                 code="schema_too_complex") from None
-        if matcher.is_error():
-            raise InvalidRequest(f"'{param}' cannot be enforced: {matcher.get_error()[:300]}",
-                                 param=param, code="invalid_schema")
+        except (RuntimeError, ValueError) as exc:  # xgrammar's errors for a schema it refuses
+            why = _WHERE.sub("", str(exc)).strip()[:300]
+            raise InvalidRequest(f"'{param}' cannot be enforced: {why}", param=param,
+                                 code="invalid_schema") from None
         with self._lock:
             self.compiled += 1
-            self._cache[grammar] = matcher
+            self._cache[grammar] = compiled
             while len(self._cache) > self.limits.cache_size:
                 self._cache.popitem(last=False)
-        return matcher
+        return compiled

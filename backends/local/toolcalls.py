@@ -1,7 +1,7 @@
 """Tool calls back out of generated text: <tool_call>{"name":"f","arguments":{...}}</tool_call>
-(the format the chat template teaches and the grammar enforces, compact JSON with `name`
-first) as OpenAI tool-call deltas, streamed as they complete: one delta with the call's id and
-name as soon as the name is read, then its arguments as they arrive."""
+(the format the chat template teaches and the grammar enforces, `name` first, whitespace
+between elements allowed) as OpenAI tool-call deltas, streamed as they complete: one delta
+with the call's id and name as soon as the name is read, then its arguments as they arrive."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from typing import Any
 
 from backends.local.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
-_HEAD = re.compile(r'^\{"name":("(?:[^"\\]|\\.)*"),"arguments":')
-_TAIL = "}" + TOOL_CALL_CLOSE  # what ends the arguments and the call
+_HEAD = re.compile(r'^\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:')
 
 
 class ToolCallParser:
@@ -49,16 +48,18 @@ class ToolCallParser:
                               "function": {"name": json.loads(m.group(1)), "arguments": ""}})
                 self.state = "args"
             else:
-                end = self.buf.find(_TAIL)
+                end = self.buf.find(TOOL_CALL_CLOSE)
                 if end < 0:
-                    keep = _partial(self.buf, _TAIL)
-                    out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+                    keep = _held(self.buf)
+                    out, self.buf = self.buf[:keep], self.buf[keep:]
                     if out:
                         calls.append(_args(self.calls, out))
                     return text, calls
-                if end:
-                    calls.append(_args(self.calls, self.buf[:end]))
-                self.buf = self.buf[end + len(_TAIL):]
+                body = self.buf[:end].rstrip()  # the arguments, then the call's closing brace
+                args = body[:-1].rstrip() if body.endswith("}") else body
+                if args:
+                    calls.append(_args(self.calls, args))
+                self.buf = self.buf[end + len(TOOL_CALL_CLOSE):]
                 self.calls += 1
                 self.state = "text"
 
@@ -77,6 +78,19 @@ class ToolCallParser:
 
 def _args(index: int, text: str) -> dict[str, Any]:
     return {"index": index, "function": {"arguments": text}}
+
+
+def _held(buf: str) -> int:
+    """Where to stop emitting arguments: before what may still turn out to be the call's end
+    (whitespace, its closing brace, the start of </tool_call>)."""
+    j = len(buf) - _partial(buf, TOOL_CALL_CLOSE)
+    while j and buf[j - 1].isspace():
+        j -= 1
+    if j and buf[j - 1] == "}":
+        j -= 1
+        while j and buf[j - 1].isspace():
+            j -= 1
+    return j
 
 
 def _partial(text: str, marker: str) -> int:
