@@ -42,6 +42,10 @@ log = logging.getLogger("gateway.handler")
 GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion",
                      "/v1/responses": "responses", "/v1/embeddings": "embeddings"}
 
+# Response headers a browser's script may read (with server.cors_origins).
+CORS_EXPOSED = ("x-request-id", "x-gateway-backend", "x-gateway-adapter", "x-gateway-kv-bytes",
+                "x-gateway-max-output-tokens", "x-gateway-degraded-from")
+
 INTERNAL_ERROR = orjson.dumps(GatewayError("The gateway failed to handle this request.").body())
 
 
@@ -143,9 +147,8 @@ class GenerationHandler:
         origins = self.state.settings.server.cors_origins
         if origin is None or not origins or (origin not in origins and "*" not in origins):
             return {}
-        return {"access-control-allow-origin": origin, "vary": "Origin",
-                "access-control-expose-headers": "x-request-id, x-gateway-backend, "
-                "x-gateway-adapter, x-gateway-max-output-tokens"}
+        return {"access-control-allow-origin": origin,
+                "access-control-expose-headers": ", ".join(CORS_EXPOSED)}
 
     async def _answer(self, req: Incoming, out: ResponseWriter, authorization: str | None,
                       ctype: str | None, length: str | None, extra: dict[str, str],
