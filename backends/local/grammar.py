@@ -29,6 +29,7 @@ import torch
 import xgrammar as xgr
 from tokenizers import Tokenizer
 
+from backends.local.utf8 import Utf8Table
 from gateway.core.errors import InvalidRequest
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -94,27 +95,41 @@ def tools_grammar(tools: Sequence[dict[str, Any]], required: bool, parallel: boo
     return TAG + json.dumps({"type": "structural_tag", "format": fmt})
 
 
+def _free_text(grammar: str) -> bool:
+    """The grammar lets free text through (tool calls with tool_choice auto), where newlines
+    and tabs stay allowed."""
+    return '"triggered_tags"' in grammar
+
+
 class Constraint:
     """One sequence's grammar state: the mask of the tokens it allows next, then the token
     taken. After the grammar ends only the end of sequence is allowed."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, model_vocab: int, eos_ids: Sequence[int]) -> None:
+    def __init__(self, matcher: xgr.GrammarMatcher, model_vocab: int, eos_ids: Sequence[int],
+                 utf8: Utf8Table, banned: np.ndarray | None = None) -> None:
         self.matcher = matcher
         self.vocab = model_vocab
         self.eos_ids = list(eos_ids)
+        self.utf8 = utf8
+        self.state = 0  # where the output stands in its last character (backends/local/utf8.py)
+        self.banned = banned  # tokens never taken (bool [model vocab])
         self._bits = xgr.allocate_token_bitmask(1, model_vocab)  # filled in place
 
     def allowed(self) -> torch.Tensor:
         """Bool [model vocab]: True where the token keeps the output in the grammar."""
         self.matcher.fill_next_token_bitmask(self._bits)
         bits = np.unpackbits(self._bits.numpy().view(np.uint8), bitorder="little")
-        mask = bits[: self.vocab].astype(np.bool_)
+        mask = bits[: self.vocab].astype(np.bool_) & self.utf8.valid[self.state]
+        if self.banned is not None:
+            mask &= ~self.banned
         if not mask.any():  # nothing left to allow: end the sequence rather than sample nothing
             mask[self.eos_ids] = True
         return torch.from_numpy(mask)
 
     def accept(self, token: int) -> None:
         self.matcher.accept_token(token)  # a refused token (never sampled from the mask) is a no-op
+        if 0 <= token < self.vocab:
+            self.state = int(self.utf8.after[self.state, token])
 
 
 class Grammars:
@@ -134,10 +149,21 @@ class Grammars:
                                       add_prefix_space=meta["add_prefix_space"])
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self.eos_ids = sorted(eos_ids)
+        # Tokens with a control character (U+0000-U+001F): xgrammar's JSON strings accept them
+        # raw, which JSON forbids (parsers refuse "Invalid control character"). JSON never
+        # needs one (escapes exist, and whitespace between elements is optional), so JSON
+        # grammars never take them.
+        controls = np.zeros(model_vocab, dtype=np.bool_)
+        for i, piece in enumerate(self.info.decoded_vocab[:model_vocab]):
+            controls[i] = any(byte < 0x20 for byte in piece)
+        controls[self.eos_ids] = False
+        self.controls = controls
+        self.utf8 = Utf8Table(self.info.decoded_vocab, model_vocab, self.eos_ids)
         self.vocab = model_vocab
         self.limits = limits
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
+        self._pending: dict[str, asyncio.Future[xgr.CompiledGrammar]] = {}
         self.compiled = 0  # grammars compiled (cache misses), for tests and telemetry
 
     def check_size(self, param: str, value: Any) -> None:
@@ -155,8 +181,16 @@ class Grammars:
             if compiled is not None:
                 self._cache.move_to_end(grammar)
         if compiled is None:
-            compiled = await self._compile(grammar, param)
-        return Constraint(xgr.GrammarMatcher(compiled), self.vocab, self.eos_ids)
+            # one compile per grammar, however many requests wait for it
+            pending = self._pending.get(grammar)
+            if pending is None:
+                pending = asyncio.ensure_future(self._compile(grammar, param))
+                self._pending[grammar] = pending
+                pending.add_done_callback(lambda _: self._pending.pop(grammar, None))
+            compiled = await asyncio.shield(pending)
+        banned = self.controls if grammar.startswith(JSON) or not _free_text(grammar) else None
+        return Constraint(xgr.GrammarMatcher(compiled), self.vocab, self.eos_ids, self.utf8,
+                          banned)
 
     async def _compile(self, grammar: str, param: str) -> xgr.CompiledGrammar:
         compile_one: Callable[[], xgr.CompiledGrammar]
