@@ -52,9 +52,7 @@ class Utf8Table:
             for t, piece in enumerate(pieces[:vocab]):
                 state: State | None = start
                 for byte in piece:
-                    state = step(state, byte)
-                    if state is None:
-                        break
+                    state = step(state, byte) if state is not None else None
                 if state is not None and piece:
                     self.valid[si, t] = True
                     self.after[si, t] = index[state]
