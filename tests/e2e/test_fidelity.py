@@ -22,7 +22,10 @@ GLOBEX = {"authorization": "Bearer sk-demo-globex"}  # capped: max_output_tokens
 
 MESSAGES: list[dict[str, Any]] = [
     {"role": "developer", "content": "Be brief."},
-    {"role": "user", "name": "ann", "content": [{"type": "text", "text": "Weather?"}]},
+    {"role": "user", "name": "ann", "content": [
+        {"type": "text", "text": "Weather?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=",
+                                            "detail": "low"}}]},
     {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_a", "type": "function",
          "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},

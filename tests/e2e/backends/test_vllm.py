@@ -299,6 +299,17 @@ def test_structured_output_passes_through_and_parses(tiered: str) -> None:
     assert isinstance(done.choices[0].message.parsed, Verdict)
 
 
+def test_logprobs_and_extensions_pass_through(tiered: str) -> None:
+    client = sdk(tiered, NOSY)
+    r = client.chat.completions.create(model="demo-large", messages=PROMPT, max_tokens=6,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.content and len(lp.content[0].top_logprobs) == 2
+    top1 = client.chat.completions.create(model="demo-large", messages=PROMPT, max_tokens=6,
+                                          temperature=1.5, seed=5, extra_body={"top_k": 1})
+    assert top1.choices[0].message.content == r.choices[0].message.content  # vLLM took top_k
+
+
 def test_responses_pass_through_to_vllm(tiered: str) -> None:
     """vLLM serves /v1/responses: the gateway's vllm kind forwards it (responses_api native)
     and the answer's id is vLLM's own."""
