@@ -3,7 +3,8 @@
 Side by side in one run on the demo model (models/demo), rounds interleaved:
 - `mask`: each library's cost per token of one sequence (the next-token mask as a bool tensor
   over the model's vocabulary, then taking the token), walking 8 matchers along random valid
-  paths through a bounded JSON schema; the same conversion for both;
+  paths through a bounded JSON schema; the same conversion for both; `xgrammar+guards` is the
+  engine's Constraint as shipped (also keeping the bytes UTF-8, no control characters);
 - `engine`: 8 requests decoded together by the local engine (the Sampler path the gateway
   uses), free and constrained by each library: milliseconds per decode step at batch 8, and
   the overhead per token against the free run.
@@ -34,6 +35,7 @@ from backends.local.loader import load_checkpoint
 from backends.local.logits import Processors
 from backends.local.sampler import Sampler
 from backends.local.tokenizer import ChatTokenizer
+from backends.local.utf8 import Utf8Table
 
 MODEL = Path("models/demo")
 RESULTS = Path("bench/results")
@@ -79,13 +81,18 @@ def llguidance_factory(vocab: int, tok: ChatTokenizer) -> Any:
 
 
 def xgrammar_factory(vocab: int, tok: ChatTokenizer) -> Any:
+    """(the library alone, as llguidance is measured; the engine's Constraint as shipped,
+    with its UTF-8 and control-character guards)."""
     import xgrammar as xgr
 
     grammars = Grammars(tok.tokenizer, vocab, sorted(tok.eos_token_ids), GrammarLimits())
     key = json_grammar(SCHEMA)
     asyncio.run(grammars.constraint(key, "bench"))  # compiled once (the engine's path), cached
     compiled = grammars._cache[key]
-    return lambda: Constraint(xgr.GrammarMatcher(compiled), vocab, grammars.eos_ids)
+    bare = Utf8Table([b"x"] * vocab, vocab, [])  # every token valid: no guard
+    return (lambda: Constraint(xgr.GrammarMatcher(compiled), vocab, grammars.eos_ids, bare),
+            lambda: Constraint(xgr.GrammarMatcher(compiled), vocab, grammars.eos_ids,
+                               grammars.utf8, grammars.controls))
 
 
 def mask_cost(make: Any, tokens: int, seed: int) -> float:
@@ -147,7 +154,8 @@ def main() -> None:
     loaded = load_checkpoint(str(MODEL), "float32", "cpu", "none")
     tok = ChatTokenizer.from_dir(MODEL, loaded.config.eos_token_ids)
     vocab = loaded.config.vocab_size
-    libs = {"xgrammar": xgrammar_factory(vocab, tok)}
+    bare, shipped = xgrammar_factory(vocab, tok)
+    libs = {"xgrammar": bare, "xgrammar+guards": shipped}
     try:
         libs["llguidance"] = llguidance_factory(vocab, tok)
     except ImportError as exc:
@@ -171,14 +179,14 @@ def main() -> None:
     rows = []
     print(f"batch {BATCH}, {args.rounds} rounds, medians (demo model, {vocab} vocab, torch "
           f"threads {torch.get_num_threads()})")
-    print(f"{'library':<12} {'mask µs/token':>14} {'ms/step b=8':>12} {'overhead µs/token':>18}")
-    print(f"{'free':<12} {'':>14} {free:>12.2f} {'':>18}")
+    print(f"{'library':<16} {'mask µs/token':>14} {'ms/step b=8':>12} {'overhead µs/token':>18}")
+    print(f"{'free':<16} {'':>14} {free:>12.2f} {'':>18}")
     for name in libs:
         m, s = statistics.median(mask[name]), statistics.median(step_ms[name])
         over = (s - free) * 1e3 / BATCH
         rows.append({"library": name, "mask_us_per_token": m, "ms_per_step": s,
                      "overhead_us_per_token": over})
-        print(f"{name:<12} {m:>14.1f} {s:>12.2f} {over:>18.1f}")
+        print(f"{name:<16} {m:>14.1f} {s:>12.2f} {over:>18.1f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "grammar.json").write_text(json.dumps(
         {"batch": BATCH, "rounds": args.rounds, "free_ms_per_step": free, "libraries": rows,
