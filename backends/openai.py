@@ -36,6 +36,7 @@ import httpx
 import orjson
 
 from backends.base import RemoteBackend, adapter_name
+from backends.merge import merge
 from backends.sse_reader import EventReader
 from backends.upstream_http import MAX_RESPONSE_BYTES, Upstream, UpstreamHTTP, UpstreamResponse
 from backends.upstream_proxy import Proxy, proxy_for
@@ -210,9 +211,11 @@ class OpenAIBackend(RemoteBackend):
             try:
                 if resp.is_json():  # asked without stream
                     yield self._whole(await resp.aread(), ctx)
-                else:  # SSE (an upstream may stream whatever was asked)
+                elif ctx.stream:
                     async for chunk in self._chunks(resp, ctx):
                         yield chunk
+                else:  # an upstream that streamed an answer asked whole: the whole answer
+                    yield await self._merged(resp, ctx)
             finally:
                 await resp.aclose()
         except httpx.TimeoutException as exc:
@@ -229,13 +232,37 @@ class OpenAIBackend(RemoteBackend):
             raise BackendError(f"upstream {self.name} failed: {exc}", status=502,
                                code="upstream_error") from None
 
+    async def _merged(self, resp: UpstreamResponse, ctx: RequestContext) -> Chunk:
+        events: list[dict[str, Any]] = []
+        last = Chunk(finish_reason="stop")
+        async for chunk in self._chunks(resp, ctx):
+            if chunk.event is not None:
+                events.append(chunk.event)
+            else:
+                last = chunk
+        if ctx.kind not in ("chat", "completion"):
+            raise BackendError(f"upstream {self.name} streamed a {ctx.kind} answer asked whole",
+                               status=502, code="upstream_malformed")
+        last.event = merge(events, ctx.kind == "chat")
+        return last
+
     async def _chunks(self, resp: UpstreamResponse, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         """The upstream's SSE as chunks. Read a block at a time (whatever arrived), so that
-        the chunks of one block go out together (Chunk.more) in one write to the client."""
+        the chunks of one block go out together (Chunk.more) in one write to the client.
+        Events before the first that carries output (the role, `response.created`) are held
+        until it comes: a failure before it is still one the pipeline can fall back from."""
         state = _SSEState()
         events = EventReader()
+        held: list[Chunk] | None = []  # None once output began
         async for block in resp.blocks():
             out = state.feed(events.feed(block))
+            if held is not None:
+                held += out
+                if not any(c.event is None or has_output(c.event) for c in held):
+                    if state.error is not None:
+                        raise state.error
+                    continue
+                out, held = held, None
             for i, chunk in enumerate(out):
                 chunk.more = i < len(out) - 1 or state.done  # after [DONE]: the end
                 yield chunk
@@ -244,7 +271,7 @@ class OpenAIBackend(RemoteBackend):
             if state.done:
                 resp.expect_end()  # the body's end may still be on its way: keep the connection
                 return
-        for chunk in state.feed(events.close()):  # an unfinished last event
+        for chunk in (held or []) + state.feed(events.close()):  # and an unfinished last event
             yield chunk
         if state.error is not None:
             raise state.error
@@ -358,6 +385,22 @@ class _SSEState:
         """The stream is done; its last chunk carries the finish_reason and usage seen."""
         self.done = True
         return Chunk(finish_reason=self.finish or "stop", usage=self.usage)
+
+
+def has_output(event: dict[str, Any]) -> bool:
+    """An event that carries some of the answer (not only the role, or a Responses stream's
+    created / in-progress notice, or usage)."""
+    kind = event.get("type")
+    if isinstance(kind, str):
+        return kind not in ("response.created", "response.in_progress", "response.queued")
+    for choice in event.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta") or {}
+        if choice.get("text") or choice.get("finish_reason") or any(
+                v for k, v in delta.items() if k != "role"):
+            return True
+    return False
 
 
 def upstream_body(ctx: RequestContext, model: str) -> dict[str, Any]:

@@ -115,7 +115,7 @@ class GenerationHandler:
             elif name == b"traceparent" or name == b"tracestate":
                 trace[name.decode()] = value.decode("latin-1")
         rid = context.request_id(request_id)
-        cors = self._cors(origin)
+        cors = self._cors(origin) if origin is not None else {}
         telemetry = self.state.telemetry
         rec = telemetry.open(req.kind, req.method, req.path, trace)
         try:
@@ -141,11 +141,11 @@ class GenerationHandler:
         finally:
             telemetry.close(rec)
 
-    def _cors(self, origin: str | None) -> dict[str, str]:
+    def _cors(self, origin: str) -> dict[str, str]:
         """CORS headers for a configured origin (server.cors_origins; off by default). The
         preflight is answered by the app's CORS layer (gateway/app.py)."""
         origins = self.state.settings.server.cors_origins
-        if origin is None or not origins or (origin not in origins and "*" not in origins):
+        if not origins or (origin not in origins and "*" not in origins):
             return {}
         return {"access-control-allow-origin": origin,
                 "access-control-expose-headers": ", ".join(CORS_EXPOSED)}

@@ -132,3 +132,37 @@ def test_the_end_of_the_stream_completes_an_unfinished_event() -> None:
     reader = EventReader()
     assert reader.feed(b"data: x\r") == []
     assert reader.close() == [b"x"]
+
+
+def test_a_stream_asked_whole_is_merged_into_the_whole_answer() -> None:
+    from backends.merge import merge
+
+    env = {"id": "c1", "created": 5, "model": "m", "system_fingerprint": "fp", "x_new": 1}
+    events = [
+        {**env, "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {**env, "choices": [{"index": 0, "delta": {"reasoning_content": "hm"},
+                             "finish_reason": None}]},
+        {**env, "choices": [{"index": 0, "delta": {"content": "Hel"},
+                             "logprobs": {"content": [{"token": "Hel", "logprob": -1.0}]}}]},
+        {**env, "choices": [{"index": 0, "delta": {"content": "lo", "tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "f", "arguments": '{"a"'}}]},
+            "logprobs": {"content": [{"token": "lo", "logprob": -2.0}]}}]},
+        {**env, "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": ":1}"}}]}, "finish_reason": "tool_calls"}]},
+        {**env, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}},
+    ]
+    whole = merge(events, chat=True)
+    assert whole == {
+        **env, "object": "chat.completion",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+        "choices": [{"index": 0, "finish_reason": "tool_calls",
+                     "logprobs": {"content": [{"token": "Hel", "logprob": -1.0},
+                                              {"token": "lo", "logprob": -2.0}]},
+                     "message": {"role": "assistant", "content": "Hello",
+                                 "reasoning_content": "hm",
+                                 "tool_calls": [{"id": "call_1", "type": "function",
+                                                 "function": {"name": "f",
+                                                              "arguments": '{"a":1}'}}]}}],
+    }
