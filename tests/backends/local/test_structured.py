@@ -142,3 +142,17 @@ def test_grammar_bounds(demo_backend: Any) -> None:
         loop.run_until_complete(run(b, ctx(1, {"response_format": bad}, None)))
     assert info.value.code == "invalid_schema" and "nowhere" in info.value.message
     assert "/project" not in info.value.message  # xgrammar's source path is not the client's
+
+
+def test_a_grammar_compiling_too_long_is_a_400(demo_model: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from backends.local.grammar import GrammarLimits, Grammars, json_grammar
+
+    grammars = Grammars(Tokenizer.from_file(str(demo_model / "tokenizer.json")), 2048, [3],
+                        GrammarLimits(compile_timeout_s=1e-6))
+    wide = {"type": "object", "properties": {f"p{i}": {"enum": [f"v{j}" for j in range(20)]}
+                                             for i in range(200)}}
+    with pytest.raises(InvalidRequest) as info:
+        asyncio.run(grammars.constraint(json_grammar(wide), "response_format"))
+    assert info.value.code == "schema_too_complex" and grammars.compiled == 0
