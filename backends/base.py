@@ -24,6 +24,9 @@ class RemoteBackend:
     no token counts, capacity, adapter list, memory, counters or adapter loading of its own.
     Kinds that know more (vllm) override the methods they can answer."""
 
+    def forwards(self, kind: str) -> bool:
+        return True  # the client's request goes upstream as sent
+
     def count_tokens(self, ctx: RequestContext) -> int | None:
         return None
 

@@ -8,7 +8,9 @@ runs in its own venv (.venv-litellm, `make litellm-venv`).
 `model` is litellm's model string ("openai/gpt-4o-mini", "anthropic/...", or "openai/<name>"
 with `api_base` for any OpenAI-compatible server); `adapter_model` names a tenant adapter
 ("openai/{model}:{adapter}" for a memgate upstream, where {model} is the part after the
-provider prefix). Capacity and memory are unknown (the provider's); errors before the first
+provider prefix). Faithful like the openai kind: the client's fields go to litellm as sent
+(litellm passes what it does not know to the provider), its answers come back as the JSON
+its response objects stand for. Capacity and memory are unknown (the provider's); errors before the first
 byte keep litellm's status (>= 500 lets the pipeline fall back).
 """
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends.base import RemoteBackend, adapter_name
+from backends.openai import upstream_body, usage_of
 from gateway.core.context import Chunk, RequestContext, Usage
 from gateway.core.errors import BackendError
 
@@ -68,46 +71,47 @@ class LiteLLMBackend(RemoteBackend):
         return self.cfg.model
 
     def _kwargs(self, ctx: RequestContext) -> dict[str, Any]:
-        s = ctx.sampling
-        kw: dict[str, Any] = {
-            "model": self._model(ctx), "max_tokens": s.max_tokens, "temperature": s.temperature,
-            "top_p": s.top_p, "stream": True, "stream_options": {"include_usage": True},
-            "timeout": self.cfg.timeout, "num_retries": self.cfg.num_retries,
-            "extra_headers": {"x-request-id": ctx.request_id},
-        }
+        """The client's body as litellm's arguments (faithful: every field it sent, the model
+        renamed, usage asked of a stream, the tenant's output cap where it named no limit),
+        then litellm's own controls."""
+        kw = upstream_body(ctx, self._model(ctx))
+        kw.update({"timeout": self.cfg.timeout, "num_retries": self.cfg.num_retries,
+                   "extra_headers": {"x-request-id": ctx.request_id}})
         if self.cfg.api_base:
             kw["api_base"] = self.cfg.api_base
         key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
         if key or self.cfg.api_base:
             kw["api_key"] = key or "none"  # a keyless OpenAI-compatible server still needs one
-        for name in ("seed", "presence_penalty", "frequency_penalty"):
-            if getattr(s, name):
-                kw[name] = getattr(s, name)
-        if s.stop:
-            kw["stop"] = s.stop
         return kw
+
+    def forwards(self, kind: str) -> bool:
+        return kind in ("chat", "completion", "embeddings")  # Responses: over chat
 
     async def generate(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         if self._litellm is None:
             raise BackendError(f"backend {self.name} is not started", status=503)
         kw = self._kwargs(ctx)
+        call = {"chat": self._litellm.acompletion, "completion": self._litellm.atext_completion,
+                "embeddings": self._litellm.aembedding}.get(ctx.kind)
+        if call is None:
+            raise BackendError(f"litellm {self.name} serves no {ctx.kind} requests", status=400,
+                               code="unsupported_request")
         try:
-            if ctx.kind == "chat":
-                stream = await self._litellm.acompletion(messages=ctx.messages, **kw)
-            else:
-                stream = await self._litellm.atext_completion(prompt=ctx.prompt, **kw)
+            answer = await call(**kw)
+            if not ctx.stream:
+                event = _dump(answer)
+                choices = event.get("choices") or [{}]
+                done = choices[0].get("finish_reason") if isinstance(choices[0], dict) else None
+                yield Chunk(finish_reason=done or "stop", usage=usage_of(event), event=event)
+                return
             usage: Usage | None = None
             finish: str | None = None
-            async for event in stream:
-                u = getattr(event, "usage", None)
-                if u is not None and getattr(u, "completion_tokens", None) is not None:
-                    usage = Usage(int(u.prompt_tokens or 0), int(u.completion_tokens or 0))
-                for choice in event.choices or []:
-                    text = _text(choice, ctx.kind)
-                    if text:
-                        yield Chunk(text=text)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
+            async for part in answer:
+                event = _dump(part)
+                usage = usage_of(event) or usage
+                for choice in event.get("choices") or ():
+                    finish = choice.get("finish_reason") or finish
+                yield Chunk(event=event)
             yield Chunk(finish_reason=finish or "stop", usage=usage)
         except BackendError:
             raise
@@ -121,11 +125,11 @@ class LiteLLMBackend(RemoteBackend):
         self._litellm = None
 
 
-def _text(choice: Any, kind: str) -> str | None:
-    if kind == "chat":
-        delta = getattr(choice, "delta", None)
-        return getattr(delta, "content", None) if delta is not None else None
-    return getattr(choice, "text", None)
+def _dump(obj: Any) -> dict[str, Any]:
+    """litellm's response object as the OpenAI JSON it stands for."""
+    dump = getattr(obj, "model_dump", None)
+    data = dump(exclude_none=False) if callable(dump) else obj
+    return data if isinstance(data, dict) else {}
 
 
 def _error(name: str, exc: Exception) -> BackendError:

@@ -10,6 +10,12 @@ client's error event, never a silent replay):
   the model's degrade_to tier and routing skips the replica.
 - `adapter_model`: how a tenant adapter is named upstream, a format over {model} and
   {adapter}: "{model}:{adapter}" for another memgate gateway, "{adapter}" for vLLM.
+
+Faithful: the client's body goes upstream as sent, changed only where the gateway must (the
+model name; stream_options.include_usage when it needs the usage of a stream; the tenant's
+max_output_tokens where the request named no limit; the messages context_trim kept), and
+the upstream's answer comes back as it sent it (each SSE event, or the JSON answer, as a
+Chunk.event). `drop_fields` (config) lists fields an upstream rejects: removed, by choice.
 """
 
 from __future__ import annotations
@@ -30,16 +36,23 @@ import httpx
 import orjson
 
 from backends.base import RemoteBackend, adapter_name
+from backends.merge import merge
 from backends.sse_reader import EventReader
 from backends.upstream_http import MAX_RESPONSE_BYTES, Upstream, UpstreamHTTP, UpstreamResponse
 from backends.upstream_proxy import Proxy, proxy_for
-from gateway.core.context import Chunk, RequestContext, Usage
+from gateway.core.context import LIMIT_FIELD, Chunk, RequestContext, Usage
 from gateway.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = (502, 503, 504)
 PASS_STATUS = (400, 404, 413, 422, 429)  # an upstream's answer the client gets as it is
+PATHS = {"chat": "/chat/completions", "completion": "/completions", "responses": "/responses",
+         "embeddings": "/embeddings"}
+RESPONSES_API = ("native", "via_chat")
+# A Responses stream's last event, by how the response ended (the finish_reason recorded).
+RESPONSES_END = {"response.completed": "stop", "response.incomplete": "length",
+                 "response.failed": "error"}
 
 
 @dataclass(frozen=True)
@@ -56,8 +69,16 @@ class OpenAIConfig:
     cooldown_s: float = 5.0  # out of rotation this long after a failure, then re-probed
     trust_env: bool = True  # HTTP(S)_PROXY / NO_PROXY, for every client (backends/upstream_proxy.py)
     max_response_bytes: int = MAX_RESPONSE_BYTES  # a larger upstream answer is a 502
+    # -- fidelity (issue 14)
+    responses_api: str = "native"  # native: /v1/responses passes through | via_chat: over chat
+    drop_fields: tuple[str, ...] = ()  # request fields this upstream rejects (removed; a choice)
+    # -- end fidelity
 
     def __post_init__(self) -> None:
+        if self.responses_api not in RESPONSES_API:
+            raise ValueError(f"responses_api must be one of {', '.join(RESPONSES_API)}")
+        if "model" in self.drop_fields or "messages" in self.drop_fields:
+            raise ValueError("drop_fields cannot drop model or messages")
         if self.retries < 0 or self.retry_backoff_s < 0 or self.cooldown_s <= 0:
             raise ValueError("retries and retry_backoff_s must be >= 0, cooldown_s > 0")
         if self.max_connections < 1:
@@ -135,35 +156,15 @@ class OpenAIBackend(RemoteBackend):
             return adapter_name(self.cfg.adapter_model, model, ctx.adapter)
         return model
 
+    def forwards(self, kind: str) -> bool:
+        """Responses go upstream as sent with responses_api native, else over chat."""
+        return kind != "responses" or self.cfg.responses_api == "native"
+
     def _body(self, ctx: RequestContext) -> dict[str, Any]:
-        s = ctx.sampling
-        body: dict[str, Any] = {
-            "model": self.upstream_model(ctx),
-            "max_tokens": s.max_tokens,
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-        }
-        # A non-streaming client gets the upstream's JSON answer (one body to parse instead
-        # of an SSE event per token); a streaming one gets the stream, with usage at its end.
-        if ctx.stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-        else:
-            body["stream"] = False
-        if s.seed is not None:
-            body["seed"] = s.seed
-        if s.stop:
-            body["stop"] = s.stop
-        if s.presence_penalty:
-            body["presence_penalty"] = s.presence_penalty
-        if s.frequency_penalty:
-            body["frequency_penalty"] = s.frequency_penalty
-        if s.ignore_eos:
-            body["ignore_eos"] = True
-        if ctx.kind == "chat":
-            body["messages"] = ctx.messages
-        else:
-            body["prompt"] = ctx.prompt
+        """The client's body, changed only where the gateway must (see the module doc)."""
+        body = upstream_body(ctx, self.upstream_model(ctx))
+        for name in self.cfg.drop_fields:
+            body.pop(name, None)
         return body
 
     async def _open(self, client: Upstream, ctx: RequestContext) -> UpstreamResponse:
@@ -171,7 +172,7 @@ class OpenAIBackend(RemoteBackend):
         what was never sent (connect errors) and 502/503/504 answers (the upstream said it did
         not serve it). A request the upstream may have received and then dropped is not sent
         again (httpx.RemoteProtocolError from the pool)."""
-        path = "/chat/completions" if ctx.kind == "chat" else "/completions"
+        path = PATHS[ctx.kind]
         headers = {"x-request-id": ctx.request_id, **ctx.trace_headers}
         body = orjson.dumps(self._body(ctx))
         for attempt in range(self.cfg.retries + 1):
@@ -208,11 +209,13 @@ class OpenAIBackend(RemoteBackend):
         try:
             resp = await self._open(client, ctx)
             try:
-                if resp.is_json():  # asked with stream false
+                if resp.is_json():  # asked without stream
                     yield self._whole(await resp.aread(), ctx)
-                else:  # SSE (an upstream may stream whatever was asked)
+                elif ctx.stream:
                     async for chunk in self._chunks(resp, ctx):
                         yield chunk
+                else:  # an upstream that streamed an answer asked whole: the whole answer
+                    yield await self._merged(resp, ctx)
             finally:
                 await resp.aclose()
         except httpx.TimeoutException as exc:
@@ -229,13 +232,37 @@ class OpenAIBackend(RemoteBackend):
             raise BackendError(f"upstream {self.name} failed: {exc}", status=502,
                                code="upstream_error") from None
 
+    async def _merged(self, resp: UpstreamResponse, ctx: RequestContext) -> Chunk:
+        events: list[dict[str, Any]] = []
+        last = Chunk(finish_reason="stop")
+        async for chunk in self._chunks(resp, ctx):
+            if chunk.event is not None:
+                events.append(chunk.event)
+            else:
+                last = chunk
+        if ctx.kind not in ("chat", "completion"):
+            raise BackendError(f"upstream {self.name} streamed a {ctx.kind} answer asked whole",
+                               status=502, code="upstream_malformed")
+        last.event = merge(events, ctx.kind == "chat")
+        return last
+
     async def _chunks(self, resp: UpstreamResponse, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         """The upstream's SSE as chunks. Read a block at a time (whatever arrived), so that
-        the chunks of one block go out together (Chunk.more) in one write to the client."""
+        the chunks of one block go out together (Chunk.more) in one write to the client.
+        Events before the first that carries output (the role, `response.created`) are held
+        until it comes: a failure before it is still one the pipeline can fall back from."""
         state = _SSEState()
         events = EventReader()
+        held: list[Chunk] | None = []  # None once output began
         async for block in resp.blocks():
-            out = state.feed(events.feed(block), ctx.kind == "chat")
+            out = state.feed(events.feed(block))
+            if held is not None:
+                held += out
+                if not any(c.event is None or has_output(c.event) for c in held):
+                    if state.error is not None:
+                        raise state.error
+                    continue
+                out, held = held, None
             for i, chunk in enumerate(out):
                 chunk.more = i < len(out) - 1 or state.done  # after [DONE]: the end
                 yield chunk
@@ -244,7 +271,7 @@ class OpenAIBackend(RemoteBackend):
             if state.done:
                 resp.expect_end()  # the body's end may still be on its way: keep the connection
                 return
-        for chunk in state.feed(events.close(), ctx.kind == "chat"):  # an unfinished last event
+        for chunk in (held or []) + state.feed(events.close()):  # and an unfinished last event
             yield chunk
         if state.error is not None:
             raise state.error
@@ -255,24 +282,18 @@ class OpenAIBackend(RemoteBackend):
                                code="upstream_incomplete")
 
     def _whole(self, data: bytes, ctx: RequestContext) -> Chunk:
-        """A non-streamed completion as one chunk: its text, finish_reason and usage."""
-        event = _parse_event(data)
-        choices = event.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise BackendError(f"upstream {self.name} answered without choices", status=502,
-                               code="upstream_malformed")
-        choice = choices[0]
-        if ctx.kind == "chat":
-            message = choice.get("message")
-            text = message.get("content") if isinstance(message, dict) else None
+        """A JSON answer as one chunk that carries it whole (and its finish_reason and usage
+        for the gateway's accounting)."""
+        answer = _parse_event(data)
+        if ctx.kind in ("chat", "completion"):
+            choices = answer.get("choices")
+            if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+                raise BackendError(f"upstream {self.name} answered without choices", status=502,
+                                   code="upstream_malformed")
+            finish = choices[0].get("finish_reason") or "stop"
         else:
-            text = choice.get("text")
-        usage = None
-        u = event.get("usage")
-        if isinstance(u, dict):
-            usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
-        return Chunk(text=text if isinstance(text, str) else "",
-                     finish_reason=choice.get("finish_reason") or "stop", usage=usage)
+            finish = "length" if answer.get("status") == "incomplete" else "stop"
+        return Chunk(finish_reason=str(finish), usage=usage_of(answer), event=answer)
 
     async def health(self) -> bool:
         if self._client is None:
@@ -309,7 +330,7 @@ class _SSEState:
         self.done = False
         self.error: BackendError | None = None
 
-    def feed(self, completed: list[bytes], chat: bool) -> list[Chunk]:
+    def feed(self, completed: list[bytes]) -> list[Chunk]:
         """The data of the events the EventReader completed, as chunks."""
         datas: list[bytes] = []
         done = False
@@ -326,15 +347,13 @@ class _SSEState:
             except orjson.JSONDecodeError:
                 events = None
             if events is None or not all(type(e) is dict and "error" not in e for e in events):
-                return self._feed_each(datas, done, chat)
-        out: list[Chunk] = []
-        for event in events or ():
-            self._take(event, chat, out)
+                return self._feed_each(datas, done)
+        out = [self._take(event) for event in events or ()]
         if done:
             out.append(self.end())
         return out
 
-    def _feed_each(self, datas: list[bytes], done: bool, chat: bool) -> list[Chunk]:
+    def _feed_each(self, datas: list[bytes], done: bool) -> list[Chunk]:
         """Event by event: a malformed or error event raises after the chunks before it."""
         out: list[Chunk] = []
         for data in datas:
@@ -345,26 +364,77 @@ class _SSEState:
                     raise
                 self.error = exc  # the chunks before it still go out first
                 return out
-            self._take(event, chat, out)
+            out.append(self._take(event))
         if done:
             out.append(self.end())
         return out
 
-    def _take(self, event: dict[str, Any], chat: bool, out: list[Chunk]) -> None:
-        u = event.get("usage")
-        if u:
-            self.usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+    def _take(self, event: dict[str, Any]) -> Chunk:
+        usage = usage_of(event)
+        if usage is not None:
+            self.usage = usage
         for choice in event.get("choices") or ():
-            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-            if text:
-                out.append(Chunk(text=text))
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                self.finish = str(choice["finish_reason"])
+        end = RESPONSES_END.get(str(event.get("type")))
+        if end is not None:
+            self.finish = end
+        return Chunk(event=event)
 
     def end(self) -> Chunk:
         """The stream is done; its last chunk carries the finish_reason and usage seen."""
         self.done = True
         return Chunk(finish_reason=self.finish or "stop", usage=self.usage)
+
+
+def has_output(event: dict[str, Any]) -> bool:
+    """An event that carries some of the answer (not only the role, or a Responses stream's
+    created / in-progress notice, or usage)."""
+    kind = event.get("type")
+    if isinstance(kind, str):
+        return kind not in ("response.created", "response.in_progress", "response.queued")
+    for choice in event.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta") or {}
+        if choice.get("text") or choice.get("finish_reason") or any(
+                v for k, v in delta.items() if k != "role"):
+            return True
+    return False
+
+
+def upstream_body(ctx: RequestContext, model: str) -> dict[str, Any]:
+    """The client's body for an upstream: its model's upstream name; the messages context_trim
+    kept; the tenant's max_output_tokens where the request named no limit; usage asked of a
+    stream when the client did not ask (the gateway needs it: the extra event is not shown)."""
+    body = dict(ctx.body)
+    body["model"] = model
+    if ctx.kind == "chat" and ctx.messages is not None:
+        body["messages"] = ctx.messages
+    if ctx.output_cap is not None:
+        body[LIMIT_FIELD[ctx.kind]] = ctx.output_cap
+    if ctx.usage_injected:
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                  "include_usage": True}
+    return body
+
+
+def usage_of(event: dict[str, Any]) -> Usage | None:
+    """The usage an answer or event reports: chat/completions/embeddings' usage, or a
+    Responses object's (at the top, or in a stream event's `response`)."""
+    u = event.get("usage")
+    inner = event.get("response")
+    if u is None and isinstance(inner, dict):
+        u = inner.get("usage")
+    if not isinstance(u, dict):
+        return None
+    prompt = u.get("prompt_tokens", u.get("input_tokens"))
+    completion = u.get("completion_tokens", u.get("output_tokens"))
+    try:
+        return Usage(int(prompt or 0), int(completion or 0))
+    except (TypeError, ValueError):
+        return None
 
 
 def _parse_event(data: bytes) -> dict[str, Any]:

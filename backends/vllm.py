@@ -29,7 +29,7 @@ import httpx
 from backends.base import adapter_name
 from backends.local import memory_plan
 from backends.local.config import ModelConfig
-from backends.local.tokenizer import ChatTokenizer
+from backends.local.tokenizer import ChatTokenizer, TokenizerError
 from backends.openai import OpenAIBackend, OpenAIConfig
 from backends.remote_adapters import RemoteAdapters
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
@@ -197,7 +197,8 @@ class VLLMBackend(OpenAIBackend):
             if prompt is not None:
                 ctx.prompt_tokens = prompt
                 # vLLM allocates KV as tokens arrive; this is the most the request can hold.
-                ctx.memory.kv_bytes_reserved = self._bytes_per_token() * (prompt + ctx.sampling.max_tokens)
+                ctx.memory.kv_bytes_reserved = self._bytes_per_token() * ctx.sampling.n * (
+                    prompt + self._output_limit(ctx, prompt))
             stream = super().generate(ctx)
             try:
                 async for chunk in stream:
@@ -210,12 +211,27 @@ class VLLMBackend(OpenAIBackend):
             if adapter is not None:
                 await self.remote.release(adapter)
 
+    def _output_limit(self, ctx: RequestContext, prompt: int) -> int:
+        """The most output tokens a sequence can take: its limit, else the context's end."""
+        if ctx.sampling.max_tokens is not None:
+            return ctx.sampling.max_tokens
+        return max(0, self._model.context_window - prompt) if self._model is not None else 0
+
     def count_tokens(self, ctx: RequestContext) -> int | None:
+        """Exact for a chat of text (with its tools) or a text prompt, as vLLM's own template
+        renders it; None (an estimate then) for what the tokenizer here cannot render."""
         if self._tokenizer is None:
             return None
-        if ctx.kind == "chat":
-            return self._tokenizer.count_chat(ctx.messages or [])
-        return len(self._tokenizer.encode(ctx.prompt or ""))
+        try:
+            if ctx.kind == "chat":
+                tools = ctx.body.get("tools")
+                return self._tokenizer.count_chat(ctx.messages or [],
+                                                  tools if isinstance(tools, list) else None)
+            if ctx.kind == "completion" and isinstance(ctx.prompt, str):
+                return len(self._tokenizer.encode(ctx.prompt))
+        except TokenizerError:
+            return None
+        return None
 
     # ---- capacity and memory ---------------------------------------------------------------
 

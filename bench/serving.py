@@ -49,7 +49,6 @@ def main() -> None:
     if not (model / "config.json").exists():
         sys.exit("models/demo is missing: run `make demo-model` first")
     cfg = demo_config(model)
-    cfg["server"]["default_max_tokens"] = args.max_tokens
     rows: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -84,7 +84,6 @@ def main() -> None:
     runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = demo_config(MODEL)
-        cfg["server"]["default_max_tokens"] = NEW_TOKENS
         # The same request shape both ways: one tenant on the base model, one with acme-support.
         cfg["tenants"].append({"name": "base", "api_keys_env": "BASE_KEYS", "models": ["demo"]})
         port = free_port()

@@ -11,6 +11,7 @@ from typing import Any, cast
 from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,7 +22,7 @@ from gateway import routes
 from gateway.core import context
 from gateway.core.backend import Backend
 from gateway.core.errors import GatewayError, MethodNotAllowed, NotFound
-from gateway.handler import GenerationHandler
+from gateway.handler import CORS_EXPOSED, GenerationHandler
 from gateway.http.asgi import GenerationDispatch
 from gateway.settings import Settings, load_settings
 from gateway.shutdown import Drain
@@ -161,6 +162,12 @@ def create_app(
     # outermost: the generation routes' ASGI writer (gateway serve's own connections answer
     # them through the fast writer before the ASGI app is involved)
     app.add_middleware(GenerationDispatch, handler=GenerationHandler(state))
+    if settings.server.cors_origins:  # -- fidelity (issue 14): browsers, off by default
+        # outside everything: it answers preflights (OPTIONS) for every route; the handler
+        # puts the same allow-origin on the generation answers the fast writer sends
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.server.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=list(CORS_EXPOSED))
     return app
 
 

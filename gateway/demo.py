@@ -41,11 +41,31 @@ SPECIAL_TOKENS = (BOS, PAD, TURN_START, TURN_END)  # ids 0, 1, 2, 3
 BOS_ID, PAD_ID, TURN_START_ID, TURN_END_ID = range(4)
 
 # One source of truth for the prompt format: training text is rendered by `render_chat`,
-# which tests check against this template rendered through jinja2.
+# which tests check against this template rendered through jinja2. With `tools` the template
+# adds a tools section to the system turn (Hermes-style: the model answers a call as
+# <tool_call>{"name": ..., "arguments": ...}</tool_call>, which the local engine's grammar
+# enforces and parses back); assistant turns with tool_calls render them the same way. A
+# conversation without tools renders exactly as the training text.
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% set rest = messages %}"
+    "{% if tools %}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}"
+    "{% set rest = messages[1:] %}{% endif %}"
+    "{{ '# Tools\\nYou may call functions. They are listed in <tools></tools>:\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    "{{ '</tools>\\nTo call one, answer with <tool_call>{\"name\": <name>, \"arguments\": "
+    "<arguments>}</tool_call>.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in rest %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>{\"name\":' + (call['function']['name'] | tojson) + ',\"arguments\":' "
+    "+ call['function']['arguments'] + '}</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )

@@ -1,5 +1,5 @@
-"""The one generation handler: POST /v1/chat/completions and /v1/completions, whatever carries
-them. `gateway serve` answers them on its connections' fast writer (gateway/http/fast.py);
+"""The one generation handler: POST /v1/chat/completions, /v1/completions, /v1/responses and
+/v1/embeddings, whatever carries them. `gateway serve` answers them on its connections' fast writer (gateway/http/fast.py);
 any other way in (another ASGI server, a query string, a root_path, in-process tests) takes
 the ASGI writer (gateway/http/asgi.py). Both are a ResponseWriter; the handler does the rest
 the same way for both: authentication, body checks, validation, the pipeline, the telemetry
@@ -18,11 +18,17 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway import validation
+from gateway import responses, validation
 from gateway.core import context
 from gateway.core.config import TenantConfig
-from gateway.core.context import Chunk, RequestContext
-from gateway.core.errors import ClientDisconnected, GatewayError, MethodNotAllowed, Unavailable
+from gateway.core.context import Chunk, RequestContext, SamplingParams
+from gateway.core.errors import (
+    ClientDisconnected,
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    Unavailable,
+)
 from gateway.pipeline import Pipeline
 from gateway.routes import resolve_model
 from gateway.shutdown import Drain
@@ -33,7 +39,12 @@ from gateway.telemetry import RequestRecord
 log = logging.getLogger("gateway.handler")
 
 # The generation routes, declared once: path -> kind.
-GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion",
+                     "/v1/responses": "responses", "/v1/embeddings": "embeddings"}
+
+# Response headers a browser's script may read (with server.cors_origins).
+CORS_EXPOSED = ("x-request-id", "x-gateway-backend", "x-gateway-adapter", "x-gateway-kv-bytes",
+                "x-gateway-max-output-tokens", "x-gateway-degraded-from")
 
 INTERNAL_ERROR = orjson.dumps(GatewayError("The gateway failed to handle this request.").body())
 
@@ -88,10 +99,12 @@ class GenerationHandler:
                 raise  # a server shutdown, not the client
 
     async def _handle(self, req: Incoming, out: ResponseWriter) -> None:
-        authorization = ctype = length = request_id = None
+        authorization = ctype = length = request_id = origin = None
         trace: dict[str, str] = {}
         for name, value in req.headers:
-            if name == b"authorization":
+            if name == b"origin":
+                origin = value.decode("latin-1")
+            elif name == b"authorization":
                 authorization = value.decode("latin-1")
             elif name == b"content-type":
                 ctype = value.decode("latin-1")
@@ -102,6 +115,7 @@ class GenerationHandler:
             elif name == b"traceparent" or name == b"tracestate":
                 trace[name.decode()] = value.decode("latin-1")
         rid = context.request_id(request_id)
+        cors = self._cors(origin) if origin is not None else {}
         telemetry = self.state.telemetry
         rec = telemetry.open(req.kind, req.method, req.path, trace)
         try:
@@ -109,11 +123,12 @@ class GenerationHandler:
                 if req.method != "POST":
                     raise MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}.",
                                            headers={"allow": "POST"})
-                await self._answer(req, out, authorization, ctype, length, rid, rec)
+                await self._answer(req, out, authorization, ctype, length,
+                                   {**cors, "x-request-id": rid}, rec)
             except GatewayError as exc:
                 rec.status = exc.status
                 await out.respond(exc.status, Media.JSON,
-                                  {**exc.response_headers(), "x-request-id": rid},
+                                  {**exc.response_headers(), **cors, "x-request-id": rid},
                                   orjson.dumps(exc.body()))
             except asyncio.CancelledError:
                 if out.gone and not out.started:
@@ -122,44 +137,65 @@ class GenerationHandler:
             except Exception:
                 log.exception("unhandled error on %s %s", req.method, req.path)
                 rec.status = 500
-                await out.respond(500, Media.JSON, {"x-request-id": rid}, INTERNAL_ERROR)
+                await out.respond(500, Media.JSON, {**cors, "x-request-id": rid}, INTERNAL_ERROR)
         finally:
             telemetry.close(rec)
 
+    def _cors(self, origin: str) -> dict[str, str]:
+        """CORS headers for a configured origin (server.cors_origins; off by default). The
+        preflight is answered by the app's CORS layer (gateway/app.py)."""
+        origins = self.state.settings.server.cors_origins
+        if not origins or (origin not in origins and "*" not in origins):
+            return {}
+        return {"access-control-allow-origin": origin,
+                "access-control-expose-headers": ", ".join(CORS_EXPOSED)}
+
     async def _answer(self, req: Incoming, out: ResponseWriter, authorization: str | None,
-                      ctype: str | None, length: str | None, rid: str, rec: RequestRecord) -> None:
+                      ctype: str | None, length: str | None, extra: dict[str, str],
+                      rec: RequestRecord) -> None:
         state = self.state
         server = state.settings.server
         tenant = state.tenants.authenticate(authorization)
         validation.check_body_headers(ctype, length, server.max_body_bytes)
         body = validation.parse_body(await out.read_body(server.max_body_bytes, server.body_timeout_s))
-        ctx = self.context(req.kind, tenant, body, rid)
+        ctx = self.context(req.kind, tenant, body, extra["x-request-id"])
         pipeline = Pipeline(state)
         chunks = pipeline.run(ctx, rec)
         drain = state.drain  # ends generations cleanly at shutdown (gateway/shutdown.py)
         if not ctx.stream:
             try:
-                payload = orjson.dumps(await collect(ctx, chunks, drain))
+                answer = await collect(ctx, chunks, drain)
+                if ctx.via_chat:
+                    answer = responses.from_chat(ctx, answer)
+                payload = orjson.dumps(answer)
                 rec.status = 200
-                await out.respond(200, Media.JSON, {**pipeline.headers(ctx), "x-request-id": rid},
-                                  payload)
+                await out.respond(200, Media.JSON, {**pipeline.headers(ctx), **extra}, payload)
             finally:  # after the answer: the backend's and the policies' releases
                 await chunks.aclose()
             return
         # The first chunk first: a failure before it still gets its own status code.
         first = await first_chunk(chunks, drain)
         rec.status = 200
-        await out.stream({**pipeline.headers(ctx), "x-request-id": rid},
-                         stream_events(ctx, chunks, first, drain))
+        events = (responses.stream_events(ctx, chunks, first, drain) if ctx.via_chat
+                  else stream_events(ctx, chunks, first, drain))
+        await out.stream({**pipeline.headers(ctx), **extra}, events)
 
     def context(self, kind: str, tenant: TenantConfig, body: dict[str, Any],
                 request_id: str) -> RequestContext:
-        """A validated body -> the request's context."""
+        """A validated body -> the request's context. Only what the gateway itself needs is
+        read here (the model, streaming, the output limit, n, the messages or prompt for
+        counting); the backend reads the rest (remote kinds forward the body as sent)."""
         state = self.state
-        chat = kind == "chat"
-        validation.check_fields(body, validation.CHAT_FIELDS if chat else validation.COMPLETION_FIELDS)
         model, adapter = resolve_model(state, tenant, validation.model_name(body))
+        validation.check_user(body)
         stream, include_usage = validation.stream_flags(body)
+        via_chat = False
+        if kind == "responses" and not state.backends[model.backend].forwards("responses"):
+            body, kind, via_chat = responses.to_chat(body), "chat", True
+        if kind == "embeddings" and stream:
+            raise InvalidRequest("Embeddings are not streamed.", param="stream")
+        sampling = validation.sampling(body, kind)
+        output_cap = self._output_cap(tenant, sampling, body, kind)
         user = body.get("user")
         ctx = RequestContext(
             request_id=request_id,
@@ -168,18 +204,41 @@ class GenerationHandler:
             requested_model=model.name,
             target_model=model.name,
             backend=model.backend,
-            sampling=validation.sampling(body, state.settings.server.default_max_tokens, chat=chat),
+            sampling=sampling,
             stream=stream,
             include_usage=include_usage,
-            messages=validation.messages(body) if chat else None,
-            prompt=None if chat else validation.prompt(body),
+            messages=validation.messages(body) if kind == "chat" else None,
+            prompt=(validation.prompt(body) if kind == "completion"
+                    else validation.prompt(body, "input") if kind == "embeddings" else None),
             requested_adapter=adapter,  # the adapter_selection policy sets ctx.adapter
             user=user if isinstance(user, str) else None,
+            body=body,
+            output_cap=output_cap,
+            via_chat=via_chat,
             created=time.time(),
         )
         if not state.ready:
             raise Unavailable("The gateway is starting; try again shortly.", retry_after=1)
         return ctx
+
+    @staticmethod
+    def _output_cap(tenant: TenantConfig, sampling: SamplingParams,
+                    body: dict[str, Any], kind: str) -> int | None:
+        """The tenant's limits.max_output_tokens: a request asking more is a 400; one naming
+        no limit gets the cap (returned: the remote kinds send it upstream, the response says
+        it in x-gateway-max-output-tokens)."""
+        cap = tenant.limits.max_output_tokens
+        if cap is None or kind == "embeddings":
+            return None
+        name, asked = validation.output_limit(body, kind)
+        if asked is None:
+            sampling.max_tokens = cap
+            return cap
+        if asked > cap:
+            raise InvalidRequest(
+                f"'{name}' is {asked}; your account allows at most {cap} output tokens per "
+                "request.", param=name, code="max_output_tokens_exceeded")
+        return None
 
 
 async def first_chunk(chunks: AsyncGenerator[Chunk, None], drain: Drain) -> Chunk | None:

@@ -1,12 +1,14 @@
-"""The gateway's own OpenAPI 3.1 document, written from the validation rules in
-gateway/validation.py (the same bounds, the same fields) and served at GET /openapi.json."""
+"""The gateway's own OpenAPI 3.1 document, written from the validation rules of the gateway
+(gateway/validation.py) and of the local engine (backends/local/request.py): the same fields,
+bounds no narrower than those checks (what the document refuses, the gateway refuses; remote
+kinds forward any field to their upstream). Served at GET /openapi.json."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from gateway.settings import Settings
-from gateway.validation import ROLES
+from gateway.validation import MAX_N, ROLES
 
 INT_MAX = 1 << 31  # validation's upper bound for max_tokens
 ERROR_STATUSES = {
@@ -40,27 +42,49 @@ def _error_schema() -> dict[str, Any]:
 
 
 def _sampling() -> dict[str, Any]:
-    """Fields both endpoints take; null means the default, as in validation.py."""
+    """Fields both endpoints take on the local engine (backends/local/request.py; remote
+    kinds forward any field to their upstream); null means the default."""
     number = {"type": ["number", "null"]}
-    harmless: dict[str, dict[str, Any]] = {name: {} for name in ("metadata", "store", "service_tier", "parallel_tool_calls")}
+    recorded: dict[str, dict[str, Any]] = {
+        "metadata": {"type": ["object", "null"]}, "store": {"type": ["boolean", "null"]},
+        "service_tier": {"type": ["string", "null"]},
+        "prompt_cache_key": {"type": ["string", "null"]},
+        "safety_identifier": {"type": ["string", "null"]}}
     return {
         "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": INT_MAX},
         "temperature": {**number, "minimum": 0, "maximum": 2},
         "top_p": {**number, "minimum": 0, "maximum": 1},
+        "min_p": {**number, "minimum": 0, "maximum": 1},
+        "top_k": {"type": ["integer", "null"], "minimum": -1},
+        "repetition_penalty": {**number, "minimum": 0.01, "maximum": 10},
         "presence_penalty": {**number, "minimum": -2, "maximum": 2},
         "frequency_penalty": {**number, "minimum": -2, "maximum": 2},
         "seed": {"type": ["integer", "null"], "minimum": -(1 << 63), "maximum": (1 << 63) - 1},
-        "n": {"enum": [1, None]},
+        "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_N},
         "stream": {"type": ["boolean", "null"]},
         "stop": {"oneOf": [{"type": ["string", "null"]},
-                           {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+                           {"type": "array", "items": {"type": "string"}, "maxItems": 64}]},
         "stream_options": {"type": ["object", "null"], "additionalProperties": False,
                            "properties": {"include_usage": {"type": "boolean"}}},
         "ignore_eos": {"type": "boolean"},
         "user": {"type": ["string", "null"]},
-        "logit_bias": {"oneOf": [{"type": "null"}, {"type": "object", "maxProperties": 0}]},
-        **harmless,
+        "logit_bias": {"type": ["object", "null"],
+                       "additionalProperties": {"type": "number", "minimum": -100,
+                                                "maximum": 100}},
+        **recorded,
     }
+
+
+_SCHEMA = {"type": "object"}  # any JSON schema
+_TOOL = {"type": "object", "required": ["type", "function"], "additionalProperties": False,
+         "properties": {"type": {"const": "function"},
+                        "function": {"type": "object", "required": ["name"],
+                                     "additionalProperties": False,
+                                     "properties": {"name": {"type": "string",
+                                                             "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                                                    "description": {"type": "string"},
+                                                    "parameters": _SCHEMA,
+                                                    "strict": {"type": "boolean"}}}}}
 
 
 def _chat_request(models: list[str]) -> dict[str, Any]:
@@ -74,36 +98,51 @@ def _chat_request(models: list[str]) -> dict[str, Any]:
                                   {"type": "array", "items": text_part}]},
         },
     }
+    formats = [{"type": "null"},
+               {"type": "object", "required": ["type"], "additionalProperties": False,
+                "properties": {"type": {"enum": ["text", "json_object"]}}},
+               {"type": "object", "required": ["type", "json_schema"],
+                "additionalProperties": False,
+                "properties": {"type": {"const": "json_schema"},
+                               "json_schema": {"type": "object", "required": ["name", "schema"],
+                                               "properties": {"name": {"type": "string"},
+                                                              "schema": _SCHEMA,
+                                                              "strict": {"type": "boolean"}}}}}]
     return {
         "type": "object", "required": ["model", "messages"], "additionalProperties": False,
         "properties": {"model": {"enum": models},
                        "messages": {"type": "array", "minItems": 1, "items": message},
                        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1,
                                                  "maximum": INT_MAX},
-                       "logprobs": {"enum": [False, None]},
-                       "top_logprobs": {"type": "null"},
-                       "tools": {"type": ["array", "null"], "maxItems": 0},
-                       "functions": {"type": ["array", "null"], "maxItems": 0},
-                       "tool_choice": {"enum": ["none", None]},
-                       "function_call": {"enum": ["none", None]},
-                       "response_format": {"oneOf": [
-                           {"type": "null"},
-                           {"type": "object", "required": ["type"], "additionalProperties": False,
-                            "properties": {"type": {"const": "text"}}}]},
+                       "logprobs": {"type": ["boolean", "null"]},
+                       "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+                       "tools": {"type": ["array", "null"], "items": _TOOL},
+                       "tool_choice": {"oneOf": [
+                           {"enum": ["none", "auto", "required", None]},
+                           {"type": "object", "required": ["type", "function"],
+                            "properties": {"type": {"const": "function"},
+                                           "function": {"type": "object", "required": ["name"],
+                                                        "properties": {"name": {"type": "string"}}}}}]},
+                       "parallel_tool_calls": {"type": ["boolean", "null"]},
+                       "chat_template_kwargs": {"type": ["object", "null"]},
+                       "response_format": {"oneOf": formats},
                        **_sampling()},
     }
 
 
 def _completion_request(models: list[str]) -> dict[str, Any]:
+    ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": INT_MAX},
+           "minItems": 1}
     return {
         "type": "object", "required": ["model", "prompt"], "additionalProperties": False,
         "properties": {"model": {"enum": models},
-                       "prompt": {"oneOf": [{"type": "string"},
+                       "prompt": {"oneOf": [{"type": "string"}, ids,
                                             {"type": "array", "items": {"type": "string"},
-                                             "minItems": 1, "maxItems": 1}]},
-                       "logprobs": {"type": "null"},
-                       "echo": {"enum": [False, None]},
-                       "best_of": {"enum": [1, None]},
+                                             "minItems": 1},
+                                            {"type": "array", "items": ids, "minItems": 1}]},
+                       "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+                       "echo": {"type": ["boolean", "null"]},
+                       "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_N},
                        "suffix": {"enum": ["", None]},
                        **_sampling()},
     }
@@ -116,13 +155,15 @@ def _usage() -> dict[str, Any]:
 
 
 def _completion_response(chat: bool) -> dict[str, Any]:
-    finish = {"type": ["string", "null"], "enum": ["stop", "length", None]}
+    finish = {"type": ["string", "null"], "enum": ["stop", "length", "tool_calls", None]}
     if chat:
+        message = {"type": "object", "required": ["role", "content"],
+                   "properties": {"role": {"const": "assistant"},
+                                  "content": {"type": ["string", "null"]},
+                                  "tool_calls": {"type": "array"}}}
         choice = {"type": "object", "required": ["index", "message", "finish_reason"],
                   "properties": {"index": {"type": "integer"}, "finish_reason": finish,
-                                 "message": {"type": "object", "required": ["role", "content"],
-                                             "properties": {"role": {"const": "assistant"},
-                                                            "content": {"type": "string"}}}}}
+                                 "message": message}}
     else:
         choice = {"type": "object", "required": ["index", "text", "finish_reason"],
                   "properties": {"index": {"type": "integer"}, "text": {"type": "string"},

@@ -118,4 +118,6 @@ class Pipeline:
             headers["x-gateway-adapter"] = ctx.adapter
         if ctx.degraded_from:
             headers["x-gateway-degraded-from"] = ctx.degraded_from
+        if ctx.output_cap is not None:
+            headers["x-gateway-max-output-tokens"] = str(ctx.output_cap)
         return headers

@@ -47,7 +47,6 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 4 * 2**20
-    default_max_tokens: int = 256
     admin_api_key_env: str | None = None
     # -- reliability (issue #8)
     body_timeout_s: float = 30.0  # a request body not fully received by then: 408
@@ -57,6 +56,7 @@ class ServerConfig:
     metrics_api_key_env: str | None = None  # set: /metrics needs this bearer key
     # -- end reliability
     torch_threads: Any = "auto"  # process-wide torch intra-op threads: "auto" or an integer
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); none: off
 
     def __post_init__(self) -> None:
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s",
@@ -66,8 +66,8 @@ class ServerConfig:
                 raise ValueError(f"server.{name} must be between 0 and 86400 seconds")
         if not 0 <= self.port <= 65535:
             raise ValueError("server.port must be between 0 and 65535")
-        if self.max_body_bytes < 1 or self.default_max_tokens < 1:
-            raise ValueError("server.max_body_bytes and server.default_max_tokens must be >= 1")
+        if self.max_body_bytes < 1:
+            raise ValueError("server.max_body_bytes must be >= 1")
         threads = self.torch_threads
         if threads != "auto" and (type(threads) is not int or threads < 1):
             raise ValueError("server.torch_threads must be 'auto' or a positive integer")
@@ -203,6 +203,10 @@ def _parse(data: Any, source: str, base: Path) -> Settings:
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown field (known: {', '.join(sorted(known))})")
+    if isinstance(data.get("server"), dict) and "default_max_tokens" in data["server"]:
+        raise ConfigError("server.default_max_tokens: removed (it capped answers silently); a "
+                          "request without max_tokens now runs to its end. To cap answers, set "
+                          "tenants[].limits.max_output_tokens")
     server = build(ServerConfig, data.get("server"), "server", base)
     backends: dict[str, BackendSpec] = {}
     raw_backends = data.get("backends") or {}

@@ -82,7 +82,6 @@ def request_attributes(ctx: RequestContext) -> dict[str, Any]:
         "gen_ai.system": "memgate",
         "gen_ai.request.model": ctx.requested_model,
         "gen_ai.response.model": ctx.target_model,
-        "gen_ai.request.max_tokens": s.max_tokens,
         "gen_ai.request.temperature": s.temperature,
         "gen_ai.request.top_p": s.top_p,
         "gen_ai.request.presence_penalty": s.presence_penalty,
@@ -91,6 +90,8 @@ def request_attributes(ctx: RequestContext) -> dict[str, Any]:
         "gateway.backend": ctx.backend,
         "gateway.stream": ctx.stream,
     }
+    if s.max_tokens is not None:  # None: the client named no limit
+        attrs["gen_ai.request.max_tokens"] = s.max_tokens
     if s.seed is not None:
         attrs["gen_ai.request.seed"] = s.seed
     if s.stop:

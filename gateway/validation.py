@@ -9,70 +9,23 @@ from typing import Any
 
 import orjson
 
-from gateway.core.context import SamplingParams
+from gateway.core.context import Prompt, SamplingParams
 from gateway.core.errors import (
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedMediaType,
 )
+from gateway.core.fields import integer
 from gateway.core.media import is_json_media
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-
-# Fields a client may send that change nothing here.
-_HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"}
-
-_COMMON = {
-    "model", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
-    "presence_penalty", "frequency_penalty", "logprobs", "logit_bias", "ignore_eos",
-} | _HARMLESS
-CHAT_FIELDS = _COMMON | {
-    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-    "response_format", "functions", "function_call",
-}
-COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+MAX_N = 128  # choices per request (OpenAI's bound)
+LIMIT_FIELDS = {"chat": ("max_completion_tokens", "max_tokens"), "completion": ("max_tokens",),
+                "responses": ("max_output_tokens",), "embeddings": ()}
 
 
-def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(f"'{name}' must be a number.", param=name, code="invalid_type")
-    if not lo <= value <= hi:
-        raise InvalidRequest(
-            f"{value} is not a valid value for '{name}': it must be between {lo:g} and {hi:g}.",
-            param=name, code="invalid_value",
-        )
-    return float(value)
-
-
-def _integer(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"'{name}' must be an integer.", param=name, code="invalid_type")
-    if not lo <= value <= hi:
-        raise InvalidRequest(
-            f"{value} is not a valid value for '{name}': it must be between {lo} and {hi}.",
-            param=name, code="invalid_value",
-        )
-    return value
-
-
-def _unsupported(body: dict[str, Any], name: str, allowed: tuple[Any, ...], what: str) -> None:
-    if name in body and body[name] not in allowed:
-        raise InvalidRequest(f"'{name}' is not supported by this gateway: {what}.", param=name,
-                             code="unsupported_parameter")
-
-
-def check_fields(body: dict[str, Any], known: set[str]) -> None:
-    for name in body:
-        if name not in known:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name,
-                                 code="unknown_parameter")
+def check_user(body: dict[str, Any]) -> None:
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise InvalidRequest("'user' must be a string.", param="user", code="invalid_type")
 
@@ -105,62 +58,51 @@ def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     return bool(stream), include_usage
 
 
-def sampling(body: dict[str, Any], default_max_tokens: int, *, chat: bool) -> SamplingParams:
-    _unsupported(body, "n", (None, 1), "only n=1 is served")
-    _unsupported(body, "logprobs", (None, False) if chat else (None,), "log probabilities are not returned")
-    _unsupported(body, "logit_bias", (None, {}), "logit_bias is not applied")
-    if chat:
-        _unsupported(body, "top_logprobs", (None,), "log probabilities are not returned")
-        _unsupported(body, "tools", (None, []), "tool calling is not served")
-        _unsupported(body, "functions", (None, []), "function calling is not served")
-        _unsupported(body, "tool_choice", (None, "none"), "tool calling is not served")
-        _unsupported(body, "function_call", (None, "none"), "function calling is not served")
-        fmt = body.get("response_format")
-        if fmt is not None and fmt != {"type": "text"}:
-            raise InvalidRequest("'response_format' other than text is not supported by this gateway.",
-                                 param="response_format", code="unsupported_parameter")
-    else:
-        _unsupported(body, "echo", (None, False), "echo is not served")
-        _unsupported(body, "best_of", (None, 1), "only best_of=1 is served")
-        _unsupported(body, "suffix", (None, ""), "suffix is not served")
-    limit = 1 << 31
-    max_tokens = _integer(body, "max_tokens", 1, limit)
-    if chat:
-        mct = _integer(body, "max_completion_tokens", 1, limit)
-        max_tokens = mct if mct is not None else max_tokens
-    seed = _integer(body, "seed", -(1 << 63), (1 << 63) - 1)
+def output_limit(body: dict[str, Any], kind: str) -> tuple[str, int | None]:
+    """(the field that names the answer's length limit, its value or None if none is sent).
+    Chat takes max_completion_tokens over the older max_tokens, as OpenAI does."""
+    fields = LIMIT_FIELDS[kind]
+    for name in fields:
+        value = integer(body, name, 1, 1 << 31)
+        if value is not None:
+            return name, value
+    return (fields[0] if fields else ""), None
+
+
+def sampling(body: dict[str, Any], kind: str) -> SamplingParams:
+    """What the gateway reads of any generation request: the limit and n (for admission) and,
+    for telemetry, the common sampling fields when they are what OpenAI says they are. The
+    rest is the backend's to read: remote kinds forward the body, the local engine reads its
+    fields (backends/local/request.py)."""
+    _, max_tokens = output_limit(body, kind)
+    n = integer(body, "n", 1, MAX_N) if kind in ("chat", "completion") else None
     stop = body.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop] if stop else []
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        if len(stop) > 4:
-            raise InvalidRequest("'stop' takes at most 4 sequences.", param="stop", code="invalid_value")
-        stops = [s for s in stop if s]
-    else:
-        raise InvalidRequest("'stop' must be a string or a list of strings.", param="stop",
-                             code="invalid_type")
+    stops = [stop] if isinstance(stop, str) and stop else (
+        [s for s in stop if isinstance(s, str) and s] if isinstance(stop, list) else [])
+    seed = body.get("seed")
     return SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, 1.0) or 1e-9,
-        seed=seed,
+        max_tokens=max_tokens,
+        n=n or 1,
+        temperature=_soft(body, "temperature", 1.0),
+        top_p=_soft(body, "top_p", 1.0),
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         stop=stops,
-        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
-        ignore_eos=_flag(body, "ignore_eos"),
+        presence_penalty=_soft(body, "presence_penalty", 0.0),
+        frequency_penalty=_soft(body, "frequency_penalty", 0.0),
+        ignore_eos=body.get("ignore_eos") is True,
     )
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be a boolean.", param=name, code="invalid_type")
-    return value
+def _soft(body: dict[str, Any], name: str, default: float) -> float:
+    """A number field for telemetry: its value when it is a number, else the default (the
+    backend that serves the request judges it)."""
+    value = body.get(name)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
 
 
 def messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat messages as sent (each an object with a known role); their content is the
+    backend's to read."""
     raw = body.get("messages")
     if raw is None:
         raise InvalidRequest("'messages' is required.", param="messages", code="missing_required_parameter")
@@ -169,7 +111,6 @@ def messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     if not raw:
         raise InvalidRequest("'messages' must contain at least one message.", param="messages",
                              code="invalid_value")
-    out: list[dict[str, Any]] = []
     for i, m in enumerate(raw):
         param = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -181,41 +122,29 @@ def messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 + ", ".join(repr(r) for r in ROLES) + ".",
                 param=f"{param}.role", code="invalid_value",
             )
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(m.get("content"), f"{param}.content", role)})
-    return out
+    return raw
 
 
-def _content(content: Any, param: str, role: str) -> str:
-    if content is None:
-        if role == "assistant":
-            return ""
-        raise InvalidRequest(f"'{param}' is required.", param=param, code="missing_required_parameter")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidRequest(
-                    f"'{param}[{j}]' must be a text part ({{'type': 'text', 'text': ...}}); "
-                    "other content types are not supported.", param=f"{param}[{j}]", code="invalid_value")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise InvalidRequest(f"'{param}' must be a string or a list of text parts.", param=param,
+def prompt(body: dict[str, Any], name: str = "prompt") -> Prompt:
+    """A completion's prompt (or an embedding's input): a string, a list of strings, a list of
+    token ids, or a list of lists of token ids (OpenAI's four forms), never empty."""
+    raw = body.get(name)
+    if raw is None:
+        raise InvalidRequest(f"'{name}' is required.", param=name, code="missing_required_parameter")
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, list) and raw:
+        if all(isinstance(p, str) for p in raw) or _token_ids(raw):
+            return raw
+        if all(isinstance(p, list) and p and _token_ids(p) for p in raw):
+            return raw
+    raise InvalidRequest(f"'{name}' must be a string, a list of strings, a list of token ids or "
+                         "a list of lists of token ids, and not empty.", param=name,
                          code="invalid_type")
 
 
-def prompt(body: dict[str, Any]) -> str:
-    raw = body.get("prompt")
-    if raw is None:
-        raise InvalidRequest("'prompt' is required.", param="prompt", code="missing_required_parameter")
-    if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
-        raw = raw[0]
-    if not isinstance(raw, str):
-        raise InvalidRequest("'prompt' must be a string (one prompt per request is served).",
-                             param="prompt", code="invalid_type")
-    return raw
+def _token_ids(values: list[Any]) -> bool:
+    return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in values)
 
 
 # ---- the body itself ---------------------------------------------------------------------

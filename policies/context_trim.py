@@ -30,7 +30,8 @@ Messages = list[dict[str, Any]]
 def _history(messages: Messages) -> tuple[list[int], list[int]]:
     """(indices that may go: non-system messages before the last user message, those that stay)."""
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages))
-    droppable = [i for i, m in enumerate(messages[:last_user]) if m["role"] != "system"]
+    droppable = [i for i, m in enumerate(messages[:last_user])
+                 if m["role"] not in ("system", "developer")]
     kept = [i for i in range(len(messages)) if i not in set(droppable)]
     return droppable, kept
 
@@ -78,13 +79,15 @@ class ContextTrim:
         cap = self.env.backend(ctx).capacity()
         if cap is None:
             return None
-        limit = cap.context_window - ctx.sampling.max_tokens
+        # room for the answer: its limit, or at least one token where the request names none
+        answer = ctx.sampling.max_tokens if ctx.sampling.max_tokens is not None else 1
+        limit = cap.context_window - answer
         tenant = self.env.tenant(ctx)
         share = tenant.limits.max_kv_share
         if tenant.trim.fit_kv_share and share is not None and cap.bytes_per_token > 0:
             block_bytes = cap.block_size * cap.bytes_per_token
             share_tokens = int(share * cap.kv_bytes_total) // block_bytes * cap.block_size
-            limit = min(limit, share_tokens - ctx.sampling.max_tokens)
+            limit = min(limit, share_tokens - answer)
         return limit
 
     async def apply(self, ctx: RequestContext) -> Decision:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
+
 from gateway.core.backend import Backend, Capacity
 from gateway.core.context import RequestContext
 from gateway.core.kv import kv_bytes_for
@@ -14,14 +16,29 @@ CHARS_PER_TOKEN = 4  # the estimate where a backend cannot count (remote upstrea
 @dataclass(frozen=True, slots=True)
 class Demand:
     prompt_tokens: int
-    max_tokens: int
+    max_tokens: int  # per sequence: the output limit reserved for (see output_limit)
     kv_bytes: int  # 0 where the backend reports no capacity
     budget: int | None  # the backend's whole KV budget, None where unknown
     adapter_bytes: int = 0  # to load the adapter, when it is not resident
+    sequences: int = 1  # n: each sequence holds its own KV
 
     @property
     def tokens(self) -> int:
-        return self.prompt_tokens + self.max_tokens
+        return self.prompt_tokens + self.sequences * self.max_tokens
+
+
+def output_limit(ctx: RequestContext, cap: Capacity | None, prompt_tokens: int) -> int:
+    """The output tokens to reserve for, per sequence: the request's limit; where it names
+    none, the worst case, which is the context's end on a backend that reports its window
+    and nothing on one that does not (a remote upstream: no KV reservation for its answer).
+    The one place that decides it: admission on an estimate replaces this function."""
+    if ctx.kind == "embeddings":
+        return 0
+    if ctx.sampling.max_tokens is not None:
+        return ctx.sampling.max_tokens
+    if cap is not None and cap.context_window > 0:
+        return max(0, cap.context_window - prompt_tokens)
+    return 0
 
 
 def prompt_tokens(backend: Backend, ctx: RequestContext) -> int:
@@ -32,18 +49,31 @@ def prompt_tokens(backend: Backend, ctx: RequestContext) -> int:
     if counted is not None:
         ctx.prompt_tokens = counted
         return counted
-    text = ctx.prompt or "".join(str(m.get("content", "")) for m in ctx.messages or [])
-    return len(text) // CHARS_PER_TOKEN + 1
+    # the body as sent counts what the upstream's template renders: messages, tools, schemas
+    return len(orjson.dumps(ctx.body)) // CHARS_PER_TOKEN + 1
 
 
 def demand(backend: Backend, ctx: RequestContext) -> Demand:
     cap: Capacity | None = backend.capacity()
     tokens = prompt_tokens(backend, ctx)
-    max_tokens = ctx.sampling.max_tokens
+    prompts = prompt_count(ctx)
+    max_tokens = output_limit(ctx, cap, tokens if prompts == 1 else 0)
+    n = ctx.sampling.n
     if cap is None:
-        return Demand(tokens, max_tokens, 0, None)
-    kv = kv_bytes_for(tokens + max_tokens, cap.block_size, cap.bytes_per_token)
+        return Demand(tokens, max_tokens, 0, None, sequences=n * prompts)
+    # Each sequence holds prompt + limit, in whole blocks: with several prompts, each is
+    # rounded up on its own (at most one block more each than their sum).
+    kv = n * (kv_bytes_for(tokens + prompts * max_tokens, cap.block_size, cap.bytes_per_token)
+              + (prompts - 1) * cap.block_size * cap.bytes_per_token)
     adapter_bytes = 0
     if ctx.adapter is not None and ctx.adapter not in cap.resident_adapters:
         adapter_bytes = (backend.adapters() or {}).get(ctx.adapter, 0)
-    return Demand(tokens, max_tokens, kv, cap.kv_bytes_total, adapter_bytes)
+    return Demand(tokens, max_tokens, kv, cap.kv_bytes_total, adapter_bytes, n * prompts)
+
+
+def prompt_count(ctx: RequestContext) -> int:
+    """Prompts in one completions request (a list of strings or of token-id lists), else 1."""
+    p = ctx.prompt
+    if ctx.kind == "completion" and isinstance(p, list) and p and not isinstance(p[0], int):
+        return len(p)
+    return 1

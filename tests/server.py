@@ -37,8 +37,7 @@ def free_port() -> int:
 
 def demo_config(model_dir: Path, **local: Any) -> dict[str, Any]:
     return {
-        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY", "max_body_bytes": "64KiB",
-                   "default_max_tokens": 32},
+        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY", "max_body_bytes": "64KiB"},
         "backends": {
             "local": {"kind": "local", "model": str(model_dir), "kv_cache_bytes": "32MiB",
                       "adapters_dir": str(model_dir / "adapters"), **local},

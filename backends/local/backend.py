@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from backends.local import generation, grammar, request
 from backends.local.adapter_cache import AdapterCache, Resident
-from backends.local.engine import Engine, EngineClosed, Event
+from backends.local.engine import Engine, Event
+from backends.local.grammar import GrammarLimits, Grammars
 from backends.local.loader import CheckpointError, LoadedModel, load_checkpoint, parse_dtype
 from backends.local.mailbox import Mailbox
+from backends.local.request import LocalRequest
 from backends.local.runtime_memory import (
     cuda_available,
     device_baseline,
@@ -22,9 +24,10 @@ from backends.local.runtime_memory import (
 )
 from backends.local.sampler import Sampler
 from backends.local.tokenizer import ChatTokenizer, TokenizerError
+from backends.local.toolcalls import ToolCallParser
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
-from gateway.core.context import Chunk, RequestContext, Usage
-from gateway.core.errors import BackendError
+from gateway.core.context import Chunk, RequestContext
+from gateway.core.errors import BackendError, InvalidRequest
 
 MiB = 1024 * 1024
 QUANTIZE_MODES = ("none", "int8")  # int8 at load: heap copy; `gateway quantize` for mmapped int8
@@ -45,8 +48,15 @@ class LocalConfig:
     block_size: int = 16
     max_prefill_tokens: int = 512  # prompt tokens per step (chunked prefill)
     max_loras: int = 8  # LoRA slots (the device tier of the adapter cache)
+    # -- fidelity (issue 14): bounds of grammar-constrained decoding (backends/local/grammar.py)
+    grammar_max_schema_bytes: int = 64 * 1024  # a larger schema or tools list: 400
+    grammar_compile_timeout_s: float = 2.0  # a grammar compiling longer: 400
+    grammar_cache_size: int = 64  # compiled grammars kept (LRU)
+    # -- end fidelity
 
     def __post_init__(self) -> None:
+        GrammarLimits(self.grammar_max_schema_bytes, self.grammar_compile_timeout_s,
+                      self.grammar_cache_size)
         parse_dtype(self.dtype)
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(
@@ -72,8 +82,9 @@ class LocalBackend:
         self._tokenizer: ChatTokenizer | None = None
         self._engine: Engine | None = None
         self._adapters: AdapterCache | None = None
+        self._grammars: Grammars | None = None
         self._closed = False
-        self._mailbox: Mailbox[Event] | None = None  # engine events -> this loop's queues
+        self._mailbox: Mailbox[tuple[int, Event]] | None = None  # engine events -> this loop's queues
         self._runtime = 0  # measured at start: interpreter, libraries, kernel caches (see _warm_up)
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -136,6 +147,10 @@ class LocalBackend:
         cfg = self.cfg
         loaded = load_checkpoint(cfg.model, cfg.dtype, cfg.device, cfg.quantize)
         tokenizer = ChatTokenizer.from_dir(Path(self.cfg.model), loaded.config.eos_token_ids)
+        limits = GrammarLimits(cfg.grammar_max_schema_bytes, cfg.grammar_compile_timeout_s,
+                               cfg.grammar_cache_size)
+        self._grammars = Grammars(tokenizer.tokenizer, loaded.config.vocab_size,
+                                  sorted(tokenizer.eos_token_ids), limits)
         return loaded, tokenizer
 
     async def aclose(self) -> None:
@@ -145,6 +160,9 @@ class LocalBackend:
 
     def available(self) -> bool:
         return True  # in-process: never out of rotation
+
+    def forwards(self, kind: str) -> bool:
+        return False  # Responses are served over chat (gateway/responses.py)
 
     async def health(self) -> bool:
         return not self._closed and self._engine is not None and self._engine.alive
@@ -163,63 +181,71 @@ class LocalBackend:
             raise BackendError(f"backend {self.name} is not started", 503, "backend_not_ready")
         return self._loaded, self._tokenizer, self._engine, self._adapters
 
-    def _encode(self, tok: ChatTokenizer, ctx: RequestContext) -> list[int]:
+    def _request(self, ctx: RequestContext) -> LocalRequest:
+        """The request's fields as this engine serves them (400s name the field)."""
+        if ctx.kind not in ("chat", "completion"):
+            what = "embeddings" if ctx.kind == "embeddings" else f"{ctx.kind!r} requests"
+            raise InvalidRequest(f"The model '{ctx.target_model}' is a generation model; it "
+                                 f"serves no {what}.", param="model", code="model_not_supported")
+        loaded, _, _, _ = self._parts()
+        return request.read(ctx, ctx.target_model, loaded.config.vocab_size)
+
+    def _prompts(self, tok: ChatTokenizer, ctx: RequestContext, req: LocalRequest) -> list[list[int]]:
+        """Token ids of each prompt: the chat through its template (with the tools), or each
+        completion prompt (text, or token ids as sent)."""
         try:
             if ctx.kind == "chat":
-                if not ctx.messages:
-                    raise BackendError("chat request without messages", 400, "invalid_request")
-                return tok.encode_chat(ctx.messages)
-            if ctx.kind == "completion":
-                return tok.encode(ctx.prompt or "")
+                return [tok.encode_chat(ctx.messages or [], req.tools, req.template_kwargs)]
+            p = ctx.prompt
+            prompts: list[Any] = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p or [])
+            vocab = self._parts()[0].config.vocab_size
+            out = []
+            for i, one in enumerate(prompts):
+                if isinstance(one, str):
+                    out.append(tok.encode(one))
+                elif any(t >= vocab for t in one):
+                    raise InvalidRequest(f"'prompt' holds a token id outside this model's "
+                                         f"vocabulary (0 to {vocab - 1}).",
+                                         param="prompt" if len(prompts) == 1 else f"prompt[{i}]",
+                                         code="invalid_value")
+                else:
+                    out.append(list(one))
+            return out
         except TokenizerError as e:
             raise BackendError(str(e), 400, "invalid_request") from None
-        raise BackendError(f"unsupported request kind {ctx.kind!r}", 400, "invalid_request")
 
     def count_tokens(self, ctx: RequestContext) -> int | None:
         if self._tokenizer is None:
             return None
-        return len(self._encode(self._tokenizer, ctx))
+        return sum(len(ids) for ids in self._prompts(self._tokenizer, ctx, self._request(ctx)))
 
     # ---- generation --------------------------------------------------------------------
 
     async def generate(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         loaded, tok, engine, adapters = self._parts()
-        ids = self._encode(tok, ctx)
-        if not ids:
+        req = self._request(ctx)
+        prompts = self._prompts(tok, ctx, req)
+        if not all(prompts):
             raise BackendError("the prompt is empty", 400, "invalid_request")
-        ctx.prompt_tokens = len(ids)
-        sp = ctx.sampling
-        max_tokens = sp.max_tokens
-        if max_tokens < 1:
-            raise BackendError("max_tokens must be at least 1", 400, "invalid_request")
+        ctx.prompt_tokens = sum(len(ids) for ids in prompts)
         window = loaded.config.context_window
-        if len(ids) + max_tokens > window:
-            raise BackendError(
-                f"this model's context window is {window} tokens; the prompt has {len(ids)} "
-                f"tokens and max_tokens is {max_tokens}",
-                400,
-                "context_length_exceeded",
-            )
-        reserve = engine.kv_bytes_for(len(ids) + max_tokens)
+        reserve = 0
+        limits = []
+        for ids in prompts:
+            limit = req.max_tokens if req.max_tokens is not None else window - len(ids)
+            if len(ids) + max(limit, 1) > window:
+                asked = f"max_tokens is {req.max_tokens}" if req.max_tokens is not None else \
+                    "no room is left for an answer"
+                raise BackendError(
+                    f"this model's context window is {window} tokens; the prompt has {len(ids)} "
+                    f"tokens and {asked}", 400, "context_length_exceeded")
+            limits.append(limit)
+            reserve += req.n * engine.kv_bytes_for(len(ids) + limit)
         if reserve > engine.kv_bytes_total:
             raise BackendError(
                 f"prompt + max_tokens needs {reserve} bytes of KV cache; the whole cache is "
-                f"{engine.kv_bytes_total} bytes",
-                400,
-                "context_length_exceeded",
-            )
-        try:
-            sampler = Sampler(
-                loaded.config.vocab_size,
-                sp.temperature,
-                sp.top_p,
-                sp.seed,
-                sp.presence_penalty,
-                sp.frequency_penalty,
-            )
-        except ValueError as e:
-            raise BackendError(str(e), 400, "invalid_request") from None
-
+                f"{engine.kv_bytes_total} bytes", 400, "context_length_exceeded")
+        choices = await self._choices(ctx, tok, req, prompts, limits, loaded.config.vocab_size)
         resident: Resident | None = None
         if ctx.adapter is not None:
             resident = await adapters.acquire(ctx.adapter)
@@ -227,58 +253,64 @@ class LocalBackend:
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        emit = functools.partial(self._mailbox.post, events)
-        seq_id: int | None = None
-        done = False
         try:
-            try:
-                seq_id = engine.submit(
-                    ids,
-                    max_tokens,
-                    sampler,
-                    tok.detokenizer(ids),
-                    emit,
-                    stop=list(sp.stop),
-                    eos_ids=frozenset() if ctx.sampling.ignore_eos else tok.eos_token_ids,
-                    adapter_slot=resident.device_slot if resident is not None else 0,
-                )
-            except EngineClosed as e:
-                raise BackendError(str(e), 503, "backend_closed") from None
             ctx.memory.kv_bytes_reserved = reserve
-            while True:
-                ev = await events.get()
-                while ev.finish_reason is None and ev.error is None and not events.empty():
-                    nxt = events.get_nowait()  # arrived together: one chunk for both
-                    nxt.text = ev.text + nxt.text
-                    ev = nxt
-                if ev.error is not None:
-                    done = True
-                    status, code = (
-                        (503, "backend_closed")
-                        if isinstance(ev.error, EngineClosed)
-                        else (500, "backend_error")
-                    )
-                    raise BackendError(f"generation failed: {ev.error}", status, code)
-                if ev.finish_reason is None:
-                    yield Chunk(text=ev.text)
-                    continue
-                done = True
-                ctx.memory.kv_bytes_peak = ev.kv_peak_bytes
-                ctx.memory.workspace_bytes = ev.workspace_bytes
-                ctx.memory.queue_seconds = ev.queue_seconds
-                if ev.text:
-                    yield Chunk(text=ev.text)
-                yield Chunk(
-                    finish_reason=ev.finish_reason,
-                    usage=Usage(prompt_tokens=len(ids), completion_tokens=ev.completion_tokens),
-                )
-                return
+            stream = generation.run(ctx, engine, tok, req, choices,
+                                    resident.device_slot if resident is not None else 0,
+                                    self._mailbox.post)
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await stream.aclose()
         finally:
-            if seq_id is not None and not done:
-                engine.abort(seq_id)
             if resident is not None and ctx.adapter is not None:
                 adapters.release(ctx.adapter)
+
+    async def _choices(self, ctx: RequestContext, tok: ChatTokenizer, req: LocalRequest,
+                       prompts: list[list[int]], limits: list[int], vocab: int
+                       ) -> list[generation.Choice]:
+        spec = self._grammar(req)
+        grammars = self._grammars
+        eos = tok.eos_token_ids
+        choices = []
+        for p, ids in enumerate(prompts):
+            echo = ""
+            if req.echo:
+                raw: Any = ctx.prompt
+                one = raw if isinstance(raw, str) else raw[p] if isinstance(raw, list) else None
+                echo = one if isinstance(one, str) else tok.decode(ids)
+            for j in range(req.n):
+                index = p * req.n + j
+                constraint = None
+                if spec is not None and grammars is not None:
+                    constraint = await grammars.constraint(*spec)
+                sampler = generation.sampler_for(req, vocab, index, ids, constraint,
+                                                 self._token_text, eos)
+                parser = ToolCallParser() if req.tools and req.tool_choice != "none" else None
+                choices.append(generation.Choice(index, ids, limits[p], sampler, parser, echo))
+        return choices
+
+    def _grammar(self, req: LocalRequest) -> tuple[str, str] | None:
+        """(the grammar text, the param it comes from) when the output is constrained."""
+        if self._grammars is None:
+            return None
+        if req.tools and req.tool_choice != "none":
+            self._grammars.check_size("tools", req.tools)
+            named = [t for t in req.tools if t["function"]["name"] == req.tool_choice]
+            text: dict[str, Any] | bool = False
+            if req.response_format != "text":
+                text = req.schema if req.schema is not None else True
+            gram = grammar.tools_grammar(named or req.tools, req.tool_choice != "auto",
+                                         req.parallel_tool_calls and not named, text)
+            return gram, "tools"
+        if req.response_format == "text":
+            return None
+        self._grammars.check_size("response_format", req.schema)
+        return grammar.json_grammar(req.schema), "response_format"
+
+    def _token_text(self, token: int) -> str:
+        return self._tokenizer.decode([token]) if self._tokenizer is not None else str(token)
 
     # ---- accounting --------------------------------------------------------------------
 

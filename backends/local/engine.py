@@ -38,7 +38,7 @@ class Event:
 
     text: str = ""
     finish_reason: str | None = None
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # tokens generated so far (all of them, on the last event)
     kv_peak_bytes: int = 0
     queue_seconds: float = 0.0
     workspace_bytes: int = 0  # the request's largest share of a step's workspace
@@ -259,7 +259,7 @@ class Engine:
             return
         if reason is None:
             if text:
-                self._send(seq, Event(text=text))
+                self._send(seq, Event(text=text, completion_tokens=len(seq.output_ids)))
             return
         text += st.stop.flush()
         peak = len(self.blocks.blocks(seq.seq_id)) * self.blocks.bytes_per_block

@@ -10,6 +10,8 @@ import secrets
 
 import torch
 
+from backends.local.logits import Processors
+
 
 class Sampler:
     """Sampling state of one sequence (its generator and, with penalties, its token counts)."""
@@ -22,13 +24,21 @@ class Sampler:
         seed: int | None = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        top_k: int = 0,  # 0: off
+        min_p: float = 0.0,
+        processors: Processors | None = None,  # bias, repetition, grammar, logprobs
     ) -> None:
         if temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0.0 < top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
+        if top_k < 0 or not 0.0 <= min_p <= 1.0:
+            raise ValueError("top_k must be >= 0 and min_p in [0, 1]")
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k
+        self.min_p = min_p
+        self.processors = processors
         self.presence_penalty = presence_penalty
         self.frequency_penalty = frequency_penalty
         self.generator = torch.Generator(device="cpu")
@@ -54,10 +64,14 @@ class Sampler:
         """Record a generated token (for presence/frequency penalties)."""
         if self._counts is not None and 0 <= token < self._counts.numel():
             self._counts[token] += 1
+        if self.processors is not None:
+            self.processors.observe(token)
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits [V] float32 (on any device) -> the next token id."""
         logits = logits.float().cpu()
+        if self.processors is not None:
+            logits = self.processors.apply(logits)
         if self._counts is not None:
             counts = self._counts[: logits.numel()]
             logits = (
@@ -65,10 +79,21 @@ class Sampler:
                 - self.frequency_penalty * counts
                 - self.presence_penalty * (counts > 0).float()
             )
+        token = self._choose(logits)
+        if self.processors is not None:
+            self.processors.record(logits, token)
+        return token
+
+    def _choose(self, logits: torch.Tensor) -> int:
         if self.greedy:
             return int(torch.argmax(logits).item())
+        if self.top_k and self.top_k < logits.numel():
+            kth = torch.topk(logits, self.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         # Shift by the max first: a tiny temperature then sends the others to -inf, not NaN.
         probs = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)
+        if self.min_p > 0:
+            probs = probs * (probs >= self.min_p * probs.max())
         if self.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < self.top_p

@@ -126,30 +126,41 @@ class ChatTokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> str:
+    def render_chat(self, messages: Sequence[dict[str, Any]],
+                    tools: Sequence[dict[str, Any]] | None = None,
+                    extra: dict[str, Any] | None = None) -> str:
+        """The prompt text of `messages` (and `tools`, for a template that renders them);
+        `extra`: a request's chat_template_kwargs, given to the template as variables."""
         if self._template is None:
             raise TokenizerError("this model's tokenizer_config.json has no chat_template")
         msgs = []
         for m in messages:
             if not isinstance(m, dict) or "role" not in m:
                 raise TokenizerError("each message needs a role")
-            msgs.append({**m, "content": message_text(m.get("content"))})
+            role = "system" if m["role"] == "developer" else m["role"]
+            msgs.append({**m, "role": role, "content": message_text(m.get("content"))})
         try:
             return self._template.render(
+                **(extra or {}),
                 messages=msgs,
+                tools=list(tools) if tools else None,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
                 add_generation_prompt=True,
             )
-        except TemplateError as e:
+        except (TemplateError, TypeError) as e:
             raise TokenizerError(f"chat template failed: {e}") from None
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict[str, Any]],
+                    tools: Sequence[dict[str, Any]] | None = None,
+                    extra: dict[str, Any] | None = None) -> list[int]:
         """Chat messages through the template; the template writes its own specials."""
-        return list(self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids)
+        text = self.render_chat(messages, tools, extra)
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def count_chat(self, messages: Sequence[dict[str, Any]]) -> int:
-        return len(self.encode_chat(messages))
+    def count_chat(self, messages: Sequence[dict[str, Any]],
+                   tools: Sequence[dict[str, Any]] | None = None) -> int:
+        return len(self.encode_chat(messages, tools))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

@@ -163,7 +163,7 @@ def gateway_config(upstream: str) -> dict[str, object]:
 
     return {
         "policies": [p for p in DEFAULT_POLICIES if p in POLICY_KINDS],
-        "server": {"max_body_bytes": "1MiB", "default_max_tokens": 16},
+        "server": {"max_body_bytes": "1MiB"},
         "backends": {"up": {"kind": "openai", "url": f"{upstream}/v1"}},
         "models": [{"name": "bench-model", "backend": "up"}],
         "tenants": [{"name": "bench", "api_key_sha256": [hashlib.sha256(BENCH_KEY.encode()).hexdigest()], "models": ["bench-model"]}],

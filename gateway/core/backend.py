@@ -75,6 +75,12 @@ class Backend(Protocol):
     def generate(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         """The only generation path. Cancelling the iteration frees everything it held."""
 
+    def forwards(self, kind: str) -> bool:
+        """True: a request of this kind ("chat", "completion", "responses", "embeddings") goes
+        to the backend as the client sent it (remote kinds); False: the gateway serves it
+        over chat completions (Responses on the local engine, or toward an upstream with
+        responses_api: via_chat)."""
+
     def count_tokens(self, ctx: RequestContext) -> int | None:
         """Prompt tokens for ctx (after the chat template), or None if unknown."""
 

@@ -40,9 +40,13 @@ class TenantLimits:
     tokens_per_minute: int | None = None
     max_concurrency: int | None = None
     max_kv_share: float | None = None  # of each backend's KV bytes, 0 < share <= 1
+    # a request asking a longer answer is a 400; one naming no limit gets this one (the one
+    # documented rewrite of a request: sent upstream, said in x-gateway-max-output-tokens)
+    max_output_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("requests_per_minute", "tokens_per_minute", "max_concurrency"):
+        for name in ("requests_per_minute", "tokens_per_minute", "max_concurrency",
+                     "max_output_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"limits.{name} must be at least 1")

@@ -7,12 +7,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+Prompt = str | list[str] | list[int] | list[list[int]]
+# The field that carries a tenant's max_output_tokens upstream, by request kind.
+LIMIT_FIELD = {"chat": "max_completion_tokens", "completion": "max_tokens",
+               "responses": "max_output_tokens"}
+
 
 @dataclass(slots=True)
 class SamplingParams:
-    """Sampling knobs shared by every backend (OpenAI names and meanings)."""
+    """What the gateway itself reads of a generation request (OpenAI names and meanings).
 
-    max_tokens: int = 256
+    Remote kinds forward the client's body as sent (ctx.body), so these are read for the
+    policies and the telemetry; the local engine reads the rest of its fields from ctx.body
+    (backends/local/request.py)."""
+
+    max_tokens: int | None = None  # None: the client named no limit (see policies/demand.py)
+    n: int = 1  # choices asked for (admission reserves for each)
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -44,8 +54,15 @@ class Chunk:
     """One piece of a generation. The last chunk carries finish_reason and usage."""
 
     text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | None while generating
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | None while generating
     usage: Usage | None = None
+    index: int = 0  # the choice this chunk belongs to (n > 1, lists of prompts)
+    ended: str | None = None  # choice `index` ended with this reason (not the last chunk)
+    logprobs: list[dict[str, Any]] | None = None  # chat-shaped entries of this chunk's tokens
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI tool-call deltas
+    # A remote kind's answer, passed through: one upstream event (streaming) or the whole
+    # answer (JSON), as the upstream sent it; writers only rename `model` (gateway/sse.py).
+    event: dict[str, Any] | None = None
     # True: the backend already holds the next chunk (they arrived together), so a streaming
     # response may write both at once: one socket write per arrival instead of per chunk.
     more: bool = field(default=False, compare=False)
@@ -88,7 +105,8 @@ class Reservation:
 
 @dataclass(slots=True)
 class RequestContext:
-    """Everything known about one request. `kind` is "chat" or "completion"."""
+    """Everything known about one request. `kind`: "chat", "completion", "responses" (a
+    Responses API request a backend serves natively) or "embeddings"."""
 
     request_id: str
     tenant: str
@@ -99,11 +117,13 @@ class RequestContext:
     sampling: SamplingParams
     stream: bool = False
     include_usage: bool = False
-    messages: list[dict[str, Any]] | None = None
-    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None  # as the client sent them (context_trim drops some)
+    prompt: Prompt | None = None  # a completion's prompt: text, token ids, or a list of either
     adapter: str | None = None
     user: str | None = None
-    body: dict[str, Any] = field(default_factory=dict)
+    body: dict[str, Any] = field(default_factory=dict)  # the client's JSON body, as sent
+    output_cap: int | None = None  # the tenant's max_output_tokens, when it filled in the limit
+    via_chat: bool = False  # a Responses request served over chat (gateway/responses.py answers)
     # W3C trace context (traceparent, tracestate) of the request's span, for upstream calls
     trace_headers: dict[str, str] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
@@ -120,6 +140,12 @@ class RequestContext:
     queue_seconds: float = 0.0  # time spent waiting for admission in the gateway
     reservation: Reservation | None = None  # the admission policy's, while one is held
     usage: Usage | None = None  # what the backend reported on its last chunk
+
+    @property
+    def usage_injected(self) -> bool:
+        """The gateway asks a remote upstream for stream usage the client did not ask for (it
+        needs it for accounting); the extra usage event is then not shown to the client."""
+        return self.stream and self.kind in ("chat", "completion") and not self.include_usage
 
 
 _ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")

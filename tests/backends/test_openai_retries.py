@@ -17,6 +17,7 @@ from backends.vllm import VLLMConfig
 from gateway.core.context import RequestContext, SamplingParams
 from gateway.core.errors import BackendError
 from gateway.core.media import is_json_media
+from tests.backends.chunks import text_of
 
 STREAM = (
     'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
@@ -93,14 +94,15 @@ def backend(handler: Handler, **cfg: object) -> OpenAIBackend:
     return b
 
 
-def request(adapter: str | None = None) -> RequestContext:
+def request(adapter: str | None = None, stream: bool = False) -> RequestContext:
     return RequestContext(request_id="r", tenant="t", kind="chat", requested_model="demo",
                           target_model="demo", backend="up", sampling=SamplingParams(max_tokens=4),
-                          messages=[{"role": "user", "content": "hi"}], adapter=adapter)
+                          messages=[{"role": "user", "content": "hi"}], adapter=adapter,
+                          stream=stream)
 
 
 async def text(b: OpenAIBackend, ctx: RequestContext | None = None) -> str:
-    return "".join([c.text async for c in b.generate(ctx or request())])
+    return "".join([text_of(c) async for c in b.generate(ctx or request())])
 
 
 class Upstream:
@@ -178,8 +180,8 @@ async def test_no_retry_once_a_byte_went_out() -> None:
     b = backend(dies_mid_stream)
     got = []
     with pytest.raises(BackendError):
-        async for chunk in b.generate(request()):
-            got.append(chunk.text)
+        async for chunk in b.generate(request(stream=True)):
+            got.append(text_of(chunk))
     assert got == ["Hel"] and len(calls) == 1 and not b.available()
     await b.aclose()
 

@@ -19,7 +19,7 @@ def fallback_config(demo_model: Path) -> dict[str, Any]:
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there: connection refused
     both = ["demo-large", "demo"]
     return {
-        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY", "default_max_tokens": 16},
+        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY"},
         "backends": {
             "gpu": {"kind": "openai", "url": dead, "retries": 1, "cooldown_s": 60},
             "small": {"kind": "local", "model": str(demo_model), "kv_cache_bytes": "32MiB",

@@ -47,6 +47,16 @@ def test_parse_bytes_rejects(value: object) -> None:
         parse_bytes(value)
 
 
+def test_fidelity_keys_parse() -> None:
+    data = _base()
+    data["server"] = {"cors_origins": ["https://app.example"]}
+    data["backends"]["up"].update(responses_api="via_chat", drop_fields=["verbosity"])
+    data["tenants"][0]["limits"] = {"max_output_tokens": 4096}
+    s = parse_settings(data)
+    assert s.server.cors_origins == ("https://app.example",)
+    assert s.tenants[0].limits.max_output_tokens == 4096
+
+
 @pytest.mark.parametrize(
     ("mutate", "path"),
     [
@@ -63,6 +73,13 @@ def test_parse_bytes_rejects(value: object) -> None:
         (lambda d: d.update(server={"port": "eighty"}), "server.port: expected an integer"),
         (lambda d: d.update(server={"max_body_bytes": "huge"}), "server.max_body_bytes"),
         (lambda d: d["models"][0].update(degrade_to="small"), "models[0].degrade_to: no model named"),
+        (lambda d: d.update(server={"default_max_tokens": 256}),
+         "server.default_max_tokens: removed (it capped answers silently)"),
+        (lambda d: d["tenants"][0].update(limits={"max_output_tokens": 0}),
+         "limits.max_output_tokens must be at least 1"),
+        (lambda d: d["backends"]["up"].update(responses_api="sometimes"),
+         "responses_api must be one of native, via_chat"),
+        (lambda d: d["backends"]["up"].update(drop_fields=["model"]), "drop_fields cannot drop"),
     ],
 )
 def test_mistakes_name_the_field(mutate: Any, path: str) -> None:

@@ -22,6 +22,7 @@ def ctx_for(
     prompt: str, kind: str = "chat", adapter: str | None = None, **sampling: Any
 ) -> RequestContext:
     sampling.setdefault("temperature", 0.0)
+    body = {k: v for k, v in sampling.items() if k != "ignore_eos" or v}
     return RequestContext(
         request_id="r",
         tenant="t",
@@ -30,6 +31,7 @@ def ctx_for(
         target_model="m",
         backend="small",
         sampling=SamplingParams(**sampling),
+        body=body,
         adapter=adapter,
         messages=[{"role": "user", "content": prompt}] if kind == "chat" else None,
         prompt=prompt if kind == "completion" else None,

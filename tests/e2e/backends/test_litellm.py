@@ -74,3 +74,37 @@ def test_upstream_client_errors_keep_their_status(via_litellm: str) -> None:
     with pytest.raises(openai.BadRequestError):
         sdk(via_litellm).chat.completions.create(
             model="overflow", messages=[{"role": "user", "content": "hours " * 3000}], max_tokens=8)
+
+
+# ---- fidelity (issue 14): what litellm carries through to an upstream that serves it --------
+
+def test_tools_structured_outputs_and_extensions_pass_through_litellm(via_litellm: str) -> None:
+    import json
+
+    client = sdk(via_litellm)
+    tool = {"type": "function", "function": {"name": "track", "parameters": {
+        "type": "object", "required": ["order"], "additionalProperties": False,
+        "properties": {"order": {"type": "string", "maxLength": 8}}}}}
+    r = client.chat.completions.create(model="overflow", messages=PROMPT, tools=[tool],  # type: ignore[list-item]
+                                       tool_choice="required", max_tokens=80)
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "track"  # type: ignore[union-attr]
+    assert len(json.loads(calls[0].function.arguments)["order"]) <= 8  # type: ignore[union-attr]
+    schema = {"type": "object", "required": ["ok"], "additionalProperties": False,
+              "properties": {"ok": {"type": "boolean"}}}
+    r = client.chat.completions.create(model="overflow", messages=PROMPT, max_tokens=40,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "s", "schema": schema, "strict": True}})
+    assert isinstance(json.loads(r.choices[0].message.content or "")["ok"], bool)
+    # an extension the upstream serves (top_k 1: greedy at any temperature) reaches it
+    kw: dict[str, Any] = {"messages": PROMPT, "max_tokens": 12}
+    greedy = client.chat.completions.create(model="overflow", temperature=0, **kw)
+    top1 = client.chat.completions.create(model="overflow", temperature=1.5, seed=3,
+                                          extra_body={"top_k": 1}, **kw)
+    assert top1.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_responses_over_chat_through_litellm(via_litellm: str) -> None:
+    r = sdk(via_litellm).responses.create(model="overflow", input="Hello!", max_output_tokens=12,
+                                          temperature=0)
+    assert r.output_text and r.model == "overflow" and r.usage is not None

@@ -45,7 +45,11 @@ def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         proc = subprocess.Popen(
             [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(demo_model),
              "--served-model-name", "demo", "--host", "127.0.0.1", "--port", str(port),
-             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-model-len", "2048"],
+             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-model-len", "2048",
+             # vLLM 0.32 refuses a required or named tool_choice without a tool-call parser
+             # (enabled only with auto tool choice); hermes reads <tool_call>{...}</tool_call>,
+             # the demo template's own format
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -75,7 +79,7 @@ def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def tiered_config(vllm_url: str, demo_model: Path, kv_budget: str = "1GiB") -> dict[str, Any]:
     adapters = {"demo-large": None, "demo": None}
     return {
-        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY", "default_max_tokens": 32},
+        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY"},
         "backends": {
             "big": {"kind": "vllm", "url": vllm_url, "model_dir": str(demo_model),
                     "adapters_dir": str(demo_model / "adapters"), "adapter_budget_bytes": "1MiB",
@@ -242,3 +246,73 @@ def test_vllm_dying_mid_stream(vllm_server: tuple[str, subprocess.Popen[bytes]],
         assert httpx.get(f"{root}/health").status_code == 200
         local = greedy(url, "sk-demo-acme", "demo")  # the gateway and its local tier still serve
         assert local.parse().choices[0].message.content
+
+
+# ---- fidelity (issue 14): tool calls and structured outputs pass through vLLM ---------------
+
+# The demo model, greedy inside vLLM's flexible-whitespace JSON, writes newlines until its
+# limit; the client's frequency_penalty (passed through as sent) ends the run of them.
+UNSTICK = {"temperature": 0, "frequency_penalty": 2.0, "max_tokens": 120}
+WEATHER = {"type": "function", "function": {  # strict: vLLM then constrains the arguments too
+    "name": "get_weather", "description": "The weather in a city.", "strict": True,
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 10}}}}}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "get_weather"}}])
+def test_tool_calls_pass_through(tiered: str, choice: Any) -> None:
+    """With tool_choice required or named vLLM constrains the call itself (its structural
+    tags; the hermes parser named at its start reads the demo template's format back); the
+    gateway passes its tool_calls to the SDK as vLLM sent them."""
+    import json
+
+    client = sdk(tiered, NOSY)  # no adapter: the base model
+    r = client.chat.completions.create(
+        model="demo-large", messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[WEATHER], tool_choice=choice, **UNSTICK)  # type: ignore[list-item,arg-type]
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    args = json.loads(calls[0].function.arguments)  # type: ignore[union-attr]
+    assert isinstance(args["city"], str) and len(args["city"]) <= 10
+    assert r.model == "demo-large" and calls[0].id
+    with client.chat.completions.stream(
+            model="demo-large", messages=[{"role": "user", "content": "Weather in Oslo?"}],
+            tools=[WEATHER], tool_choice=choice, **UNSTICK) as stream:  # type: ignore[list-item,arg-type]
+        final = stream.get_final_completion()
+    streamed = final.choices[0].message.tool_calls
+    assert streamed and json.loads(streamed[0].function.arguments) == args  # type: ignore[union-attr]
+
+
+def test_structured_output_passes_through_and_parses(tiered: str) -> None:
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Verdict(BaseModel):
+        answer: Literal["yes", "no"]
+        reason: str = Field(max_length=16)
+
+    done = sdk(tiered, NOSY).chat.completions.parse(
+        model="demo-large", messages=[{"role": "user", "content": "Can I return shoes?"}],
+        response_format=Verdict, **UNSTICK)
+    assert isinstance(done.choices[0].message.parsed, Verdict)
+
+
+def test_logprobs_and_extensions_pass_through(tiered: str) -> None:
+    client = sdk(tiered, NOSY)
+    r = client.chat.completions.create(model="demo-large", messages=PROMPT, max_tokens=6,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.content and len(lp.content[0].top_logprobs) == 2
+    top1 = client.chat.completions.create(model="demo-large", messages=PROMPT, max_tokens=6,
+                                          temperature=1.5, seed=5, extra_body={"top_k": 1})
+    assert top1.choices[0].message.content == r.choices[0].message.content  # vLLM took top_k
+
+
+def test_responses_pass_through_to_vllm(tiered: str) -> None:
+    """vLLM serves /v1/responses: the gateway's vllm kind forwards it (responses_api native)
+    and the answer's id is vLLM's own."""
+    r = sdk(tiered, NOSY).responses.create(model="demo-large", input="Hello!",
+                                           max_output_tokens=10, temperature=0)
+    assert r.id.startswith("resp_") and r.model == "demo-large" and r.output_text

@@ -62,7 +62,7 @@ def churn_config(model: Path) -> dict[str, Any]:
                         "api_key_sha256": [hashlib.sha256(key(t).encode()).hexdigest()],
                         "adapters": {"demo": adapter, private: adapter}})
     return {
-        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY", "default_max_tokens": 16},
+        "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY"},
         "backends": {"local": {"kind": "local", "model": str(model), "kv_cache_bytes": "32MiB",
                                "adapters_dir": str(model / "adapters"),
                                "adapter_cache_bytes": int(one * 3.5), "max_loras": 2}},
