@@ -12,13 +12,13 @@ import peft
 import pytest
 import torch
 
-from backends.base import BackendError
 from backends.local.backend import LocalBackend, LocalConfig
 from backends.local.loader import load_checkpoint
 from backends.local.lora import AdapterError, load_adapter
 from backends.local.memory_plan import plan_for_config
 from backends.local.tools.prune import Importance, PruneError, choose, prune_checkpoint
 from gateway.cli import main as cli_main
+from gateway.core.errors import BackendError
 
 from ..conftest import TinyCheckpoint, random_hf_model
 from ..test_backend import collect, ctx_for
