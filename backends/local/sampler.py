@@ -57,8 +57,9 @@ class Sampler:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy without penalties: the token is the logits' argmax (taken for the batch)."""
-        return self.greedy and self._counts is None
+        """Greedy without penalties or processors (bias, grammar, logprobs): the token is the
+        logits' argmax (taken for the batch)."""
+        return self.greedy and self._counts is None and self.processors is None
 
     def observe(self, token: int) -> None:
         """Record a generated token (for presence/frequency penalties)."""
