@@ -5,7 +5,10 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 
 @dataclass(slots=True)
@@ -103,9 +106,12 @@ class RequestContext:
     prompt: str | None = None
     adapter: str | None = None
     user: str | None = None
+    metadata: dict[str, str] | None = None  # the client's `metadata`, bounded (usage records)
     body: dict[str, Any] = field(default_factory=dict)
     # W3C trace context (traceparent, tracestate) of the request's span, for upstream calls
     trace_headers: dict[str, str] = field(default_factory=dict)
+    # set while spans are recorded: a backend's upstream calls get client spans from it
+    tracer: Tracer | None = None
     created: float = field(default_factory=time.time)
     deadline: float | None = None
     prompt_tokens: int | None = None
