@@ -29,6 +29,7 @@ from gateway.shutdown import Drain
 from gateway.sse import collect, stream_events
 from gateway.state import GatewayState
 from gateway.telemetry import RequestRecord
+from gateway.usage import usage_metadata
 
 log = logging.getLogger("gateway.handler")
 
@@ -102,14 +103,16 @@ class GenerationHandler:
             elif name == b"traceparent" or name == b"tracestate":
                 trace[name.decode()] = value.decode("latin-1")
         rid = context.request_id(request_id)
-        telemetry = self.state.telemetry
-        rec = telemetry.open(req.kind, req.method, req.path, trace)
+        state = self.state  # the config this request starts under serves it to its end (reload)
+        state.active += 1
+        telemetry = state.telemetry
+        rec = telemetry.open(req.kind, req.method, req.path, trace, rid)
         try:
             try:
                 if req.method != "POST":
                     raise MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}.",
                                            headers={"allow": "POST"})
-                await self._answer(req, out, authorization, ctype, length, rid, rec)
+                await self._answer(state, req, out, authorization, ctype, length, rid, rec)
             except GatewayError as exc:
                 rec.status = exc.status
                 await out.respond(exc.status, Media.JSON,
@@ -124,16 +127,17 @@ class GenerationHandler:
                 rec.status = 500
                 await out.respond(500, Media.JSON, {"x-request-id": rid}, INTERNAL_ERROR)
         finally:
+            state.active -= 1
             telemetry.close(rec)
 
-    async def _answer(self, req: Incoming, out: ResponseWriter, authorization: str | None,
-                      ctype: str | None, length: str | None, rid: str, rec: RequestRecord) -> None:
-        state = self.state
+    async def _answer(self, state: GatewayState, req: Incoming, out: ResponseWriter,
+                      authorization: str | None, ctype: str | None, length: str | None, rid: str,
+                      rec: RequestRecord) -> None:
         server = state.settings.server
         tenant = state.tenants.authenticate(authorization)
         validation.check_body_headers(ctype, length, server.max_body_bytes)
         body = validation.parse_body(await out.read_body(server.max_body_bytes, server.body_timeout_s))
-        ctx = self.context(req.kind, tenant, body, rid)
+        ctx = self.context(req.kind, tenant, body, rid, state)
         pipeline = Pipeline(state)
         chunks = pipeline.run(ctx, rec)
         drain = state.drain  # ends generations cleanly at shutdown (gateway/shutdown.py)
@@ -153,9 +157,9 @@ class GenerationHandler:
                          stream_events(ctx, chunks, first, drain))
 
     def context(self, kind: str, tenant: TenantConfig, body: dict[str, Any],
-                request_id: str) -> RequestContext:
+                request_id: str, state: GatewayState | None = None) -> RequestContext:
         """A validated body -> the request's context."""
-        state = self.state
+        state = state or self.state
         chat = kind == "chat"
         validation.check_fields(body, validation.CHAT_FIELDS if chat else validation.COMPLETION_FIELDS)
         model, adapter = resolve_model(state, tenant, validation.model_name(body))
@@ -175,6 +179,7 @@ class GenerationHandler:
             prompt=None if chat else validation.prompt(body),
             requested_adapter=adapter,  # the adapter_selection policy sets ctx.adapter
             user=user if isinstance(user, str) else None,
+            metadata=usage_metadata(body.get("metadata")),
             created=time.time(),
         )
         if not state.ready:
