@@ -183,6 +183,7 @@ class GatewayMetrics:
                                       multiprocess_mode="livemin")
         # Labelled children, cached: labels() costs a lock and a few checks per call.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._genai_fns: dict[tuple[str, str, str, str, str | None], tuple[Any, ...]] = {}
 
     def _hist(self, metric: Any, *labels: str) -> Callable[[float], None]:
         """The observe() of metric.labels(*labels), looked up once: labels() takes a lock and
@@ -237,21 +238,37 @@ class GatewayMetrics:
         self._genai(o)
 
     def _genai(self, o: RequestObservation) -> None:
-        hist = self._hist
-        op, asked, answered = o.operation, o.model, o.response_model
-        error = o.status if o.status[0] in "45" else ""
-        hist(self.genai_duration, op, asked, answered, error)(o.duration)
+        """The GenAI histograms of one request; their observe() functions are looked up once
+        per (operation, models, status, provider): one dict lookup per request."""
+        key = (o.operation, o.model, o.response_model, o.status, o.provider)
+        fns = self._genai_fns.get(key)
+        if fns is None:
+            fns = self._genai_fns[key] = self._genai_children(*key)
+        duration, ttft, tpot, client, tokens_in, tokens_out = fns
+        duration(o.duration)
         if o.ttft is not None:
-            hist(self.genai_ttft, op, asked, answered)(o.ttft)
+            ttft(o.ttft)
         if o.time_per_output_token is not None:
-            hist(self.genai_tpot, op, asked, answered)(o.time_per_output_token)
-        if o.provider is not None and o.upstream_seconds is not None:
-            hist(self.genai_client_duration, op, o.provider, answered, error)(o.upstream_seconds)
-            if o.prompt_tokens:
-                hist(self.genai_client_tokens, op, o.provider, answered, "input")(o.prompt_tokens)
-            if o.completion_tokens:
-                hist(self.genai_client_tokens, op, o.provider, answered, "output")(
-                    o.completion_tokens)
+            tpot(o.time_per_output_token)
+        if client is not None and o.upstream_seconds is not None:
+            client(o.upstream_seconds)
+            if o.prompt_tokens and tokens_in is not None:
+                tokens_in(o.prompt_tokens)
+            if o.completion_tokens and tokens_out is not None:
+                tokens_out(o.completion_tokens)
+
+    def _genai_children(self, op: str, asked: str, answered: str, status: str,
+                        provider: str | None) -> tuple[Any, ...]:
+        hist = self._hist
+        error = status if status[0] in "45" else ""
+        server = (hist(self.genai_duration, op, asked, answered, error),
+                  hist(self.genai_ttft, op, asked, answered),
+                  hist(self.genai_tpot, op, asked, answered))
+        if provider is None:
+            return (*server, None, None, None)
+        return (*server, hist(self.genai_client_duration, op, provider, answered, error),
+                hist(self.genai_client_tokens, op, provider, answered, "input"),
+                hist(self.genai_client_tokens, op, provider, answered, "output"))
 
     def config_loaded(self, version: str, previous: str | None) -> None:
         """This worker now serves `version` (gateway_config_info)."""

@@ -113,3 +113,5 @@ def test_metrics_add_up_across_workers(demo_model: Path, tmp_path: Path) -> None
         kv = metric(text, "gateway_memory_budget_bytes", pool="kv")
         assert kv == 2 * 32 * 2**20, kv
         assert metric(text, "gateway_process_resident_memory_bytes") > 0
+        # the standard process metrics, one line per worker (a pid label)
+        assert set(re.findall(r'process_cpu_seconds_total\{pid="(\d+)"\}', text)) == pids
