@@ -38,8 +38,10 @@ import orjson
 from backends.base import RemoteBackend, adapter_name
 from backends.merge import merge
 from backends.sse_reader import EventReader
+from backends.upstream_call import UpstreamCall, server_of
 from backends.upstream_http import MAX_RESPONSE_BYTES, Upstream, UpstreamHTTP, UpstreamResponse
 from backends.upstream_proxy import Proxy, proxy_for
+from gateway.core.backend import BackendStats
 from gateway.core.context import LIMIT_FIELD, Chunk, RequestContext, Usage
 from gateway.core.errors import BackendError
 
@@ -92,10 +94,12 @@ class OpenAIConfig:
 
 class OpenAIBackend(RemoteBackend):
     Config = OpenAIConfig
+    provider = "openai"  # gen_ai.provider.name of its client spans
 
     def __init__(self, name: str, cfg: OpenAIConfig) -> None:
         self.name = name
         self.cfg = cfg
+        self.server = server_of(cfg.url)  # server.address, server.port of its client spans
         self._client: httpx.AsyncClient | None = None  # control plane: health, admin calls
         self._http: Upstream | None = None  # generation: the hot path (backends/upstream_http.py)
         self._down_since: float | None = None  # out of rotation since (monotonic)
@@ -167,27 +171,37 @@ class OpenAIBackend(RemoteBackend):
             body.pop(name, None)
         return body
 
-    async def _open(self, client: Upstream, ctx: RequestContext) -> UpstreamResponse:
-        """Send the request and return the streaming response with a status < 400, retrying
-        what was never sent (connect errors) and 502/503/504 answers (the upstream said it did
-        not serve it). A request the upstream may have received and then dropped is not sent
-        again (httpx.RemoteProtocolError from the pool)."""
+    async def _open(self, client: Upstream, ctx: RequestContext
+                    ) -> tuple[UpstreamResponse, UpstreamCall]:
+        """Send the request and return the streaming response with a status < 400 (and the
+        client span of the try that got it), retrying what was never sent (connect errors)
+        and 502/503/504 answers (the upstream said it did not serve it). A request the
+        upstream may have received and then dropped is not sent again
+        (httpx.RemoteProtocolError from the pool). Each try is its own client span."""
         path = PATHS[ctx.kind]
-        headers = {"x-request-id": ctx.request_id, **ctx.trace_headers}
-        body = orjson.dumps(self._body(ctx))
+        payload = self._body(ctx)
+        body = orjson.dumps(payload)
         for attempt in range(self.cfg.retries + 1):
             last = attempt == self.cfg.retries
             if attempt:
                 self.retried += 1
                 await asyncio.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
+            call = UpstreamCall.start(ctx, self.provider, payload["model"], self.server, attempt)
+            headers = {"x-request-id": ctx.request_id, **call.headers(ctx)}
             try:
                 resp = await client.request("POST", path, body, headers)
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                call.failed(type(exc).__name__)
                 if last:
                     raise
                 continue
+            except BaseException as exc:
+                call.failed(type(exc).__name__)
+                raise
+            call.answered(resp.status_code)
             if resp.status_code < 400:
-                return resp
+                return resp, call
+            call.failed(str(resp.status_code))
             await resp.aread()
             await resp.aclose()
             if resp.status_code in RETRYABLE_STATUS and not last:
@@ -207,17 +221,27 @@ class OpenAIBackend(RemoteBackend):
             err.retry_after = self.cfg.cooldown_s
             raise err
         try:
-            resp = await self._open(client, ctx)
+            resp, call = await self._open(client, ctx)
+            last: Chunk | None = None
             try:
                 if resp.is_json():  # asked without stream
-                    yield self._whole(await resp.aread(), ctx)
+                    last = self._whole(await resp.aread(), ctx)
+                    yield last
                 elif ctx.stream:
-                    async for chunk in self._chunks(resp, ctx):
-                        yield chunk
+                    async for last in self._chunks(resp, ctx):
+                        yield last
                 else:  # an upstream that streamed an answer asked whole: the whole answer
-                    yield await self._merged(resp, ctx)
+                    last = await self._merged(resp, ctx)
+                    yield last
+            except BaseException as exc:
+                cut = isinstance(exc, GeneratorExit | asyncio.CancelledError)
+                # closed after its last chunk (the pipeline's way to end) is no failure
+                if not (cut and last is not None and last.finish_reason is not None):
+                    call.failed("cancelled" if cut else type(exc).__name__)
+                raise
             finally:
                 await resp.aclose()
+                call.finished(last.usage if last else None, last.finish_reason if last else None)
         except httpx.TimeoutException as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 self._failed("connect timeout")
@@ -294,6 +318,10 @@ class OpenAIBackend(RemoteBackend):
         else:
             finish = "length" if answer.get("status") == "incomplete" else "stop"
         return Chunk(finish_reason=str(finish), usage=usage_of(answer), event=answer)
+
+    def stats(self) -> BackendStats:
+        """Retries made and failures seen (the circuit's state is available())."""
+        return BackendStats(upstream_retries=self.retried, upstream_failures=self.failures)
 
     async def health(self) -> bool:
         if self._client is None:

@@ -95,6 +95,7 @@ def parse_metrics(text: str) -> VLLMReading:
 
 class VLLMBackend(OpenAIBackend):
     Config = VLLMConfig
+    provider = "vllm"  # gen_ai.provider.name of its client spans
 
     def __init__(self, name: str, cfg: VLLMConfig) -> None:
         super().__init__(name, cfg)
@@ -297,4 +298,5 @@ class VLLMBackend(OpenAIBackend):
     def stats(self) -> BackendStats:
         r = self._fresh()
         return BackendStats(waiting=r.waiting, running=r.running, adapter_loads=self.remote.loads,
-                            adapter_hits=self.remote.hits, adapter_evictions=self.remote.evictions)
+                            adapter_hits=self.remote.hits, adapter_evictions=self.remote.evictions,
+                            upstream_retries=self.retried, upstream_failures=self.failures)

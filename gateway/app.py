@@ -18,19 +18,18 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.registry import backend_class
-from gateway import routes
+from gateway import admin, routes
 from gateway.core import context
 from gateway.core.backend import Backend
 from gateway.core.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.handler import CORS_EXPOSED, GenerationHandler
 from gateway.http.asgi import GenerationDispatch
+from gateway.reload import Reloader, arm_sighup
 from gateway.settings import Settings, load_settings
 from gateway.shutdown import Drain
-from gateway.state import GatewayState
+from gateway.state import GatewayState, build_state
 from gateway.telemetry import Telemetry
-from gateway.tenants import AdminKey, TenantDirectory
 from gateway.tracing import build_tracer_provider
-from policies.registry import build_chain
 
 log = logging.getLogger("gateway")
 
@@ -96,8 +95,10 @@ def create_app(
     settings: Settings,
     backends: dict[str, Backend] | None = None,
     tracer_provider: TracerProvider | None = None,
+    logger_provider: Any = None,
 ) -> Starlette:
-    """`tracer_provider`: inject one (tests); by default the app builds and owns its own."""
+    """`tracer_provider`, `logger_provider`: inject them (tests); by default the app builds
+    and owns its own."""
     backends = backends if backends is not None else build_backends(settings)
     # -- telemetry (issue #5)
     owned_provider = None
@@ -105,21 +106,18 @@ def create_app(
         tracer_provider = owned_provider = build_tracer_provider(settings.telemetry)
     # Spans are built only where they go somewhere: an injected provider, or an OTLP endpoint.
     record = owned_provider is None or bool(settings.telemetry.otlp_endpoint)
-    telemetry = Telemetry(settings, backends, tracer_provider, record_spans=record)
+    telemetry = Telemetry(settings, backends, tracer_provider, record_spans=record,
+                          logger_provider=logger_provider)
     # -- end telemetry
-    state = GatewayState(
-        settings=settings,
-        tenants=TenantDirectory(settings.tenants),
-        admin=AdminKey(settings.server.admin_api_key_env),
-        backends=backends,
-        policies=build_chain(settings.policies, settings.policy_options, settings.models,
-                             settings.tenants, backends),
-        telemetry=telemetry,
-        drain=Drain(settings.server.shutdown_grace_s),
-        metrics_key=(AdminKey(settings.server.metrics_api_key_env)
-                     if settings.server.metrics_api_key_env else None),
-    )
-    telemetry.attach_policies(state.policies)
+    state = build_state(settings, backends, telemetry, Drain(settings.server.shutdown_grace_s))
+    telemetry.usage.is_key = lambda v: state.tenants.is_key(v) or state.admin.is_key(v)
+    handler = GenerationHandler(state)
+
+    def publish(new: GatewayState) -> None:  # a config reload swaps the state in (reload.py)
+        handler.state = new
+        app.state.gateway = new
+
+    reloader = Reloader(state, publish)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -127,11 +125,13 @@ def create_app(
             for backend in state.backends.values():
                 await backend.start()
             await telemetry.start()
-            state.ready = True
+            reloader.state.ready = True
+            await reloader.start()
             yield {}
         finally:
-            state.ready = False
-            for backend in state.backends.values():
+            reloader.state.ready = False
+            retired = await reloader.aclose()
+            for backend in [*reloader.state.backends.values(), *retired]:
                 try:
                     await backend.aclose()
                 except Exception:
@@ -147,6 +147,8 @@ def create_app(
             Route("/health", routes.health, methods=["GET"]),
             Route("/ready", routes.ready, methods=["GET"]),
             Route("/debug/memory", routes.debug_memory, methods=["GET"]),
+            Route("/debug/config", admin.debug_config, methods=["GET"]),
+            Route("/admin/reload", admin.reload, methods=["POST"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/openapi.json", routes.openapi_document, methods=["GET"]),
         ],
@@ -158,10 +160,12 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = state
+    app.state.reloader = reloader
+    app.state.generation_handler = handler  # the fast writer's too (gateway/http/protocol.py)
     app.add_middleware(RequestIdMiddleware)
     # outermost: the generation routes' ASGI writer (gateway serve's own connections answer
     # them through the fast writer before the ASGI app is involved)
-    app.add_middleware(GenerationDispatch, handler=GenerationHandler(state))
+    app.add_middleware(GenerationDispatch, handler=handler)
     if settings.server.cors_origins:  # -- fidelity (issue 14): browsers, off by default
         # outside everything: it answers preflights (OPTIONS) for every route; the handler
         # puts the same allow-origin on the generation answers the fast writer sends
@@ -172,5 +176,7 @@ def create_app(
 
 
 def app_from_env() -> Starlette:
-    """uvicorn factory for `gateway serve --workers N`: reads the config path from the env."""
+    """uvicorn factory for `gateway serve --workers N`: reads the config path from the env.
+    A SIGHUP from here on is a reload (served once the app has started), never an exit."""
+    arm_sighup()
     return create_app(load_settings(os.environ["GATEWAY_CONFIG"]))

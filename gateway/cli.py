@@ -1,15 +1,17 @@
-"""`gateway` command line: serve, demo-model, check-config."""
+"""`gateway` command line: serve, demo-model, check-config, plan, usage, quantize."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from gateway.logs import log_config
 from gateway.settings import ConfigError, load_settings
 
 
@@ -26,22 +28,32 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ["MEMGATE_TORCH_THREADS"] = str(settings.server.torch_threads)  # read by engines
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server_cfg = settings.server
+    logging_config = log_config(server_cfg.log_format)  # the gateway's and uvicorn's, per worker
+    logging.config.dictConfig(logging_config)
     common: dict[str, Any] = {"host": host, "port": port, "log_level": "info",
               "timeout_graceful_shutdown": max(1, round(server_cfg.shutdown_grace_s)),
-              "timeout_keep_alive": server_cfg.keep_alive_timeout_s}
+              "timeout_keep_alive": server_cfg.keep_alive_timeout_s,
+              "log_config": logging_config}
     # uvicorn's access log: one INFO line per request, off unless asked (README "Performance")
     common["access_log"] = args.access_log
     common["http"] = HTTP_PROTOCOL  # bounded request heads; the generation fast path
     if args.workers > 1:
+        from gateway.http.server import ReloadingSupervisor
+        from gateway.reload import SUPERVISOR_ENV
+
         os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
+        os.environ[SUPERVISOR_ENV] = str(os.getpid())  # /admin/reload asks it to reload all
         _multiprocess_metrics_dir()
-        uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
+        config = uvicorn.Config("gateway.app:app_from_env", factory=True, workers=args.workers,
+                                **common)
+        ReloadingSupervisor(config, sockets=[config.bind_socket()]).run()
     else:
         from gateway.app import create_app
         from gateway.http.server import DrainingServer
+        from gateway.reload import arm_sighup
 
+        arm_sighup()  # a SIGHUP while the backends load is a reload once started, not an exit
         app = create_app(settings)
         config = uvicorn.Config(app, **common)
         server = DrainingServer(config, app.state.gateway.drain)
@@ -94,6 +106,17 @@ def _plan(args: argparse.Namespace) -> int:
                 continue
             print(f"== {name} (local)\n{plan_for_config(spec.config).render()}")
     except (ConfigError, PlanError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from gateway.usage_report import UsageError, report
+
+    try:
+        print(report(args.paths, args.by, args.since, as_json=args.json))
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -153,6 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     plan = sub.add_parser("plan", help="print the memory plan without loading weights")
     plan.add_argument("--config", required=True, help="YAML config file")
     plan.set_defaults(func=_plan)
+
+    usage = sub.add_parser("usage", help="sum the usage records of server.usage_log")
+    usage.add_argument("paths", nargs="+", metavar="PATH",
+                       help="usage log files or directories (a worker's and rotated files too)")
+    usage.add_argument("--by", default="tenant",
+                       help="group by these fields, comma-separated (tenant, model, "
+                            "served_model, adapter, backend, user, status, worker, day, hour)")
+    usage.add_argument("--since", default=None, help="only records of the last 1h, 30m, 7d...")
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    usage.set_defaults(func=_usage)
 
     quant = sub.add_parser("quantize", help="write an int8 weight-only copy of a checkpoint")
     quant.add_argument("src")

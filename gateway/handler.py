@@ -35,6 +35,7 @@ from gateway.shutdown import Drain
 from gateway.sse import collect, stream_events
 from gateway.state import GatewayState
 from gateway.telemetry import RequestRecord
+from gateway.usage import usage_metadata
 
 log = logging.getLogger("gateway.handler")
 
@@ -115,15 +116,17 @@ class GenerationHandler:
             elif name == b"traceparent" or name == b"tracestate":
                 trace[name.decode()] = value.decode("latin-1")
         rid = context.request_id(request_id)
+        state = self.state  # the config this request starts under serves it to its end (reload)
+        state.active += 1
+        telemetry = state.telemetry
         cors = self._cors(origin) if origin is not None else {}
-        telemetry = self.state.telemetry
-        rec = telemetry.open(req.kind, req.method, req.path, trace)
+        rec = telemetry.open(req.kind, req.method, req.path, trace, rid)
         try:
             try:
                 if req.method != "POST":
                     raise MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}.",
                                            headers={"allow": "POST"})
-                await self._answer(req, out, authorization, ctype, length,
+                await self._answer(state, req, out, authorization, ctype, length,
                                    {**cors, "x-request-id": rid}, rec)
             except GatewayError as exc:
                 rec.status = exc.status
@@ -139,6 +142,7 @@ class GenerationHandler:
                 rec.status = 500
                 await out.respond(500, Media.JSON, {**cors, "x-request-id": rid}, INTERNAL_ERROR)
         finally:
+            state.active -= 1
             telemetry.close(rec)
 
     def _cors(self, origin: str) -> dict[str, str]:
@@ -150,15 +154,14 @@ class GenerationHandler:
         return {"access-control-allow-origin": origin,
                 "access-control-expose-headers": ", ".join(CORS_EXPOSED)}
 
-    async def _answer(self, req: Incoming, out: ResponseWriter, authorization: str | None,
-                      ctype: str | None, length: str | None, extra: dict[str, str],
-                      rec: RequestRecord) -> None:
-        state = self.state
+    async def _answer(self, state: GatewayState, req: Incoming, out: ResponseWriter,
+                      authorization: str | None, ctype: str | None, length: str | None,
+                      extra: dict[str, str], rec: RequestRecord) -> None:
         server = state.settings.server
         tenant = state.tenants.authenticate(authorization)
         validation.check_body_headers(ctype, length, server.max_body_bytes)
         body = validation.parse_body(await out.read_body(server.max_body_bytes, server.body_timeout_s))
-        ctx = self.context(req.kind, tenant, body, extra["x-request-id"])
+        ctx = self.context(req.kind, tenant, body, extra["x-request-id"], state)
         pipeline = Pipeline(state)
         chunks = pipeline.run(ctx, rec)
         drain = state.drain  # ends generations cleanly at shutdown (gateway/shutdown.py)
@@ -181,11 +184,11 @@ class GenerationHandler:
         await out.stream({**pipeline.headers(ctx), **extra}, events)
 
     def context(self, kind: str, tenant: TenantConfig, body: dict[str, Any],
-                request_id: str) -> RequestContext:
+                request_id: str, state: GatewayState | None = None) -> RequestContext:
         """A validated body -> the request's context. Only what the gateway itself needs is
         read here (the model, streaming, the output limit, n, the messages or prompt for
         counting); the backend reads the rest (remote kinds forward the body as sent)."""
-        state = self.state
+        state = state or self.state  # the config the request started under (reload)
         model, adapter = resolve_model(state, tenant, validation.model_name(body))
         validation.check_user(body)
         stream, include_usage = validation.stream_flags(body)
@@ -215,6 +218,7 @@ class GenerationHandler:
             body=body,
             output_cap=output_cap,
             via_chat=via_chat,
+            metadata=usage_metadata(body.get("metadata")),
             created=time.time(),
         )
         if not state.ready:

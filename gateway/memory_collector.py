@@ -1,10 +1,17 @@
 """Scrape-time memory metrics: backend snapshots by component, budgets, reservations per
 tenant, backend queues and adapter caches, process RSS/PSS/swap/faults, GPU memory.
 
+Also each upstream's state: whether it is in rotation (the circuit: `available()`), its
+retries and failures; and the standard `process_*` and `python_*` collectors of
+prometheus_client, which the app registers on its own registry in a single process.
+
 Single process: a custom prometheus_client collector reads everything at scrape time.
 Multi-worker: each worker publishes the same samples into multiprocess gauges (summed over
-live workers; GPU readings take the max, since every worker sees the same device) and
-counters (as deltas), on every scrape it serves and once a second in the background.
+live workers; GPU readings take the max, since every worker sees the same device; an
+upstream is in rotation when every worker has it so: the min) and counters (as deltas), on
+every scrape it serves and once a second in the background. The standard `process_*` and
+`python_*` samples, which no aggregation makes true (CPU seconds, open fds, start time of
+which process?), are published per worker: prometheus_client adds a `pid` label.
 """
 
 from __future__ import annotations
@@ -14,14 +21,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.core.backend import Backend, MemorySnapshot
 from gateway.core.context import RequestContext
 from gateway.core.procmem import GpuProbe, read_process_memory
+from gateway.metrics import standard_collectors
 
 Labels = tuple[tuple[str, str], ...]
+# How multiprocess mode aggregates a gauge over workers (prometheus_client's modes)
+Mode = Literal["livesum", "livemax", "livemin", "liveall"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +41,7 @@ class Sample:
     labels: Labels
     value: float
     counter: bool = False
-    gpu: bool = False  # one device seen by every worker: aggregate by max, not sum
+    mode: Mode = "livesum"  # over workers; GPU: livemax (one device seen by every worker)
 
 
 def snapshot_components(snap: MemorySnapshot) -> dict[str, int]:
@@ -77,9 +87,9 @@ class MemoryCollector:
         for dev in self.gpu.read():
             lab = (("device", dev.device),)
             out.append(Sample("gateway_gpu_memory_used_bytes", "GPU memory used (NVML).", lab,
-                              dev.used, gpu=True))
+                              dev.used, mode="livemax"))
             out.append(Sample("gateway_gpu_memory_total_bytes", "GPU memory total (NVML).", lab,
-                              dev.total, gpu=True))
+                              dev.total, mode="livemax"))
         return out
 
     def _backend(self, name: str, backend: Backend) -> Iterator[Sample]:
@@ -118,6 +128,20 @@ class MemoryCollector:
         for metric, (count, doc) in counters.items():
             if count is not None:
                 yield Sample(metric, doc, b, count, counter=True)
+        yield from self._upstream(b, backend, st.upstream_retries, st.upstream_failures)
+
+    def _upstream(self, b: Labels, backend: Backend, retries: int | None,
+                  failures: int | None) -> Iterator[Sample]:
+        yield Sample("gateway_backend_available",
+                     "1 while the backend is in rotation (0: out after failures, until re-probed).",
+                     b, 1 if backend.available() else 0, mode="livemin")
+        if retries is not None:
+            yield Sample("gateway_upstream_retries", "Retries of calls to an upstream.", b,
+                         retries, counter=True)
+        if failures is not None:
+            yield Sample("gateway_upstream_failures",
+                         "Upstream failures: connect errors, timeouts, 5xx.", b, failures,
+                         counter=True)
 
     def _tenants(self) -> Iterator[Sample]:
         reserved = dict.fromkeys(self.tenants, 0)
@@ -176,6 +200,7 @@ class MultiprocessPublisher:
         self._gauges: dict[str, Gauge] = {}
         self._counters: dict[str, Counter] = {}
         self._last: dict[tuple[str, Labels], float] = {}
+        self.standard = standard_collectors(CollectorRegistry(auto_describe=True))
 
     def publish(self) -> None:
         for s in self.collector.samples():
@@ -191,9 +216,17 @@ class MultiprocessPublisher:
                 if delta > 0:
                     (counter.labels(*values) if keys else counter).inc(delta)
                 continue
-            gauge = self._gauges.get(s.name)
-            if gauge is None:
-                mode: Literal["livemax", "livesum"] = "livemax" if s.gpu else "livesum"
-                gauge = self._gauges[s.name] = Gauge(s.name, s.doc, keys, registry=None,
-                                                     multiprocess_mode=mode)
-            (gauge.labels(*values) if keys else gauge).set(s.value)
+            self._set(s.name, s.doc, keys, values, s.value, s.mode)
+        for family in self.standard.collect():  # per worker (pid label), as gauges
+            for sample in family.samples:
+                keys = tuple(sample.labels)
+                self._set(sample.name, family.documentation, keys,
+                          [sample.labels[k] for k in keys], sample.value, "liveall")
+
+    def _set(self, name: str, doc: str, keys: tuple[str, ...], values: list[str], value: float,
+             mode: Mode) -> None:
+        gauge = self._gauges.get(name)
+        if gauge is None:
+            gauge = self._gauges[name] = Gauge(name, doc, keys, registry=None,
+                                               multiprocess_mode=mode)
+        (gauge.labels(*values) if keys else gauge).set(value)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from backends.registry import backend_class
-from gateway.core.config import ModelConfig, TenantConfig
+from gateway.core.config import KeyFileError, ModelConfig, TenantConfig
 from policies.registry import DEFAULT_POLICIES, POLICY_KINDS
 
 
@@ -42,6 +44,10 @@ def parse_bytes(value: object) -> int:
     raise ValueError(f"expected a byte size such as 256MiB, got {value!r}")
 
 
+RELOAD_MODES = ("signal", "watch")
+LOG_FORMATS = ("text", "json")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -57,6 +63,15 @@ class ServerConfig:
     # -- end reliability
     torch_threads: Any = "auto"  # process-wide torch intra-op threads: "auto" or an integer
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); none: off
+    # -- operations (issue #18): hot reload, logs, usage records
+    reload: str = "signal"  # signal: SIGHUP (forwarded to workers) | watch: the files polled
+    log_format: str = "text"  # text | json (one JSON object a line)
+    usage_log: str | None = None  # JSON lines, one per finished request (a file per worker)
+    usage_log_max_bytes: int = 64 * 2**20  # rotate past this size ...
+    usage_log_backups: int = 5  # ... keeping this many rotated files (PATH.1 ... PATH.N)
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("usage_log",)  # relative to the config file
+    # -- end operations
 
     def __post_init__(self) -> None:
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s",
@@ -71,6 +86,12 @@ class ServerConfig:
         threads = self.torch_threads
         if threads != "auto" and (type(threads) is not int or threads < 1):
             raise ValueError("server.torch_threads must be 'auto' or a positive integer")
+        if self.reload not in RELOAD_MODES:
+            raise ValueError(f"server.reload must be one of {', '.join(RELOAD_MODES)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"server.log_format must be one of {', '.join(LOG_FORMATS)}")
+        if self.usage_log_max_bytes < 4096 or self.usage_log_backups < 0:
+            raise ValueError("server.usage_log_max_bytes must be >= 4096, usage_log_backups >= 0")
 
 
 
@@ -79,6 +100,7 @@ class ServerConfig:
 class TelemetryConfig:
     otlp_endpoint: str | None = None
     service_name: str = "gateway"
+    otlp_usage_logs: bool = False  # also export usage records as OTLP log records
 
 
 @dataclass(frozen=True)
@@ -98,6 +120,7 @@ class Settings:
     source: str = "<memory>"
     # each configured policy's own Config (policies/*.py), by policy name; defaults if absent
     policy_options: dict[str, object] = field(default_factory=dict)
+    digest: str = ""  # sha256 of the config file's bytes (load_settings; the reload version)
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -174,7 +197,9 @@ def build(cls: Any, data: Any, path: str, base: Path = Path(".")) -> Any:
             continue
         value = _convert(hints[name], data[name], _join(path, name), name, base)
         if name in getattr(cls, "PATH_FIELDS", ()) and isinstance(value, str):
-            value = str((base / value).resolve()) if not Path(value).is_absolute() else value
+            # absolute, but not through symlinks: a Kubernetes ConfigMap or Secret mount swaps
+            # its `..data` link, and a reload must read the path as given again
+            value = os.path.abspath(base / value) if not Path(value).is_absolute() else value
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -291,8 +316,12 @@ def _check_references(s: Settings) -> None:
         for j, h in enumerate(t.api_key_sha256):
             if not re.fullmatch(r"[0-9a-fA-F]{64}", h):
                 raise ConfigError(f"tenants[{i}].api_key_sha256[{j}]: expected 64 hex digits")
-        if not t.api_key_sha256 and not t.api_keys_env:
-            raise ConfigError(f"tenants[{i}]: give api_keys_env or api_key_sha256")
+        if not t.api_key_sha256 and not t.api_keys_env and not t.api_keys_file:
+            raise ConfigError(f"tenants[{i}]: give api_keys_env, api_keys_file or api_key_sha256")
+        try:
+            t.key_hashes()  # reads the keys file: refused here, with the field, if it is bad
+        except KeyFileError as exc:
+            raise ConfigError(f"tenants[{i}].api_keys_file: {exc}") from None
         for j, model in enumerate(t.models):
             if model not in names:
                 raise ConfigError(f"tenants[{i}].models[{j}]: no model named {model!r}")
@@ -315,4 +344,5 @@ def load_settings(path: str | Path) -> Settings:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: invalid YAML: {exc}") from None
-    return parse_settings(data, str(p), p.parent.resolve())
+    settings = parse_settings(data, str(p), p.parent.resolve())
+    return dataclasses.replace(settings, digest=hashlib.sha256(text.encode()).hexdigest())

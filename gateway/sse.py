@@ -67,10 +67,15 @@ class _TextFrames:
         return self._head + orjson.dumps(text) + self._tail
 
 
+def response_id(ctx: RequestContext) -> str:
+    """The answer's `id` (also the span's gen_ai.response.id)."""
+    return ("chatcmpl-" if ctx.kind == "chat" else "cmpl-") + ctx.request_id
+
+
 def _envelope(ctx: RequestContext) -> dict[str, Any]:
     chat = ctx.kind == "chat"
     return {
-        "id": ("chatcmpl-" if chat else "cmpl-") + ctx.request_id,
+        "id": response_id(ctx),
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": int(ctx.created),
         "model": ctx.target_model,

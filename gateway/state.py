@@ -1,7 +1,11 @@
-"""What one app holds: the settings, tenants, backends, policy chain, telemetry, drain."""
+"""What one app holds: the settings, tenants, backends, policy chain, telemetry, drain.
+
+A config reload (gateway/reload.py) builds a new GatewayState and swaps it in; a request keeps
+the state it started under to its end (`active` counts them), so it finishes under its config."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -11,6 +15,7 @@ from gateway.shutdown import Drain
 from gateway.telemetry import Telemetry
 from gateway.tenants import AdminKey, TenantDirectory
 from policies.base import PolicyChain
+from policies.registry import build_chain
 
 
 @dataclass
@@ -25,3 +30,42 @@ class GatewayState:
     started: float = field(default_factory=time.time)
     drain: Drain = field(default_factory=lambda: Drain(10.0))  # graceful shutdown (issue #8)
     metrics_key: AdminKey | None = None  # set: /metrics needs this bearer key
+    # -- operations (issue #18): config reload
+    version: str = ""  # the config's version: a hash of the file and the keys it names
+    loaded_at: float = field(default_factory=time.time)
+    active: int = 0  # generation requests in flight that started under this state
+
+
+def config_version(settings: Settings, tenants: TenantDirectory) -> str:
+    """The config's version: a hash of the file's bytes (or, for settings built in memory,
+    of their value) and of which key digests each tenant has (keys files, environment)."""
+    h = hashlib.sha256((settings.digest or repr(settings)).encode())
+    h.update(tenants.fingerprint())
+    return h.hexdigest()[:16]
+
+
+def build_state(settings: Settings, backends: dict[str, Backend], telemetry: Telemetry,
+                drain: Drain, previous: GatewayState | None = None,
+                tenants: TenantDirectory | None = None) -> GatewayState:
+    """The state `settings` describe, over running `backends`. `previous` (a reload): the
+    state it replaces, whose policies hand over their live state (reservations, the
+    admission queue and quotas, replica counts). `tenants`: the keys already read."""
+    tenants = tenants if tenants is not None else TenantDirectory(settings.tenants)
+    server = settings.server
+    state = GatewayState(
+        settings=settings,
+        tenants=tenants,
+        admin=AdminKey(server.admin_api_key_env),
+        backends=backends,
+        policies=build_chain(settings.policies, settings.policy_options, settings.models,
+                             settings.tenants, backends,
+                             previous=previous.policies if previous is not None else None),
+        telemetry=telemetry,
+        drain=drain,
+        metrics_key=AdminKey(server.metrics_api_key_env) if server.metrics_api_key_env else None,
+        version=config_version(settings, tenants),
+    )
+    if previous is not None:
+        state.started = previous.started
+    telemetry.attach_policies(state.policies)
+    return state

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,17 +23,20 @@ from gateway.core.backend import Backend
 from gateway.core.context import Chunk, Decision, RequestContext
 from gateway.core.policy import Outcome, Policy
 from gateway.core.procmem import GpuProbe
+from gateway.core.trace import trace_headers
 from gateway.memory_collector import MemoryCollector, MultiprocessPublisher
 from gateway.metrics import NONE, GatewayMetrics, RequestObservation
 from gateway.settings import Settings
+from gateway.sse import response_id
 from gateway.tracing import (
     OPERATION,
     TraceContext,
+    build_logger_provider,
     passthrough_span,
     request_attributes,
     set_usage,
-    trace_headers,
 )
+from gateway.usage import UsageLog, UsageSinks, usage_record, worker_path
 from policies.base import PolicyChain
 
 log = logging.getLogger("gateway.telemetry")
@@ -43,6 +46,7 @@ class RequestRecord:
     """Timings of one generation request (monotonic seconds) and its span."""
 
     span: Span
+    request_id: str = ""
     start: float = field(default_factory=time.monotonic)
     start_ns: int = field(default_factory=time.time_ns)
     ctx: RequestContext | None = None
@@ -62,12 +66,22 @@ class RequestRecord:
 
 class Telemetry:
     def __init__(self, settings: Settings, backends: Mapping[str, Backend],
-                 tracer_provider: TracerProvider, record_spans: bool = True) -> None:
+                 tracer_provider: TracerProvider, record_spans: bool = True,
+                 logger_provider: Any = None) -> None:
         """`record_spans` False (no exporter configured): no spans are built; requests carry
-        a pass-through span context so trace context still reaches upstreams."""
+        a pass-through span context so trace context still reaches upstreams.
+        `logger_provider`: an OpenTelemetry SDK LoggerProvider for usage records (tests);
+        by default one is built when `telemetry.otlp_usage_logs` and an endpoint are set."""
         self.backends = backends
         self.record_spans = record_spans
         self.metrics = GatewayMetrics()
+        self.worker = os.getpid()
+        self._owned_logs = None
+        if logger_provider is None and settings.telemetry.otlp_usage_logs:
+            logger_provider = self._owned_logs = build_logger_provider(settings.telemetry)
+        otlp = logger_provider.get_logger("gateway.usage") if logger_provider is not None else None
+        self.usage = UsageSinks(self._usage_log(settings), otlp)
+        self._configure(settings)
         self.tracer = tracer_provider.get_tracer("gateway")
         self.trace_context = TraceContext()
         self._in_flight: dict[int, RequestRecord] = {}
@@ -83,7 +97,40 @@ class Telemetry:
 
     # ---- lifecycle ----------------------------------------------------------------------
 
+    def _usage_log(self, settings: Settings) -> UsageLog | None:
+        server = settings.server
+        if server.usage_log is None:
+            return None
+        path = worker_path(server.usage_log, self.metrics.multiprocess, self.worker)
+        return UsageLog(path, server.usage_log_max_bytes, server.usage_log_backups)
+
+    def _configure(self, settings: Settings) -> None:
+        """What telemetry reads of the config: prices (usage records' cost), and which
+        backends call an upstream (their `provider`: GenAI client metrics)."""
+        self.prices = {m.name: m.price for m in settings.models if m.price is not None}
+        self.providers: dict[str, str] = {
+            name: provider for name, b in self.backends.items()
+            if isinstance(provider := getattr(b, "provider", None), str)}
+
+    async def reconfigure(self, settings: Settings, backends: Mapping[str, Backend],
+                          is_key: Callable[[str], bool]) -> None:
+        """A config reload: the new backends, tenants, prices, usage log file and keys."""
+        self.backends = self.collector.backends = backends
+        self.collector.tenants = tuple(t.name for t in settings.tenants)
+        self._configure(settings)
+        self.usage.is_key = is_key
+        new = self._usage_log(settings)
+        old = self.usage.file
+        if (new is None) != (old is None) or (new is not None and old is not None and (
+                new.path, new.max_bytes, new.backups) != (old.path, old.max_bytes, old.backups)):
+            if old is not None:
+                await old.aclose()
+            self.usage.file = new
+            if new is not None:
+                new.start()
+
     async def start(self) -> None:
+        self.usage.start()
         if self.publisher is not None:
             self._publish_task = asyncio.create_task(self._publish_loop(self.publisher))
 
@@ -96,6 +143,9 @@ class Telemetry:
             await asyncio.sleep(1.0)
 
     async def aclose(self) -> None:
+        await self.usage.aclose()
+        if self._owned_logs is not None:
+            self._owned_logs.shutdown()
         if self._publish_task is not None:
             self._publish_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -132,6 +182,8 @@ class Telemetry:
         upstream calls carry the request span's trace context."""
         rec.ctx = ctx
         ctx.trace_headers = trace_headers(rec.span)
+        if self.record_spans:
+            ctx.tracer = self.tracer  # backends' upstream calls become client spans
 
     def generating(self, rec: RequestRecord) -> None:
         """The policies are done and the backend is about to be called."""
@@ -157,7 +209,8 @@ class Telemetry:
 
     # ---- the request lifecycle (called by the generation handler) ------------------------
 
-    def open(self, kind: str, method: str, path: str, headers: Mapping[str, str]) -> RequestRecord:
+    def open(self, kind: str, method: str, path: str, headers: Mapping[str, str],
+             request_id: str = "") -> RequestRecord:
         """A request's record, in flight, with its span (a child of the client's traceparent)
         current in OpenTelemetry's context until close(); called in the request's task."""
         parent = self.trace_context.extract(headers)
@@ -168,7 +221,7 @@ class Telemetry:
                             "gen_ai.operation.name": OPERATION[kind]})
         else:
             span = passthrough_span(parent)
-        rec = RequestRecord(span=span)
+        rec = RequestRecord(span=span, request_id=request_id)
         self._in_flight[id(rec)] = rec
         rec.otel_token = otel_context.attach(trace.set_span_in_context(span))
         return rec
@@ -182,7 +235,12 @@ class Telemetry:
         end = time.monotonic()
         ctx = rec.ctx
         try:
-            self.metrics.observe(self._observation(rec, end))
+            obs = self._observation(rec, end)
+            self.metrics.observe(obs)
+            if self.usage.enabled:
+                self.usage.emit(usage_record(obs, ctx, rec.request_id, self.worker,
+                                             self.prices.get(ctx.target_model) if ctx else None,
+                                             self.usage))
         except Exception:
             log.exception("recording request metrics failed")
         if not self.record_spans:
@@ -198,6 +256,8 @@ class Telemetry:
             span.set_attributes(request_attributes(ctx))
             set_usage(span, rec.prompt_tokens or ctx.prompt_tokens, rec.completion_tokens,
                       rec.finish_reason)
+            if rec.status < 400:
+                span.set_attribute("gen_ai.response.id", response_id(ctx))
             self._phase_spans(rec, ctx, end)
         span.end(end_time=rec.ns(end))
 
@@ -233,6 +293,10 @@ class Telemetry:
         completion = rec.completion_tokens or 0
         prompt = rec.prompt_tokens or ctx.prompt_tokens or 0
         ok = rec.status < 400
+        provider = self.providers.get(ctx.backend)
+        upstream = None
+        if provider is not None and rec.generate_start is not None:
+            upstream = (rec.generate_end or end) - rec.generate_start
         return RequestObservation(
             tenant=ctx.tenant,
             model=ctx.requested_model,
@@ -250,6 +314,11 @@ class Telemetry:
             context_tokens=prompt + completion if ok else 0,
             batch_size=rec.batch_size,
             decisions=[(d.policy, d.action) for d in ctx.decisions],
+            operation=OPERATION.get(ctx.kind, ctx.kind),
+            response_model=ctx.target_model,
+            provider=provider,
+            upstream_seconds=upstream,
+            time_per_output_token=decode / (completion - 1) if decode and completion > 1 else None,
         )
 
 class TracedPolicy:

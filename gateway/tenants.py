@@ -14,6 +14,19 @@ class TenantDirectory:
     def __init__(self, tenants: tuple[TenantConfig, ...]) -> None:
         self._entries = [(digest, t) for t in tenants for digest in t.key_hashes()]
         self.by_name = {t.name: t for t in tenants}
+        self._digests = frozenset(digest for digest, _ in self._entries)
+
+    def fingerprint(self) -> bytes:
+        """A digest of which key digests belong to which tenant (part of the config version:
+        a key rotated in a keys file changes it); reveals no key."""
+        h = hashlib.sha256()
+        for digest, tenant in sorted((d, t.name) for d, t in self._entries):
+            h.update(tenant.encode() + b"\0" + digest)
+        return h.digest()
+
+    def is_key(self, value: str) -> bool:
+        """`value` is one of the tenants' keys (usage records redact such a value)."""
+        return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest() in self._digests
 
     def authenticate(self, authorization: str | None) -> TenantConfig:
         """The tenant owning the bearer key, or AuthenticationFailed. Never echoes the key."""
@@ -41,6 +54,10 @@ class AdminKey:
     def __init__(self, env_name: str | None) -> None:
         key = os.environ.get(env_name, "") if env_name else ""
         self._digest = hashlib.sha256(key.encode()).digest() if key else None
+
+    def is_key(self, value: str) -> bool:
+        return self._digest is not None and hmac.compare_digest(
+            hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest(), self._digest)
 
     def authenticate(self, authorization: str | None) -> None:
         if self._digest is None:

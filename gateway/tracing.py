@@ -29,10 +29,28 @@ def build_tracer_provider(cfg: TelemetryConfig) -> TracerProvider:
     if cfg.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        endpoint = cfg.otlp_endpoint.rstrip("/")
-        if not endpoint.endswith("/v1/traces"):
-            endpoint += "/v1/traces"
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=_otlp_endpoint(cfg, "traces"))))
+    return provider
+
+
+def _otlp_endpoint(cfg: TelemetryConfig, signal: str) -> str:
+    endpoint = (cfg.otlp_endpoint or "").rstrip("/")
+    return endpoint if endpoint.endswith(f"/v1/{signal}") else f"{endpoint}/v1/{signal}"
+
+
+def build_logger_provider(cfg: TelemetryConfig) -> Any:
+    """`telemetry.otlp_usage_logs`: a LoggerProvider exporting usage records as OTLP log
+    records to the same endpoint's /v1/logs (None without an endpoint)."""
+    if not cfg.otlp_endpoint:
+        return None
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+    provider = LoggerProvider(resource=Resource.create({"service.name": cfg.service_name}))
+    provider.add_log_record_processor(
+        BatchLogRecordProcessor(OTLPLogExporter(endpoint=_otlp_endpoint(cfg, "logs"))))
     return provider
 
 
@@ -45,18 +63,6 @@ class TraceContext:
 
     def extract(self, headers: Mapping[str, str]) -> Context:
         return self._propagator.extract(headers)
-
-
-def trace_headers(span: Span) -> dict[str, str]:
-    """`span`'s W3C traceparent (and tracestate), as the W3C propagator writes them, without
-    its per-call lookups: what the request's upstream calls carry (RequestContext.trace_headers)."""
-    ctx = span.get_span_context()
-    if not ctx.is_valid:
-        return {}
-    headers = {"traceparent": f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
-    if ctx.trace_state:
-        headers["tracestate"] = ctx.trace_state.to_header()
-    return headers
 
 
 def passthrough_span(parent: Context) -> Span:
@@ -79,7 +85,7 @@ def request_attributes(ctx: RequestContext) -> dict[str, Any]:
     s = ctx.sampling
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": OPERATION.get(ctx.kind, ctx.kind),
-        "gen_ai.system": "memgate",
+        "gen_ai.provider.name": "memgate",  # the server span: this gateway serves the model
         "gen_ai.request.model": ctx.requested_model,
         "gen_ai.response.model": ctx.target_model,
         "gen_ai.request.temperature": s.temperature,

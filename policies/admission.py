@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from gateway.core.config import TenantConfig
 from gateway.core.context import Decision, RequestContext, Reservation, Usage
 from gateway.core.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
-from gateway.core.policy import Outcome, passed
+from gateway.core.policy import Outcome, Policy, passed
 from policies.base import PolicyEnv
 from policies.demand import Demand, demand
 from policies.token_bucket import TokenBucket
@@ -54,6 +54,21 @@ class TenantState:
         self.tpm = TokenBucket(limits.tokens_per_minute, env.clock) if limits.tokens_per_minute else None
         self.active = 0
 
+    def reconfigure(self, cfg: TenantConfig, env: PolicyEnv) -> None:
+        """A config reload: the new limits apply; buckets keep what was taken, requests
+        admitted stay counted (in place, so every waiter holding this state sees it)."""
+        limits = cfg.limits
+        for attr, per_minute in (("rpm", limits.requests_per_minute),
+                                 ("tpm", limits.tokens_per_minute)):
+            bucket: TokenBucket | None = getattr(self, attr)
+            if per_minute is None:
+                setattr(self, attr, None)
+            elif bucket is None:
+                setattr(self, attr, TokenBucket(per_minute, env.clock))
+            else:
+                bucket.resize(per_minute)
+        self.cfg = cfg
+
     def share_cap(self, budget: int | None) -> int | None:
         share = self.cfg.limits.max_kv_share
         return None if share is None or budget is None else int(share * budget)
@@ -82,6 +97,19 @@ class Admission:
         self._tenants: dict[str, TenantState] = {}
         self._waiters: list[Waiter] = []
         self._seq = itertools.count()
+
+    def carry_over(self, previous: Policy) -> None:
+        """A config reload: the previous chain's admission hands over its live state (the
+        tenants' quotas and requests admitted, the queue), so both serve one queue and one
+        count while requests admitted before the reload finish; limits become the new ones."""
+        tenants, waiters = getattr(previous, "_tenants", None), getattr(previous, "_waiters", None)
+        if not isinstance(tenants, dict) or not isinstance(waiters, list):
+            return
+        self._tenants, self._waiters, self._seq = tenants, waiters, previous._seq  # type: ignore[attr-defined]
+        for name, state in tenants.items():
+            cfg = self.env.tenants.get(name)
+            if cfg is not None:
+                state.reconfigure(cfg, self.env)
 
     # ---- for telemetry --------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from gateway.core.backend import Backend
 from gateway.core.config import ModelConfig, TenantConfig
@@ -69,12 +69,23 @@ class PolicyKind(Protocol):
     def __call__(self, env: PolicyEnv, cfg: Any) -> Policy: ...
 
 
-class PolicyChain:
-    """The configured policies, in order. `reservations` exposes the bytes held to telemetry."""
+@runtime_checkable
+class CarriesOver(Protocol):
+    """A policy with live state (quotas, a queue) that a config reload hands to the policy of
+    the same name in the new chain, so that a reload neither forgets nor doubles it."""
 
-    def __init__(self, policies: Sequence[Policy], reservations: Reservations) -> None:
+    def carry_over(self, previous: Policy) -> None: ...
+
+
+class PolicyChain:
+    """The configured policies, in order. `reservations` exposes the bytes held to telemetry;
+    `router` the replica counts (both carried into the chain a config reload builds)."""
+
+    def __init__(self, policies: Sequence[Policy], reservations: Reservations,
+                 router: Router | None = None) -> None:
         self.policies = tuple(policies)
         self.reservations = reservations
+        self.router = router if router is not None else Router()
         # the policies that can take over a failed attempt, in chain order
         self.fallbacks: tuple[Fallback, ...] = tuple(p for p in policies if isinstance(p, Fallback))
 

@@ -9,7 +9,7 @@ from gateway.core.backend import Backend
 from gateway.core.config import ModelConfig, TenantConfig
 from policies.adapter_selection import AdapterSelection
 from policies.admission import Admission
-from policies.base import PolicyChain, PolicyEnv, PolicyKind
+from policies.base import CarriesOver, PolicyChain, PolicyEnv, PolicyKind
 from policies.context_trim import ContextTrim
 from policies.degrade import Degrade
 from policies.reservations import Reservations
@@ -29,17 +29,26 @@ DEFAULT_POLICIES = ("adapter_selection", "routing", "context_trim", "degrade", "
 def build_chain(
     names: Sequence[str], options: Mapping[str, object], models: Sequence[ModelConfig],
     tenants: Sequence[TenantConfig], backends: Mapping[str, Backend],
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.monotonic, previous: PolicyChain | None = None,
 ) -> PolicyChain:
     """One instance of each named policy, in order, with its options (`options[name]`, else
-    its Config's defaults), sharing one env: reservations, router, clock."""
+    its Config's defaults), sharing one env: reservations, router, clock.
+
+    `previous` (a config reload): the chain it replaces, whose reservations and router the
+    new chain shares and whose policies hand their live state over (CarriesOver)."""
     unknown = [n for n in names if n not in POLICY_KINDS]
     if unknown:
         raise KeyError(f"unknown policies {unknown} (known: {', '.join(sorted(POLICY_KINDS))})")
+    reservations = previous.reservations if previous is not None else Reservations(clock)
+    router = previous.router if previous is not None else Router()
     env = PolicyEnv(models={m.name: m for m in models}, tenants={t.name: t for t in tenants},
-                    backends=backends, reservations=Reservations(clock), router=Router(), clock=clock)
+                    backends=backends, reservations=reservations, router=router, clock=clock)
     policies = []
     for name in names:
         kind = POLICY_KINDS[name]
-        policies.append(kind(env, options.get(name) or kind.Config()))
-    return PolicyChain(policies, env.reservations)
+        policy = kind(env, options.get(name) or kind.Config())
+        old = previous.get(name) if previous is not None else None
+        if old is not None and isinstance(policy, CarriesOver):
+            policy.carry_over(old)
+        policies.append(policy)
+    return PolicyChain(policies, env.reservations, env.router)

@@ -35,3 +35,13 @@ class TokenBucket:
     def give_back(self, n: float) -> None:
         self._refill()
         self.level = min(self.size, self.level + n)
+
+    def resize(self, per_minute: int) -> None:
+        """A new limit (a config reload): what was taken and not refilled yet stays taken."""
+        if per_minute < 1:
+            raise ValueError("a bucket needs at least 1 token per minute")
+        self._refill()
+        taken = self.size - self.level
+        self.size = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = self.size - taken

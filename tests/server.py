@@ -55,18 +55,19 @@ def demo_config(model_dir: Path, **local: Any) -> dict[str, Any]:
 @contextlib.contextmanager
 def running_gateway(
     config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None, timeout: float = 120,
-    ready_path: str = "/ready", python: str | None = None,
+    ready_path: str = "/ready", python: str | None = None, args: tuple[str, ...] = (),
 ) -> Iterator[str]:
     """Yields the base URL ending in /v1; the process log is at workdir/gateway.log.
-    `python`: the interpreter to run it with (another venv); default: this one."""
-    with gateway_process(config, workdir, env, timeout, ready_path, python) as (url, _):
+    `python`: the interpreter to run it with (another venv); default: this one.
+    `args`: more `gateway serve` arguments (`--workers 2`)."""
+    with gateway_process(config, workdir, env, timeout, ready_path, python, args) as (url, _):
         yield url
 
 
 @contextlib.contextmanager
 def gateway_process(
     config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None, timeout: float = 120,
-    ready_path: str = "/ready", python: str | None = None,
+    ready_path: str = "/ready", python: str | None = None, args: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Like running_gateway, but also yields the process (for fault tests)."""
     cfg_path = workdir / "gateway.yaml"
@@ -77,7 +78,7 @@ def gateway_process(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [python or sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg_path),
-             "--host", "127.0.0.1", "--port", str(port)],
+             "--host", "127.0.0.1", "--port", str(port), *args],
             stdout=log, stderr=subprocess.STDOUT, env=full_env,
         )
     base = f"http://127.0.0.1:{port}"
@@ -102,3 +103,14 @@ def gateway_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` with these labels in a Prometheus text exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -57,6 +57,8 @@ class BackendStats:
     adapter_hits: int | None = None  # cumulative: requests whose adapter was resident
     adapter_evictions: int | None = None  # cumulative
     adapters_pinned: dict[str, int] | None = None  # adapter -> requests holding it now
+    upstream_retries: int | None = None  # cumulative: retries of calls to an upstream
+    upstream_failures: int | None = None  # cumulative: upstream failures (connect errors, 5xx)
 
 
 class Backend(Protocol):

@@ -5,7 +5,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class Price:
+    """What a million tokens cost, for usage records (`models[].price`); any currency."""
+
+    input_per_1m: float = 0.0
+    output_per_1m: float = 0.0
+    cached_input_per_1m: float | None = None  # None: cached prompt tokens cost input_per_1m
+
+    def __post_init__(self) -> None:
+        if min(self.input_per_1m, self.output_per_1m, self.cached_input_per_1m or 0.0) < 0:
+            raise ValueError("price: amounts must be >= 0")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        cached_rate = self.input_per_1m if self.cached_input_per_1m is None else self.cached_input_per_1m
+        return ((prompt_tokens - cached_tokens) * self.input_per_1m
+                + cached_tokens * cached_rate + completion_tokens * self.output_per_1m) / 1e6
 
 
 @dataclass(frozen=True)
@@ -20,6 +41,7 @@ class ModelConfig:
     backend: str = ""  # "" when the model lists replicas instead (set to the first below)
     degrade_to: str | None = None
     backends: tuple[str, ...] = ()
+    price: Price | None = None  # usage records' cost (operations)
 
     def __post_init__(self) -> None:
         if self.backend and self.backends:
@@ -81,12 +103,49 @@ class TenantConfig:
     limits: TenantLimits = field(default_factory=TenantLimits)
     allow_degrade: bool = True
     trim: TrimConfig = field(default_factory=TrimConfig)
+    # one key or sha256 digest a line, re-read at every reload (operations)
+    api_keys_file: str | None = None
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("api_keys_file",)  # relative to the config file
 
     def key_hashes(self) -> tuple[bytes, ...]:
-        """sha256 digests of every key this tenant may use (config hashes + env keys)."""
+        """sha256 digests of every key this tenant may use (config hashes, env keys, the keys
+        file). A keys file that cannot be read or has a bad line raises KeyFileError."""
         digests = [bytes.fromhex(h) for h in self.api_key_sha256]
         if self.api_keys_env:
             for key in os.environ.get(self.api_keys_env, "").split(","):
                 if key.strip():
                     digests.append(hashlib.sha256(key.strip().encode()).digest())
+        if self.api_keys_file:
+            digests.extend(read_keys_file(self.api_keys_file))
         return tuple(digests)
+
+
+class KeyFileError(ValueError):
+    """A keys file cannot be read or has a bad line; the message never quotes a line."""
+
+
+_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def read_keys_file(path: str) -> list[bytes]:
+    """`api_keys_file`: one API key or one sha256 hex digest (64 hex digits) a line; blank
+    lines and lines starting with # are skipped. Follows symlinks (a Kubernetes Secret mount
+    swaps its `..data` link), so each read sees one whole version of the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise KeyFileError(f"cannot read keys file {path}: {why}") from None
+    out: list[bytes] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if any(c.isspace() for c in line):
+            raise KeyFileError(f"{path} line {n}: a key is one word (no spaces inside)")
+        out.append(bytes.fromhex(line) if _DIGEST.fullmatch(line)
+                   else hashlib.sha256(line.encode()).digest())
+    if not out:
+        raise KeyFileError(f"keys file {path} holds no key")
+    return out

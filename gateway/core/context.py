@@ -5,7 +5,10 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 # The field that carries a tenant's max_output_tokens upstream, by request kind.
@@ -121,11 +124,14 @@ class RequestContext:
     prompt: Prompt | None = None  # a completion's prompt: text, token ids, or a list of either
     adapter: str | None = None
     user: str | None = None
+    metadata: dict[str, str] | None = None  # the client's `metadata`, bounded (usage records)
     body: dict[str, Any] = field(default_factory=dict)  # the client's JSON body, as sent
     output_cap: int | None = None  # the tenant's max_output_tokens, when it filled in the limit
     via_chat: bool = False  # a Responses request served over chat (gateway/responses.py answers)
     # W3C trace context (traceparent, tracestate) of the request's span, for upstream calls
     trace_headers: dict[str, str] = field(default_factory=dict)
+    # set while spans are recorded: a backend's upstream calls get client spans from it
+    tracer: Tracer | None = None
     created: float = field(default_factory=time.time)
     deadline: float | None = None
     prompt_tokens: int | None = None

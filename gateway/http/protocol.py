@@ -71,8 +71,8 @@ def _gateway(config: Any, app: Any) -> tuple[GenerationHandler | None, float]:
         handler, timeout = None, DEFAULT_HEADER_TIMEOUT_S
         for _ in range(8):
             state = getattr(getattr(app, "state", None), "gateway", None)
-            if state is not None:
-                handler = GenerationHandler(state)
+            if state is not None:  # the app's own handler: a config reload swaps its state
+                handler = getattr(app.state, "generation_handler", None) or GenerationHandler(state)
                 timeout = state.settings.server.header_timeout_s
                 break
             app = getattr(app, "app", None)

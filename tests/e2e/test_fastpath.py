@@ -226,9 +226,10 @@ def test_a_bug_in_the_handler_is_an_openai_shaped_500() -> None:
         def authenticate(self, authorization: str | None) -> None:
             raise RuntimeError("a bug")
 
-    class State:
+    class State:  # the parts of a GatewayState the handler reads before the bug
         tenants = Broken()
         telemetry: Any = None
+        active = 0  # its requests in flight (a config reload waits for them)
 
     async def run() -> tuple[_Transport, list[int]]:
         from opentelemetry.sdk.trace import TracerProvider

@@ -33,6 +33,18 @@ def test_demo_config_loads() -> None:
     assert Path(local.config.model) == (ROOT / "models" / "demo").resolve()
 
 
+def test_operations_example_loads_and_its_keys_files_hold_the_demo_keys() -> None:
+    from gateway.tenants import TenantDirectory
+
+    s = load_settings(ROOT / "examples" / "operations.yaml")
+    assert s.server.reload == "watch" and s.server.log_format == "json"
+    assert s.server.usage_log == str(ROOT / "build" / "usage" / "usage.jsonl")
+    tenants = TenantDirectory(s.tenants)
+    assert tenants.authenticate("Bearer sk-demo-acme").name == "acme"
+    assert tenants.authenticate("Bearer sk-demo-globex").name == "globex"
+    assert s.models[0].price is not None and s.models[0].price.cost(10**6, 0) == 0.10
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("256MiB", 256 * 2**20), ("1GB", 10**9), (4096, 4096), ("1.5KiB", 1536), ("12 B", 12)],

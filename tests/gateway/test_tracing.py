@@ -16,6 +16,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from gateway.app import create_app
 from gateway.settings import parse_settings
@@ -174,9 +175,20 @@ def test_traceparent_reaches_openai_upstream(upstream: tuple[str, list[dict[str,
     assert lines[-1] == "data: [DONE]"
     assert len(seen) == 1
     version, trace_id, parent_id, _flags = seen[0]["traceparent"].split("-")
-    root = by_name(exporter.get_finished_spans())["chat remote"]
+    spans = exporter.get_finished_spans()
+    server = next(s for s in spans if s.kind == SpanKind.SERVER)
+    client = next(s for s in spans if s.kind == SpanKind.CLIENT)  # the upstream call
+    assert server.name == client.name == "chat remote"
+    assert client.parent is not None and client.parent.span_id == server.context.span_id
     assert version == "00" and trace_id == TRACE_ID
-    assert parent_id == format(root.context.span_id, "016x")  # the gateway's span, not the client's
+    # the upstream's parent is the gateway's client span for this call, not the client's span
+    assert parent_id == format(client.context.span_id, "016x")
+    assert client.attributes["gen_ai.provider.name"] == "openai"
+    assert client.attributes["gen_ai.usage.output_tokens"] == 1
+    assert client.attributes["http.response.status_code"] == 200
+    assert server.attributes["gen_ai.provider.name"] == "memgate"
+    assert server.attributes["gen_ai.response.id"].startswith("chatcmpl-")
+    assert "gen_ai.system" not in server.attributes  # deprecated
     assert "sk-demo-acme" not in json.dumps(seen[0])  # the client's key never goes upstream
 
 
@@ -192,7 +204,7 @@ def test_trace_headers_are_what_the_w3c_propagator_writes(state: str | None) -> 
     )
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    from gateway.tracing import trace_headers
+    from gateway.core.trace import trace_headers
 
     assert trace_headers(INVALID_SPAN) == {}  # no span context: nothing to write
     span = NonRecordingSpan(SpanContext(

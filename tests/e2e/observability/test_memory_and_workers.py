@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from tests.server import demo_config, free_port, running_gateway
+from tests.server import demo_config, free_port, metric, running_gateway
 
 PROMPT = [{"role": "user", "content": "How do I get a refund for my order?"}]
 SECRETS = ("sk-demo-acme", "sk-demo-globex", "sk-admin", "sk-bad-key-123")
@@ -25,16 +25,6 @@ def chat(url: str, key: str = "sk-demo-acme", stream: bool = False) -> None:
     r = c.chat.completions.create(model="demo", messages=PROMPT, max_tokens=12, stream=stream)
     if stream:
         list(r)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_memory_adds_up_and_no_secret_leaks(demo_model: Path, tmp_path: Path) -> None:
@@ -123,3 +113,5 @@ def test_metrics_add_up_across_workers(demo_model: Path, tmp_path: Path) -> None
         kv = metric(text, "gateway_memory_budget_bytes", pool="kv")
         assert kv == 2 * 32 * 2**20, kv
         assert metric(text, "gateway_process_resident_memory_bytes") > 0
+        # the standard process metrics, one line per worker (a pid label)
+        assert set(re.findall(r'process_cpu_seconds_total\{pid="(\d+)"\}', text)) == pids

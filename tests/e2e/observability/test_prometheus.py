@@ -1,5 +1,5 @@
 """A real Prometheus scrapes a live gateway under a short load; every panel query of every
-dashboard must then return data. Panels whose data needs something this machine or the
+dashboard, with its variables substituted as a user picks them, must then return data. Panels whose data needs something this machine or the
 project does not have yet are named in PENDING with the reason, and reported as warnings."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.e2e.observability.prom import instant, running_prometheus, wait_for_targets_up
-from tests.server import demo_config, running_gateway
+from tests.server import demo_config, free_port, running_gateway
 
 ROOT = Path(__file__).resolve().parents[3]
 LIMITED_KEY = "sk-obs-limited"
@@ -44,8 +44,13 @@ if not gpu_present():
 def obs_config(model_dir: Path) -> dict[str, Any]:
     cfg = demo_config(model_dir)
     cfg["models"].append({"name": "demo-large", "backend": "local", "degrade_to": "demo"})
+    # an upstream nobody listens on: its calls are retried, fail, take it out of rotation,
+    # and the request falls back to demo (the upstream panels' data)
+    cfg["backends"]["gone"] = {"kind": "openai", "url": f"http://127.0.0.1:{free_port()}/v1",
+                               "retries": 1, "retry_backoff_s": 0.01, "cooldown_s": 300}
+    cfg["models"].append({"name": "remote", "backend": "gone", "degrade_to": "demo"})
     for t in cfg["tenants"]:
-        t["models"] = ["demo", "demo-large"]
+        t["models"] = ["demo", "demo-large", "remote"]
     cfg["tenants"].append({
         "name": "initech", "models": ["demo"],
         "api_key_sha256": [hashlib.sha256(LIMITED_KEY.encode()).hexdigest()],
@@ -65,6 +70,32 @@ def panel_queries() -> list[tuple[str, str, str]]:
     return out
 
 
+def variable_queries() -> set[str]:
+    """Each dashboard variable's `label_values(SERIES, LABEL)` query."""
+    out = set()
+    for path in sorted((ROOT / "grafana" / "dashboards").glob("*.json")):
+        for v in json.loads(path.read_text())["templating"]["list"]:
+            if v["type"] == "query":
+                out.add(v["query"])
+    return out
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    """Grafana's variable interpolation of a query: $name -> its value (regex for All)."""
+    for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
+        expr = expr.replace(f"${name}", value)
+    return expr
+
+
+def label_values(prom: str, query: str, values: dict[str, str]) -> list[str]:
+    """What Grafana's `label_values(SERIES, LABEL)` returns: the series API's label values."""
+    inner = substitute(query, values).removeprefix("label_values(").removesuffix(")")
+    series, _, label = inner.rpartition(",")
+    r = httpx.get(f"{prom}/api/v1/label/{label.strip()}/values", params={"match[]": series},
+                  timeout=10)
+    return list(r.json()["data"])
+
+
 def load(url: str) -> None:
     def chat(key: str, model: str = "demo", stream: bool = False, **kw: Any) -> Any:
         c = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
@@ -78,6 +109,7 @@ def load(url: str) -> None:
 
     jobs = [("sk-demo-acme", "demo", True), ("sk-demo-globex", "demo", False),
             ("sk-demo-acme", "demo-large", False), ("sk-demo-globex", "demo-large", True)] * 3
+    assert not isinstance(chat("sk-demo-acme", "remote"), int)  # retried, failed, fell back
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         list(pool.map(lambda j: chat(j[0], j[1], j[2]), jobs))
     assert chat("sk-demo-acme", messages=LONG_CHAT, max_tokens=64) is not None  # a trim
@@ -100,9 +132,15 @@ def test_every_dashboard_query_has_data(demo_model: Path, tmp_path: Path) -> Non
             import time
 
             time.sleep(3.5)
+            # the variables as a user picks them: this gateway's job and instance, and All
+            # (.*) tenants and models; each variable's own query must list the values
+            values = {"job": "gateway", "instance": target, "__rate_interval": "1m"}
+            for query in variable_queries():
+                assert label_values(prom, query, {**values, "tenant": ".*", "model": ".*"}), query
+            values.update(tenant=".*", model=".*")
             empty: dict[str, list[str]] = {}
             for board, title, expr in queries:
-                result = instant(prom, expr.replace("$__rate_interval", "1m"))
+                result = instant(prom, substitute(expr, values))
                 if not result:
                     empty.setdefault(title, []).append(f"[{board}] {expr}")
             scraped = httpx.get(url.removesuffix("/v1") + "/metrics").text
