@@ -270,6 +270,7 @@ class VLLMBackend(OpenAIBackend):
             context_window=self._model.context_window if self._model else 0,
             adapter_budget_bytes=self.vcfg.adapter_budget_bytes,
             resident_adapters=sorted(self.remote.resident),
+            shared=True,  # every gateway process sends to this vLLM
         )
 
     def memory(self) -> MemorySnapshot:

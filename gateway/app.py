@@ -29,7 +29,9 @@ from gateway.state import GatewayState
 from gateway.telemetry import Telemetry
 from gateway.tenants import AdminKey, TenantDirectory
 from gateway.tracing import build_tracer_provider
+from gateway.workers import local_workers, worker_id
 from policies.registry import build_chain
+from policies.shared_state import SharedState
 
 log = logging.getLogger("gateway")
 
@@ -106,13 +108,16 @@ def create_app(
     record = owned_provider is None or bool(settings.telemetry.otlp_endpoint)
     telemetry = Telemetry(settings, backends, tracer_provider, record_spans=record)
     # -- end telemetry
+    # -- scale-out (issue 15): limits every gateway process shares, when configured
+    shared = (SharedState(settings.shared_state, local_workers(), process_id=worker_id())
+              if settings.shared_state is not None else None)
     state = GatewayState(
         settings=settings,
         tenants=TenantDirectory(settings.tenants),
         admin=AdminKey(settings.server.admin_api_key_env),
         backends=backends,
         policies=build_chain(settings.policies, settings.policy_options, settings.models,
-                             settings.tenants, backends),
+                             settings.tenants, backends, quotas=shared),
         telemetry=telemetry,
         drain=Drain(settings.server.shutdown_grace_s),
         metrics_key=(AdminKey(settings.server.metrics_api_key_env)
@@ -123,6 +128,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         try:
+            if shared is not None:
+                await shared.start()
             for backend in state.backends.values():
                 await backend.start()
             await telemetry.start()
@@ -136,6 +143,8 @@ def create_app(
                 except Exception:
                     log.exception("closing backend %s failed", backend.name)
             await telemetry.aclose()
+            if shared is not None:
+                await shared.aclose()
             if owned_provider is not None:
                 owned_provider.shutdown()
 

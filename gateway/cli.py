@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.settings import ConfigError, load_settings
+from gateway.workers import WORKERS_ENV
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -33,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn's access log: one INFO line per request, off unless asked (README "Performance")
     common["access_log"] = args.access_log
     common["http"] = HTTP_PROTOCOL  # bounded request heads; the generation fast path
+    os.environ[WORKERS_ENV] = str(args.workers)  # the process count until Redis tells one
     if args.workers > 1:
         os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
         _multiprocess_metrics_dir()

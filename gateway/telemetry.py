@@ -24,7 +24,7 @@ from gateway.core.context import Chunk, Decision, RequestContext
 from gateway.core.policy import Outcome, Policy
 from gateway.core.procmem import GpuProbe
 from gateway.memory_collector import MemoryCollector, MultiprocessPublisher
-from gateway.metrics import NONE, GatewayMetrics, RequestObservation
+from gateway.metrics import NONE, GatewayMetrics, RequestObservation, multiprocess_dir
 from gateway.settings import Settings
 from gateway.tracing import (
     OPERATION,
@@ -76,7 +76,7 @@ class Telemetry:
             backends, [t.name for t in settings.tenants], self.in_flight, self.gpu)
         self.publisher: MultiprocessPublisher | None = None
         if self.metrics.multiprocess:
-            self.publisher = MultiprocessPublisher(self.collector)
+            self.publisher = MultiprocessPublisher(self.collector, multiprocess_dir())
         else:
             self.metrics.registry.register(self.collector)
         self._publish_task: asyncio.Task[None] | None = None
@@ -111,6 +111,8 @@ class Telemetry:
             chain.policies = tuple(TracedPolicy(p, self.tracer) for p in chain.policies)
         if chain.get("admission") is not None:
             self.collector.reservations = chain.reservations.reserved_by_tenant
+        if chain.quotas is not None:  # shared_state configured
+            self.collector.shared_state = chain.quotas.stats
 
     # ---- reads --------------------------------------------------------------------------
 

@@ -10,6 +10,15 @@ Order of checks, each with the status a client can act on:
   from the observed drain rate.
 
 The sum of reservations on a backend never exceeds its budget (Reservations.reserve refuses).
+
+Tokens per minute follow DESIGN's one rule: prompt + the expected output (policies/estimate.py,
+the limit until enough answers were seen) is charged at admission and settled to the answer's
+usage at the end. Rate buckets and leases live in env.quotas: this process (LocalQuotas), or
+Redis for every gateway process (policies/shared_state.py). With shared quotas a request
+admitted here also takes a lease, fleet-wide, on its tenant's max_concurrency and, on a
+backend every process shares (Capacity.shared: vLLM), on its KV budget and the tenant's
+share of it; it waits for the lease (re-trying when a lease is released, or on a short
+back-off for other processes' releases) within the same queue timeout.
 """
 
 from __future__ import annotations
@@ -20,17 +29,20 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from gateway.core.backend import Capacity
 from gateway.core.config import TenantConfig
 from gateway.core.context import Decision, RequestContext, Reservation, Usage
 from gateway.core.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
 from gateway.core.policy import Outcome, passed
 from policies.base import PolicyEnv
-from policies.demand import Demand, demand
-from policies.token_bucket import TokenBucket
+from policies.demand import Demand, demand, estimate_key
+from policies.leases import Bucket, Scope
+from policies.quotas import LocalQuotas, Quotas
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 NO_RETRY = {"x-should-retry": "false"}
 MAX_RETRY_AFTER_S = 60.0
+LEASE_RETRY_S = (0.01, 0.2)  # back-off between lease attempts while another process holds it
 
 
 @dataclass(frozen=True)
@@ -45,14 +57,21 @@ class AdmissionConfig:
 
 
 class TenantState:
-    """A tenant's live quotas: rate buckets and requests admitted now."""
+    """A tenant's requests admitted now in this process (its rate buckets are env.quotas')."""
 
-    def __init__(self, cfg: TenantConfig, env: PolicyEnv) -> None:
-        limits = cfg.limits
+    def __init__(self, cfg: TenantConfig) -> None:
         self.cfg = cfg
-        self.rpm = TokenBucket(limits.requests_per_minute, env.clock) if limits.requests_per_minute else None
-        self.tpm = TokenBucket(limits.tokens_per_minute, env.clock) if limits.tokens_per_minute else None
         self.active = 0
+
+    def buckets(self, requests: float, tokens: float) -> list[Bucket]:
+        """The tenant's rate buckets that apply, with what to take (or give back) of each."""
+        limits, name = self.cfg.limits, self.cfg.name
+        out = []
+        if limits.requests_per_minute and requests:
+            out.append(Bucket(f"rate:{name}:requests", limits.requests_per_minute, requests))
+        if limits.tokens_per_minute and tokens:
+            out.append(Bucket(f"rate:{name}:tokens", limits.tokens_per_minute, tokens))
+        return out
 
     def share_cap(self, budget: int | None) -> int | None:
         share = self.cfg.limits.max_kv_share
@@ -79,9 +98,11 @@ class Admission:
         self.reservations = env.reservations
         self.reservations.drain_window_s = cfg.drain_window_s  # the drain rate behind Retry-After
         self.cfg = cfg
+        self.quotas: Quotas = env.quotas or LocalQuotas(env.clock)
         self._tenants: dict[str, TenantState] = {}
         self._waiters: list[Waiter] = []
         self._seq = itertools.count()
+        self._leases: dict[int, tuple[str, list[Scope]]] = {}  # id(Reservation) -> lease
 
     # ---- for telemetry --------------------------------------------------------------------
 
@@ -93,29 +114,88 @@ class Admission:
 
     async def apply(self, ctx: RequestContext) -> Decision:
         tenant = self._tenant(self.env.tenant(ctx))
-        need = demand(self.env.backend(ctx), ctx)
+        backend = self.env.backend(ctx)
+        need = demand(backend, ctx, self.env.estimates)
         pool = self.reservations.pool(ctx.backend, need.budget)
         self._refuse_impossible(tenant, need)
-        self._refuse_over_rate(tenant, need)
-        if tenant.rpm is not None:
-            tenant.rpm.take(1)
-        if tenant.tpm is not None:
-            tenant.tpm.take(need.tokens)
+        await self._charge(tenant, need)
+        start = self.env.clock()
         if not self._waiters and self._tenant_fits(ctx, tenant, need) and pool.fits(need.kv_bytes):
             # Nobody queued and it fits: what queueing then dispatching would grant at once,
             # without a future and a queue pass (the common case, on the hot path).
-            return self._admitted(ctx, self._reserve(ctx, tenant, need), 0.0)
-        waiter = Waiter(ctx, tenant, need, PRIORITY_RANK[tenant.cfg.priority], next(self._seq),
-                        asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        pool.queued += need.kv_bytes
-        start = self.env.clock()
-        self._dispatch()
+            res = self._reserve(ctx, tenant, need)
+        else:
+            waiter = Waiter(ctx, tenant, need, PRIORITY_RANK[tenant.cfg.priority],
+                            next(self._seq), asyncio.get_running_loop().create_future())
+            self._waiters.append(waiter)
+            pool.queued += need.kv_bytes
+            self._dispatch()
+            try:
+                res = await self._wait(waiter)
+            finally:
+                ctx.queue_seconds = self.env.clock() - start
+        scopes = self._scopes(ctx, tenant, need, backend.capacity())
+        if scopes:
+            await self._lease(ctx, res, scopes, start)
+        return self._admitted(ctx, res, self.env.clock() - start if scopes else ctx.queue_seconds)
+
+    async def _charge(self, tenant: TenantState, need: Demand) -> None:
+        """Take one request and prompt + the expected output from the tenant's buckets."""
+        buckets = tenant.buckets(1, need.tokens)
+        if not buckets:
+            return
+        wait = await self.quotas.take(buckets)
+        if wait > 0:
+            what = " and ".join(b.key.rpartition(":")[2] for b in buckets)
+            retry = min(MAX_RETRY_AFTER_S, max(1.0, wait))
+            raise RateLimited(
+                f"Rate limit reached for {what} per minute; retry in {math.ceil(retry)} s.",
+                retry_after=retry,
+            )
+
+    # ---- leases on what every gateway process shares ---------------------------------------
+
+    def _scopes(self, ctx: RequestContext, tenant: TenantState, need: Demand,
+                cap: Capacity | None) -> list[Scope]:
+        """With shared quotas: the tenant's concurrency, and on a backend every process
+        shares (by its configured name), the tenant's share of its KV budget and the budget."""
+        if not self.quotas.shared:
+            return []
+        limits, name = tenant.cfg.limits, tenant.cfg.name
+        scopes = []
+        if limits.max_concurrency is not None:
+            scopes.append(Scope(f"concurrency:{name}", limits.max_concurrency, 1))
+        if cap is not None and cap.shared and need.budget is not None:
+            share = tenant.share_cap(need.budget)
+            if share is not None:
+                scopes.append(Scope(f"kv:{ctx.backend}:{name}", share, need.kv_bytes))
+            scopes.append(Scope(f"kv:{ctx.backend}", need.budget, need.kv_bytes))
+        return scopes
+
+    async def _lease(self, ctx: RequestContext, res: Reservation, scopes: list[Scope],
+                     start: float) -> None:
+        """Hold `scopes` for this request, waiting within the queue timeout (or deadline)."""
+        lease = self.quotas.new_lease()
+        timeout = self.cfg.queue_timeout_s
+        if ctx.deadline is not None:
+            timeout = min(timeout, ctx.deadline - time.time())
+        delay = LEASE_RETRY_S[0]
         try:
-            res = await self._wait(waiter)
-        finally:
-            ctx.queue_seconds = self.env.clock() - start
-        return self._admitted(ctx, res, ctx.queue_seconds)
+            while True:
+                failed = await self.quotas.acquire(lease, scopes)
+                if failed < 0:
+                    self._leases[id(res)] = (lease, scopes)
+                    return
+                left = start + timeout - self.env.clock()
+                if left <= 0:
+                    held_by = "capacity" if scopes[failed].key == f"kv:{ctx.backend}" else "tenant"
+                    raise self._refusal(ctx.backend, res.kv_bytes, held_by)
+                await self.quotas.changed(min(delay, left))
+                delay = min(delay * 2, LEASE_RETRY_S[1])
+        except BaseException:  # refused, cancelled, Redis refused (reject): as leaving the queue
+            self._release(res)
+            self._give_back_tokens(self._tenants[res.tenant], res.tokens)
+            raise
 
     def _admitted(self, ctx: RequestContext, res: Reservation, queued_s: float) -> Decision:
         ctx.queue_seconds = queued_s
@@ -130,29 +210,38 @@ class Admission:
         res = ctx.reservation
         if isinstance(res, Reservation) and not res.released:
             self._release(res)
-            self._refund(res, outcome, ctx.usage)
+            if outcome == "ok" and ctx.usage is not None:
+                self.env.estimates.observe(estimate_key(ctx), ctx.usage.completion_tokens)
+            held = self._leases.pop(id(res), None)
+            try:
+                await self._settle(res, outcome, ctx.usage)
+            finally:
+                if held is not None:
+                    await self.quotas.release(*held)
 
-    def _refund(self, res: Reservation, outcome: Outcome, usage: Usage | None) -> None:
-        """The rate buckets keep what a request used, not what it might have: an attempt that
+    async def _settle(self, res: Reservation, outcome: Outcome, usage: Usage | None) -> None:
+        """The rate buckets keep what a request used, not what it was charged: an attempt that
         failed over to another backend gives back its request and tokens (the next attempt is
-        charged), a finished one the tokens of max_tokens it did not generate."""
+        charged), a finished one is settled to its usage (the estimate's error, either way);
+        one that ended without usage (an error, a cancel) keeps its charge."""
         tenant = self._tenants.get(res.tenant)
         if tenant is None:
             return
         if outcome == "retried":
-            if tenant.rpm is not None:
-                tenant.rpm.give_back(1)
-            if tenant.tpm is not None:
-                tenant.tpm.give_back(res.tokens)
-        elif outcome == "ok" and usage is not None and tenant.tpm is not None:
-            tenant.tpm.give_back(max(0, res.tokens - usage.total_tokens))
+            buckets = tenant.buckets(1, res.tokens)
+        elif outcome == "ok" and usage is not None:
+            buckets = tenant.buckets(0, res.tokens - usage.total_tokens)
+        else:
+            return
+        if buckets:
+            await self.quotas.settle(buckets)
 
     # ---- refusals before queueing ---------------------------------------------------------
 
     def _tenant(self, cfg: TenantConfig) -> TenantState:
         state = self._tenants.get(cfg.name)
         if state is None:
-            state = self._tenants[cfg.name] = TenantState(cfg, self.env)
+            state = self._tenants[cfg.name] = TenantState(cfg)
         return state
 
     def _refuse_impossible(self, tenant: TenantState, need: Demand) -> None:
@@ -170,22 +259,14 @@ class Admission:
                 f"share of {cap} bytes. Shorten the prompt or lower max_tokens.",
                 code="kv_share_exceeded", retry_after=MAX_RETRY_AFTER_S, headers=NO_RETRY,
             )
-        if tenant.tpm is not None and need.tokens > tenant.tpm.size:
+        tpm = tenant.cfg.limits.tokens_per_minute
+        if tpm is not None and need.tokens > tpm:
             raise RateLimited(
                 f"This request counts {need.tokens} tokens, more than your limit of "
-                f"{tenant.tpm.size:.0f} tokens per minute.",
+                f"{tpm} tokens per minute.",
                 code="tokens_per_minute_exceeded", retry_after=MAX_RETRY_AFTER_S,
                 headers=NO_RETRY,
             )
-
-    def _refuse_over_rate(self, tenant: TenantState, need: Demand) -> None:
-        for bucket, n, what in ((tenant.rpm, 1, "requests"), (tenant.tpm, need.tokens, "tokens")):
-            wait = bucket.wait_for(n) if bucket is not None else 0.0
-            if wait > 0:
-                raise RateLimited(
-                    f"Rate limit reached for {what} per minute; retry in {math.ceil(wait)} s.",
-                    retry_after=max(1.0, wait),
-                )
 
     # ---- the queue ------------------------------------------------------------------------
 
@@ -270,15 +351,24 @@ class Admission:
         if w in self._waiters:
             self._leave_queue(w)
             w.future.cancel()
-            if w.tenant.tpm is not None:
-                w.tenant.tpm.give_back(w.need.tokens)
+            self._give_back_tokens(w.tenant, w.need.tokens)
             self._dispatch()
+
+    def _give_back_tokens(self, tenant: TenantState, tokens: int) -> None:
+        """A request that left the queue gives back its tokens (in a task: no await here)."""
+        buckets = tenant.buckets(0, tokens)
+        if buckets:
+            task = asyncio.ensure_future(self.quotas.settle(buckets))
+            task.add_done_callback(_quiet)
 
     def _give_up(self, w: Waiter) -> GatewayError:
         self._abandon(w)
-        wait = self.reservations.wait_estimate(w.ctx.backend, w.need.kv_bytes)
+        return self._refusal(w.ctx.backend, w.need.kv_bytes, w.held_by)
+
+    def _refusal(self, backend: str, kv_bytes: int, held_by: str) -> GatewayError:
+        wait = self.reservations.wait_estimate(backend, kv_bytes)
         retry = min(MAX_RETRY_AFTER_S, max(1.0, wait if wait is not None else self.cfg.queue_timeout_s))
-        if w.held_by == "tenant":
+        if held_by == "tenant":
             return RateLimited(
                 "Your concurrency or KV share limit is in use by your other requests; "
                 f"retry in {math.ceil(retry)} s.", code="tenant_capacity_exceeded",
@@ -288,3 +378,9 @@ class Admission:
             f"The model is at its memory capacity; retry in {math.ceil(retry)} s.",
             code="capacity_exceeded", retry_after=retry,
         )
+
+
+def _quiet(task: asyncio.Future[None]) -> None:
+    """A give-back that failed leaves the charge standing; nothing else to do about it."""
+    if not task.cancelled():
+        task.exception()

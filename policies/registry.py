@@ -12,6 +12,7 @@ from policies.admission import Admission
 from policies.base import PolicyChain, PolicyEnv, PolicyKind
 from policies.context_trim import ContextTrim
 from policies.degrade import Degrade
+from policies.quotas import Quotas
 from policies.reservations import Reservations
 from policies.routing import Router, Routing
 
@@ -29,17 +30,19 @@ DEFAULT_POLICIES = ("adapter_selection", "routing", "context_trim", "degrade", "
 def build_chain(
     names: Sequence[str], options: Mapping[str, object], models: Sequence[ModelConfig],
     tenants: Sequence[TenantConfig], backends: Mapping[str, Backend],
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.monotonic, quotas: Quotas | None = None,
 ) -> PolicyChain:
     """One instance of each named policy, in order, with its options (`options[name]`, else
-    its Config's defaults), sharing one env: reservations, router, clock."""
+    its Config's defaults), sharing one env: reservations, router, clock, and `quotas`
+    (policies/shared_state.py's SharedState with shared_state configured; else in-process)."""
     unknown = [n for n in names if n not in POLICY_KINDS]
     if unknown:
         raise KeyError(f"unknown policies {unknown} (known: {', '.join(sorted(POLICY_KINDS))})")
     env = PolicyEnv(models={m.name: m for m in models}, tenants={t.name: t for t in tenants},
-                    backends=backends, reservations=Reservations(clock), router=Router(), clock=clock)
+                    backends=backends, reservations=Reservations(clock), router=Router(), clock=clock,
+                    quotas=quotas)
     policies = []
     for name in names:
         kind = POLICY_KINDS[name]
         policies.append(kind(env, options.get(name) or kind.Config()))
-    return PolicyChain(policies, env.reservations)
+    return PolicyChain(policies, env.reservations, quotas)

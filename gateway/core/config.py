@@ -77,6 +77,8 @@ class TenantConfig:
     limits: TenantLimits = field(default_factory=TenantLimits)
     allow_degrade: bool = True
     trim: TrimConfig = field(default_factory=TrimConfig)
+    # forwarded to a Gateway API Inference Extension as x-gateway-inference-objective
+    inference_objective: str | None = None
 
     def key_hashes(self) -> tuple[bytes, ...]:
         """sha256 digests of every key this tenant may use (config hashes + env keys)."""

@@ -31,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from gateway.core.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
 from gateway.handler import GENERATION_ROUTES, GenerationHandler, Incoming
 from gateway.http.fast import FastCycle
+from gateway.workers import worker_id
 
 MAX_HEADER_BYTES = 64 * 1024  # request line + all headers
 DEFAULT_HEADER_TIMEOUT_S = 10.0
@@ -81,6 +82,17 @@ def _gateway(config: Any, app: Any) -> tuple[GenerationHandler | None, float]:
     return found
 
 
+def _name_worker(config: Any, server_state: Any) -> None:
+    """Every answer of this process names it (x-gateway-worker): uvicorn's default headers,
+    which both the fast writer and uvicorn's own cycle send, carry it; uvicorn rebuilds the
+    list from config.encoded_headers once a second, so it goes there too."""
+    header = (b"x-gateway-worker", worker_id().encode())
+    if header not in config.encoded_headers:
+        config.encoded_headers = [*config.encoded_headers, header]
+    if header not in server_state.default_headers:
+        server_state.default_headers = [*server_state.default_headers, header]
+
+
 def _refusal(exc: GatewayError) -> bytes:
     """A whole answer that closes the connection, in OpenAI's error shape."""
     body = orjson.dumps(exc.body())
@@ -105,6 +117,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         handler, self.header_timeout_s = _gateway(self.config, self.app)
         self.handler = handler if not self.root_path else None
+        _name_worker(self.config, self.server_state)
 
     # ---- connection -----------------------------------------------------------------------
 
