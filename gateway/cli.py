@@ -38,7 +38,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
         _multiprocess_metrics_dir()
-        uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
+        from gateway.workers import Supervisor
+
+        return Supervisor(str(Path(args.config).resolve()), args.workers, common).run()
     else:
         from gateway.app import create_app
         from gateway.http.server import DrainingServer

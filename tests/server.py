@@ -67,9 +67,10 @@ def running_gateway(
 @contextlib.contextmanager
 def gateway_process(
     config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None, timeout: float = 120,
-    ready_path: str = "/ready", python: str | None = None,
+    ready_path: str = "/ready", python: str | None = None, args: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Like running_gateway, but also yields the process (for fault tests)."""
+    """Like running_gateway, but also yields the process (for fault tests); `args`: more
+    `gateway serve` arguments (--workers N)."""
     cfg_path = workdir / "gateway.yaml"
     cfg_path.write_text(yaml.safe_dump(copy.deepcopy(config)))
     port = free_port()
@@ -78,7 +79,7 @@ def gateway_process(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [python or sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg_path),
-             "--host", "127.0.0.1", "--port", str(port)],
+             "--host", "127.0.0.1", "--port", str(port), *args],
             stdout=log, stderr=subprocess.STDOUT, env=full_env,
         )
     base = f"http://127.0.0.1:{port}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -29,15 +30,16 @@ class DrainingServer(uvicorn.Server):
         self.drain.begin()  # runs on the loop's thread (uvicorn installs it with signal.signal)
         super().handle_exit(sig, frame)
 
-    def run_until_signalled(self) -> None:
+    def run_until_signalled(self, sockets: list[socket.socket] | None = None) -> None:
         """Serve until a shutdown signal; return normally (exit 0) after the graceful stop.
+        `sockets`: listen on these (a `--workers N` worker's share of the parent's socket).
 
         uvicorn re-raises the signal it caught once it has shut down, so that the previous
         handler runs; with SIG_DFL that would kill the process (exit -15) after a clean stop.
         """
         previous = signal.signal(signal.SIGTERM, _ignore)
         try:
-            self.run()
+            self.run(sockets)
         finally:
             signal.signal(signal.SIGTERM, previous)
 

@@ -110,17 +110,18 @@ class CountingUpstream:
             if model != BASE and model not in self.loaded:
                 self.unloaded_in_use.append(f"{model} (never loaded)")
         try:
-            while not self._open.is_set():
-                await asyncio.sleep(0.01)
             usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
-            if data.get("stream"):
+            if data.get("stream"):  # the first event at once, the rest through the gate
                 chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model}
                 w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                         b"connection: close\r\n\r\n"
-                        + _event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}]})
-                        + _event({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                        + _event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}]}))
+                await w.drain()
+                await self._gate()
+                w.write(_event({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
                         + _event({**chunk, "choices": [], "usage": usage}) + b"data: [DONE]\n\n")
             else:
+                await self._gate()
                 self._json(w, {"id": "c", "object": "chat.completion", "created": 0, "model": model,
                                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
                                             "finish_reason": "stop"}], "usage": usage})
@@ -129,6 +130,10 @@ class CountingUpstream:
             with self._lock:
                 self.in_flight -= 1
                 self.adapter_in_flight[model] -= 1
+
+    async def _gate(self) -> None:
+        while not self._open.is_set():
+            await asyncio.sleep(0.01)
 
     @staticmethod
     def _send(w: asyncio.StreamWriter, status: int, ctype: str, body: bytes) -> None:
