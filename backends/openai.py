@@ -56,6 +56,10 @@ class OpenAIConfig:
     cooldown_s: float = 5.0  # out of rotation this long after a failure, then re-probed
     trust_env: bool = True  # HTTP(S)_PROXY / NO_PROXY, for every client (backends/upstream_proxy.py)
     max_response_bytes: int = MAX_RESPONSE_BYTES  # a larger upstream answer is a 502
+    # The upstream is a Kubernetes Gateway API Inference Extension's gateway: send the tenant
+    # as x-gateway-inference-fairness-id and its inference_objective as
+    # x-gateway-inference-objective (tenant policy here, endpoint picking there)
+    inference_extension: bool = False
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.retry_backoff_s < 0 or self.cooldown_s <= 0:
@@ -173,6 +177,10 @@ class OpenAIBackend(RemoteBackend):
         again (httpx.RemoteProtocolError from the pool)."""
         path = "/chat/completions" if ctx.kind == "chat" else "/completions"
         headers = {"x-request-id": ctx.request_id, **ctx.trace_headers}
+        if self.cfg.inference_extension:
+            headers["x-gateway-inference-fairness-id"] = ctx.tenant
+            if ctx.inference_objective:
+                headers["x-gateway-inference-objective"] = ctx.inference_objective
         body = orjson.dumps(self._body(ctx))
         for attempt in range(self.cfg.retries + 1):
             last = attempt == self.cfg.retries

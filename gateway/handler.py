@@ -176,6 +176,7 @@ class GenerationHandler:
             requested_adapter=adapter,  # the adapter_selection policy sets ctx.adapter
             user=user if isinstance(user, str) else None,
             created=time.time(),
+            inference_objective=tenant.inference_objective,
         )
         if not state.ready:
             raise Unavailable("The gateway is starting; try again shortly.", retry_after=1)
