@@ -295,8 +295,8 @@ def _check_references(s: Settings) -> None:
         for j, h in enumerate(t.api_key_sha256):
             if not re.fullmatch(r"[0-9a-fA-F]{64}", h):
                 raise ConfigError(f"tenants[{i}].api_key_sha256[{j}]: expected 64 hex digits")
-        if not t.api_key_sha256 and not t.api_keys_env:
-            raise ConfigError(f"tenants[{i}]: give api_keys_env or api_key_sha256")
+        if not t.api_key_sha256 and not t.api_keys_env and not t.api_keys_file:
+            raise ConfigError(f"tenants[{i}]: give api_keys_env, api_keys_file or api_key_sha256")
         for j, model in enumerate(t.models):
             if model not in names:
                 raise ConfigError(f"tenants[{i}].models[{j}]: no model named {model!r}")

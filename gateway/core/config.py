@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class TrimConfig:
 
 @dataclass(frozen=True)
 class TenantConfig:
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("api_keys_file",)  # relative to the config file
+
     name: str
     api_keys_env: str | None = None
     api_key_sha256: tuple[str, ...] = ()
@@ -79,12 +83,22 @@ class TenantConfig:
     trim: TrimConfig = field(default_factory=TrimConfig)
     # forwarded to a Gateway API Inference Extension as x-gateway-inference-objective
     inference_objective: str | None = None
+    # a file of comma- or newline-separated keys (a mounted Kubernetes Secret; scale-out)
+    api_keys_file: str | None = None
 
     def key_hashes(self) -> tuple[bytes, ...]:
         """sha256 digests of every key this tenant may use (config hashes + env keys)."""
         digests = [bytes.fromhex(h) for h in self.api_key_sha256]
         if self.api_keys_env:
             for key in os.environ.get(self.api_keys_env, "").split(","):
+                if key.strip():
+                    digests.append(hashlib.sha256(key.strip().encode()).digest())
+        if self.api_keys_file:
+            try:
+                text = Path(self.api_keys_file).read_text()
+            except OSError:
+                text = ""  # no keys: the tenant cannot authenticate until the file exists
+            for key in text.replace("\n", ",").split(","):
                 if key.strip():
                     digests.append(hashlib.sha256(key.strip().encode()).digest())
         return tuple(digests)
