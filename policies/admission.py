@@ -118,13 +118,32 @@ class Admission:
         need = demand(backend, ctx, self.env.estimates)
         pool = self.reservations.pool(ctx.backend, need.budget)
         self._refuse_impossible(tenant, need)
-        await self._charge(tenant, need)
+        scopes = self._scopes(ctx, tenant, need, backend.capacity())
         start = self.env.clock()
         if not self._waiters and self._tenant_fits(ctx, tenant, need) and pool.fits(need.kv_bytes):
             # Nobody queued and it fits: what queueing then dispatching would grant at once,
-            # without a future and a queue pass (the common case, on the hot path).
+            # without a future and a queue pass (the common case, on the hot path); the rate
+            # buckets and the lease (with shared quotas) in one round trip.
             res = self._reserve(ctx, tenant, need)
+            if scopes:
+                lease = self.quotas.new_lease()
+                try:
+                    wait, failed = await self.quotas.admit(tenant.buckets(1, need.tokens), lease,
+                                                           scopes)
+                except BaseException:
+                    self._release(res)
+                    raise
+                if wait > 0:
+                    self._release(res)
+                    raise _rate_limited(tenant, need, wait)
+                if failed < 0:
+                    self._leases[id(res)] = (lease, scopes)
+                else:  # charged; wait for the lease (another process holds what it needs)
+                    await self._lease(ctx, res, scopes, start, lease)
+                return self._admitted(ctx, res, self.env.clock() - start)
+            await self._charge(tenant, need)
         else:
+            await self._charge(tenant, need)
             waiter = Waiter(ctx, tenant, need, PRIORITY_RANK[tenant.cfg.priority],
                             next(self._seq), asyncio.get_running_loop().create_future())
             self._waiters.append(waiter)
@@ -134,9 +153,8 @@ class Admission:
                 res = await self._wait(waiter)
             finally:
                 ctx.queue_seconds = self.env.clock() - start
-        scopes = self._scopes(ctx, tenant, need, backend.capacity())
         if scopes:
-            await self._lease(ctx, res, scopes, start)
+            await self._lease(ctx, res, scopes, start, self.quotas.new_lease())
         return self._admitted(ctx, res, self.env.clock() - start if scopes else ctx.queue_seconds)
 
     async def _charge(self, tenant: TenantState, need: Demand) -> None:
@@ -146,12 +164,7 @@ class Admission:
             return
         wait = await self.quotas.take(buckets)
         if wait > 0:
-            what = " and ".join(b.key.rpartition(":")[2] for b in buckets)
-            retry = min(MAX_RETRY_AFTER_S, max(1.0, wait))
-            raise RateLimited(
-                f"Rate limit reached for {what} per minute; retry in {math.ceil(retry)} s.",
-                retry_after=retry,
-            )
+            raise _rate_limited(tenant, need, wait)
 
     # ---- leases on what every gateway process shares ---------------------------------------
 
@@ -173,9 +186,8 @@ class Admission:
         return scopes
 
     async def _lease(self, ctx: RequestContext, res: Reservation, scopes: list[Scope],
-                     start: float) -> None:
+                     start: float, lease: str) -> None:
         """Hold `scopes` for this request, waiting within the queue timeout (or deadline)."""
-        lease = self.quotas.new_lease()
         timeout = self.cfg.queue_timeout_s
         if ctx.deadline is not None:
             timeout = min(timeout, ctx.deadline - time.time())
@@ -212,29 +224,24 @@ class Admission:
             self._release(res)
             if outcome == "ok" and ctx.usage is not None:
                 self.env.estimates.observe(estimate_key(ctx), ctx.usage.completion_tokens)
-            held = self._leases.pop(id(res), None)
-            try:
-                await self._settle(res, outcome, ctx.usage)
-            finally:
-                if held is not None:
-                    await self.quotas.release(*held)
+            lease, scopes = self._leases.pop(id(res), ("", []))
+            buckets = self._settlement(res, outcome, ctx.usage)
+            if scopes or buckets:
+                await self.quotas.finish(buckets, lease, scopes)
 
-    async def _settle(self, res: Reservation, outcome: Outcome, usage: Usage | None) -> None:
+    def _settlement(self, res: Reservation, outcome: Outcome, usage: Usage | None) -> list[Bucket]:
         """The rate buckets keep what a request used, not what it was charged: an attempt that
         failed over to another backend gives back its request and tokens (the next attempt is
         charged), a finished one is settled to its usage (the estimate's error, either way);
         one that ended without usage (an error, a cancel) keeps its charge."""
         tenant = self._tenants.get(res.tenant)
         if tenant is None:
-            return
+            return []
         if outcome == "retried":
-            buckets = tenant.buckets(1, res.tokens)
-        elif outcome == "ok" and usage is not None:
-            buckets = tenant.buckets(0, res.tokens - usage.total_tokens)
-        else:
-            return
-        if buckets:
-            await self.quotas.settle(buckets)
+            return tenant.buckets(1, res.tokens)
+        if outcome == "ok" and usage is not None:
+            return tenant.buckets(0, res.tokens - usage.total_tokens)
+        return []
 
     # ---- refusals before queueing ---------------------------------------------------------
 
@@ -384,3 +391,10 @@ def _quiet(task: asyncio.Future[None]) -> None:
     """A give-back that failed leaves the charge standing; nothing else to do about it."""
     if not task.cancelled():
         task.exception()
+
+
+def _rate_limited(tenant: TenantState, need: Demand, wait: float) -> RateLimited:
+    what = " and ".join(b.key.rpartition(":")[2] for b in tenant.buckets(1, need.tokens))
+    retry = min(MAX_RETRY_AFTER_S, max(1.0, wait))
+    return RateLimited(f"Rate limit reached for {what} per minute; retry in {math.ceil(retry)} s.",
+                       retry_after=retry)

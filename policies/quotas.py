@@ -33,6 +33,14 @@ class Quotas(Protocol):
     async def release(self, lease: str, scopes: Sequence[Scope]) -> None:
         """Drop the lease; completes even when the caller is cancelled meanwhile."""
 
+    async def admit(self, buckets: Sequence[Bucket], lease: str,
+                    scopes: Sequence[Scope]) -> tuple[float, int]:
+        """take, then acquire, at once: (seconds to wait, -1) when a bucket is short (nothing
+        taken); else the buckets are taken and (0.0, acquire's answer)."""
+
+    async def finish(self, buckets: Sequence[Bucket], lease: str, scopes: Sequence[Scope]) -> None:
+        """release, then settle, at once; completes even when the caller is cancelled."""
+
     async def changed(self, timeout: float) -> None:
         """Return when a lease was released here, or after `timeout` seconds."""
 
@@ -66,6 +74,19 @@ class LocalQuotas:
         self.book.release(lease, [s.key for s in scopes])
         self._released.set()
         self._released = asyncio.Event()
+
+    async def admit(self, buckets: Sequence[Bucket], lease: str,
+                    scopes: Sequence[Scope]) -> tuple[float, int]:
+        wait = await self.take(buckets) if buckets else 0.0
+        if wait > 0:
+            return wait, -1
+        return 0.0, await self.acquire(lease, scopes) if scopes else -1
+
+    async def finish(self, buckets: Sequence[Bucket], lease: str, scopes: Sequence[Scope]) -> None:
+        if scopes:
+            await self.release(lease, scopes)
+        if buckets:
+            await self.settle(buckets)
 
     async def changed(self, timeout: float) -> None:
         await wait_event(self._released, timeout)

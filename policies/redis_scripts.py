@@ -18,40 +18,45 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
 """
 
-# KEYS: bucket keys. ARGV: mode ("take" | "settle"), then per key: size (per minute), amount.
-# take: every amount or none; returns {1, 0} when taken, else {0, microseconds to wait}.
-# settle: adds each amount back (negative: a debt), never above the size; returns {1, 0}.
-RATE = _NOW + """
-local mode = ARGV[1]
-local levels = {}
-local wait = 0
-for i = 1, #KEYS do
-  local size = tonumber(ARGV[2 * i])
-  local amount = tonumber(ARGV[2 * i + 1])
-  local per_us = size / 60000000
-  local held = redis.call('HMGET', KEYS[i], 'l', 't')
-  local level = size
-  if held[1] then
-    level = math.min(size, tonumber(held[1]) + (now_us - tonumber(held[2])) * per_us)
+# rate(mode, keys, sizes_and_amounts): "take" every amount or none ({1, 0} when taken, else
+# {0, microseconds to wait}); "settle" adds each amount back (negative: a debt), never above
+# the size ({1, 0}). sizes_and_amounts: per key, the size (per minute) then the amount.
+_RATE_FN = """
+local function rate(mode, keys, pairs)
+  local levels = {}
+  local wait = 0
+  for i = 1, #keys do
+    local size = tonumber(pairs[2 * i - 1])
+    local amount = tonumber(pairs[2 * i])
+    local per_us = size / 60000000
+    local held = redis.call('HMGET', keys[i], 'l', 't')
+    local level = size
+    if held[1] then
+      level = math.min(size, tonumber(held[1]) + (now_us - tonumber(held[2])) * per_us)
+    end
+    levels[i] = level
+    if mode == 'take' and level < amount then
+      wait = math.max(wait, (amount - level) / per_us)
+    end
   end
-  levels[i] = level
-  if mode == 'take' and level < amount then
-    wait = math.max(wait, (amount - level) / per_us)
+  if wait > 0 then
+    return {0, math.ceil(wait)}
   end
+  for i = 1, #keys do
+    local size = tonumber(pairs[2 * i - 1])
+    local amount = tonumber(pairs[2 * i])
+    local level
+    if mode == 'take' then level = levels[i] - amount else level = math.min(size, levels[i] + amount) end
+    redis.call('HSET', keys[i], 'l', tostring(level), 't', tostring(now_us))
+    redis.call('PEXPIRE', keys[i], math.ceil((size - level) * 60000 / size) + 1000)
+  end
+  return {1, 0}
 end
-if wait > 0 then
-  return {0, math.ceil(wait)}
-end
-for i = 1, #KEYS do
-  local size = tonumber(ARGV[2 * i])
-  local amount = tonumber(ARGV[2 * i + 1])
-  local level
-  if mode == 'take' then level = levels[i] - amount else level = math.min(size, levels[i] + amount) end
-  redis.call('HSET', KEYS[i], 'l', tostring(level), 't', tostring(now_us))
-  local full_ms = math.ceil((size - level) * 60000 / size) + 1000
-  redis.call('PEXPIRE', KEYS[i], full_ms)
-end
-return {1, 0}
+"""
+
+# KEYS: bucket keys. ARGV: mode ("take" | "settle"), then per key: size, amount.
+RATE = _NOW + _RATE_FN + """
+return rate(ARGV[1], KEYS, {unpack(ARGV, 2)})
 """
 
 _RECLAIM = """
@@ -70,30 +75,75 @@ local function reclaim(z, h)
 end
 """
 
-# KEYS: per scope, its sorted set then its hash. ARGV: lease, ttl ms, then per scope: limit,
-# amount. Returns {0, totals...} when held on every scope, else {i, total of scope i} for
-# the first scope i (1-based) it did not fit.
-ACQUIRE = _NOW + _RECLAIM + """
-local lease = ARGV[1]
-local ttl = tonumber(ARGV[2])
-local totals = {}
-for i = 1, #KEYS / 2 do
-  local total = reclaim(KEYS[2 * i - 1], KEYS[2 * i])
-  local limit = tonumber(ARGV[1 + 2 * i])
-  local amount = tonumber(ARGV[2 + 2 * i])
-  if total + amount > limit then
-    return {i, total}
+# acquire(lease, ttl, keys, limits_and_amounts): keys per scope, its sorted set then its hash;
+# per scope its limit then the amount. {0, totals...} when held on every scope, else
+# {i, total of scope i} for the first scope i (1-based) it did not fit.
+_ACQUIRE_FN = """
+local function acquire(lease, ttl, keys, pairs)
+  local totals = {}
+  for i = 1, #keys / 2 do
+    local total = reclaim(keys[2 * i - 1], keys[2 * i])
+    local limit = tonumber(pairs[2 * i - 1])
+    local amount = tonumber(pairs[2 * i])
+    if total + amount > limit then
+      return {i, total}
+    end
+    totals[i] = total + amount
   end
-  totals[i] = total + amount
+  for i = 1, #keys / 2 do
+    local amount = tonumber(pairs[2 * i])
+    redis.call('ZADD', keys[2 * i - 1], now_ms + ttl, lease)
+    redis.call('HSET', keys[2 * i], lease, amount)
+    redis.call('HINCRBY', keys[2 * i], '_total', amount)
+  end
+  table.insert(totals, 1, 0)
+  return totals
 end
-for i = 1, #KEYS / 2 do
-  local amount = tonumber(ARGV[2 + 2 * i])
-  redis.call('ZADD', KEYS[2 * i - 1], now_ms + ttl, lease)
-  redis.call('HSET', KEYS[2 * i], lease, amount)
-  redis.call('HINCRBY', KEYS[2 * i], '_total', amount)
+"""
+
+# release(lease, keys): keys per scope, its sorted set then its hash.
+_RELEASE_FN = """
+local function release(lease, keys)
+  for i = 1, #keys / 2 do
+    local z, h = keys[2 * i - 1], keys[2 * i]
+    redis.call('ZREM', z, lease)
+    local amount = redis.call('HGET', h, lease)
+    if amount then
+      redis.call('HINCRBY', h, '_total', -tonumber(amount))
+      redis.call('HDEL', h, lease)
+    end
+    if redis.call('ZCARD', z) == 0 then redis.call('DEL', h) end
+  end
 end
-table.insert(totals, 1, 0)
-return totals
+"""
+
+# KEYS: per scope, its sorted set then its hash. ARGV: lease, ttl ms, then per scope: limit,
+# amount.
+ACQUIRE = _NOW + _RECLAIM + _ACQUIRE_FN + """
+return acquire(ARGV[1], tonumber(ARGV[2]), KEYS, {unpack(ARGV, 3)})
+"""
+
+# Admission in one round trip: take the rate buckets, then hold the lease. KEYS: the n bucket
+# keys, then the scopes' keys. ARGV: n, lease, ttl ms, per bucket: size, amount, then per
+# scope: limit, amount. {0, wait} when a bucket is short (nothing taken); else the buckets are
+# taken and {1, acquire's answer...} (the lease held, or the scope that did not fit: the
+# caller waits for it with ACQUIRE, charged as when it queues).
+ADMIT = _NOW + _RECLAIM + _RATE_FN + _ACQUIRE_FN + """
+local n = tonumber(ARGV[1])
+local bucket_keys, scope_keys = {}, {}
+for i = 1, #KEYS do
+  if i <= n then table.insert(bucket_keys, KEYS[i]) else table.insert(scope_keys, KEYS[i]) end
+end
+local taken = rate('take', bucket_keys, {unpack(ARGV, 4, 3 + 2 * n)})
+if taken[1] == 0 then
+  return taken
+end
+if #scope_keys == 0 then
+  return {1, 0}
+end
+local held = acquire(ARGV[2], tonumber(ARGV[3]), scope_keys, {unpack(ARGV, 4 + 2 * n)})
+table.insert(held, 1, 1)
+return held
 """
 
 # KEYS: sorted sets of the lease's scopes. ARGV: lease, ttl ms. Moves the expiry of a lease
@@ -110,17 +160,21 @@ return renewed
 """
 
 # KEYS: per scope, its sorted set then its hash. ARGV: lease.
-RELEASE = """
-for i = 1, #KEYS / 2 do
-  local z, h = KEYS[2 * i - 1], KEYS[2 * i]
-  redis.call('ZREM', z, ARGV[1])
-  local amount = redis.call('HGET', h, ARGV[1])
-  if amount then
-    redis.call('HINCRBY', h, '_total', -tonumber(amount))
-    redis.call('HDEL', h, ARGV[1])
-  end
-  if redis.call('ZCARD', z) == 0 then redis.call('DEL', h) end
+RELEASE = _RELEASE_FN + """
+release(ARGV[1], KEYS)
+return 1
+"""
+
+# The end of a request in one round trip: release the lease and settle the buckets. KEYS: the
+# n bucket keys, then the scopes' keys. ARGV: n, lease, per bucket: size, amount.
+FINISH = _NOW + _RATE_FN + _RELEASE_FN + """
+local n = tonumber(ARGV[1])
+local bucket_keys, scope_keys = {}, {}
+for i = 1, #KEYS do
+  if i <= n then table.insert(bucket_keys, KEYS[i]) else table.insert(scope_keys, KEYS[i]) end
 end
+release(ARGV[2], scope_keys)
+if n > 0 then rate('settle', bucket_keys, {unpack(ARGV, 3)}) end
 return 1
 """
 

@@ -114,7 +114,7 @@ class SharedState:
             t = self.cfg.timeout_s
             self._client = aioredis.from_url(self.cfg.url(), socket_timeout=t,
                                              socket_connect_timeout=t, health_check_interval=0)
-        for name in ("RATE", "ACQUIRE", "RENEW", "RELEASE", "HEARTBEAT"):
+        for name in ("RATE", "ACQUIRE", "ADMIT", "FINISH", "RENEW", "RELEASE", "HEARTBEAT"):
             self._scripts[name] = self._client.register_script(getattr(redis_scripts, name))
         await self._beat()
         self._loop = asyncio.create_task(self._keepalive())
@@ -256,6 +256,58 @@ class SharedState:
     async def _release(self, lease: str, keys: list[str]) -> None:
         with contextlib.suppress(_Down):
             await self._redis(self._script("RELEASE", keys, [lease]))
+
+    async def admit(self, buckets: Sequence[Bucket], lease: str,
+                    scopes: Sequence[Scope]) -> tuple[float, int]:
+        """take and acquire in one round trip (the common case at admission)."""
+        keys = [self._key(b.key) for b in buckets]
+        scope_keys = self._scope_keys(scopes)
+        args: list[object] = [len(buckets), lease, int(self.cfg.lease_ttl_s * 1000)]
+        for b in buckets:
+            args += [b.per_minute, b.amount]
+        for sc in scopes:
+            args += [sc.limit, sc.amount]
+        try:
+            reply = await self._redis(self._script("ADMIT", keys + scope_keys, args))
+        except _Down:
+            self._fallback()
+            wait = self.book.take([replace(b, per_minute=self._share(b.per_minute)) for b in buckets])
+            if wait > 0 or not scopes:
+                return wait, -1
+            local = [replace(sc, limit=int(self._share(sc.limit))) for sc in scopes]
+            return 0.0, self.book.acquire(lease, local, math.inf)
+        if not int(reply[0]):
+            return int(reply[1]) / 1e6, -1
+        if not scopes:
+            return 0.0, -1
+        failed = int(reply[1]) - 1
+        if failed < 0:
+            self._held[lease] = scope_keys[::2]
+        return 0.0, failed
+
+    async def finish(self, buckets: Sequence[Bucket], lease: str, scopes: Sequence[Scope]) -> None:
+        """release and settle in one round trip, in a task of its own (see release)."""
+        keys = self._held.pop(lease, None)
+        self.book.release(lease, [sc.key for sc in scopes])
+        self._released.set()
+        self._released = asyncio.Event()
+        scope_keys = self._scope_keys(scopes) if keys is not None else []
+        if not scope_keys and not buckets:
+            return
+        args: list[object] = [len(buckets), lease]
+        for b in buckets:
+            args += [b.per_minute, b.amount]
+        task = asyncio.ensure_future(self._finish(buckets, [self._key(b.key) for b in buckets]
+                                                  + scope_keys, args))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        await asyncio.shield(task)
+
+    async def _finish(self, buckets: Sequence[Bucket], keys: list[str], args: list[object]) -> None:
+        try:
+            await self._redis(self._script("FINISH", keys, args))
+        except _Down:
+            self.book.settle([replace(b, per_minute=self._share(b.per_minute)) for b in buckets])
 
     async def changed(self, timeout: float) -> None:
         await wait_event(self._released, timeout)

@@ -174,3 +174,16 @@ def test_lease_script_answers_as_the_reference(redis_url: str, ops: list[tuple[s
             await shared.aclose()
 
     asyncio.run(run())
+
+
+async def test_admit_and_finish_are_take_acquire_and_release_settle_in_one_trip(
+        shared: SharedState) -> None:
+    rpm = [Bucket("r", 60, 1)]
+    one = [Scope("c", 1, 1)]
+    assert await shared.admit(rpm, "a", one) == (0.0, -1)  # taken and held
+    assert await shared.admit(rpm, "b", one) == (0.0, 0)  # taken, the slot is a's
+    assert await shared.take([Bucket("r", 60, 58)]) == 0  # 2 of 60 were taken
+    wait, failed = await shared.admit(rpm, "c", one)  # the bucket is empty: nothing taken
+    assert wait > 0 and failed == -1 and "c" not in shared._held
+    await shared.finish([Bucket("r", 60, 1)], "a", one)  # a's slot back, a request given back
+    assert await shared.admit(rpm, "d", one) == (0.0, -1)
