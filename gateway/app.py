@@ -21,6 +21,7 @@ from gateway import routes
 from gateway.core import context
 from gateway.core.backend import Backend
 from gateway.core.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.core.residency import SharesResidency
 from gateway.handler import GenerationHandler
 from gateway.http.asgi import GenerationDispatch
 from gateway.settings import Settings, load_settings
@@ -31,6 +32,7 @@ from gateway.tenants import AdminKey, TenantDirectory
 from gateway.tracing import build_tracer_provider
 from gateway.workers import local_workers, worker_id
 from policies.registry import build_chain
+from policies.shared_residency import SharedResidency
 from policies.shared_state import SharedState
 
 log = logging.getLogger("gateway")
@@ -111,6 +113,11 @@ def create_app(
     # -- scale-out (issue 15): limits every gateway process shares, when configured
     shared = (SharedState(settings.shared_state, local_workers(), process_id=worker_id())
               if settings.shared_state is not None else None)
+    if shared is not None:  # adapters on servers every process shares: decided fleet-wide
+        residency = SharedResidency(shared)
+        for backend in backends.values():
+            if isinstance(backend, SharesResidency):
+                backend.share_residency(residency)
     state = GatewayState(
         settings=settings,
         tenants=TenantDirectory(settings.tenants),

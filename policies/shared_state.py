@@ -74,7 +74,7 @@ class SharedStateConfig:
         return url
 
 
-class _Down(Exception):
+class Down(Exception):
     """Redis did not answer; the caller falls back."""
 
 
@@ -126,7 +126,7 @@ class SharedState:
                 await self._loop
         if self._pending:
             await asyncio.wait(self._pending, timeout=self.cfg.timeout_s * 2)
-        with contextlib.suppress(_Down):
+        with contextlib.suppress(Down):
             await self._redis(self._script("HEARTBEAT", [self._key("procs")],
                                            [self.process_id, 0, "1"]))
         if self._client is not None:
@@ -144,7 +144,7 @@ class SharedState:
 
     async def _beat(self) -> None:
         ttl_ms = int(self.cfg.lease_ttl_s * 1000)
-        with contextlib.suppress(_Down):
+        with contextlib.suppress(Down):
             self.processes = max(1, int(await self._redis(self._script(
                 "HEARTBEAT", [self._key("procs")], [self.process_id, ttl_ms, "0"]))))
             for lease, keys in list(self._held.items()):
@@ -160,11 +160,11 @@ class SharedState:
         return lambda: script(keys=list(keys), args=list(args))
 
     async def _redis(self, call: Callable[[], Awaitable[T]]) -> T:
-        """One round trip; _Down when Redis cannot answer (then not tried again for PROBE_S)."""
+        """One round trip; Down when Redis cannot answer (then not tried again for PROBE_S)."""
         from redis import exceptions as rx
 
         if not self.up and self.clock() < self._next_probe:
-            raise _Down
+            raise Down
         try:
             result = await asyncio.wait_for(call(), self.cfg.timeout_s * 2)
         except (rx.ConnectionError, rx.TimeoutError, rx.ReadOnlyError, OSError, TimeoutError) as exc:
@@ -174,11 +174,33 @@ class SharedState:
                             type(exc).__name__, self.cfg.on_unavailable)
             self.up = False
             self._next_probe = self.clock() + PROBE_S
-            raise _Down from None
+            raise Down from None
         if not self.up:
             log.warning("shared state: Redis answers again")
         self.up = True
         return result
+
+    async def run(self, name: str, keys: Sequence[str], args: Sequence[object]) -> Any:
+        """One registered script in one round trip; Down when Redis cannot answer."""
+        return await self._redis(self._script(name, keys, args))
+
+    def register(self, name: str, lua: str) -> None:
+        """Another module's script (policies/shared_residency.py), run by name."""
+        if name not in self._scripts and self._client is not None:
+            self._scripts[name] = self._client.register_script(lua)
+
+    def hold(self, lease: str, sorted_sets: list[str]) -> None:
+        """Renew `lease` in these sorted sets with the others, until forget()."""
+        self._held[lease] = sorted_sets
+
+    def forget(self, lease: str) -> None:
+        self._held.pop(lease, None)
+
+    def key(self, name: str) -> str:
+        return self._key(name)
+
+    def fallback(self) -> None:
+        self._fallback()
 
     def _fallback(self) -> None:
         """Count a decision taken without Redis; `reject` refuses it."""
@@ -200,7 +222,7 @@ class SharedState:
             ok, wait_us = await self._redis(self._script(
                 "RATE", [self._key(b.key) for b in buckets], args))
             return 0.0 if int(ok) else int(wait_us) / 1e6
-        except _Down:
+        except Down:
             self._fallback()
             return self.book.take([replace(b, per_minute=self._share(b.per_minute)) for b in buckets])
 
@@ -210,7 +232,7 @@ class SharedState:
             args += [b.per_minute, b.amount]
         try:
             await self._redis(self._script("RATE", [self._key(b.key) for b in buckets], args))
-        except _Down:
+        except Down:
             self.book.settle([replace(b, per_minute=self._share(b.per_minute)) for b in buckets])
 
     def new_lease(self) -> str:
@@ -230,7 +252,7 @@ class SharedState:
         keys = self._scope_keys(scopes)
         try:
             reply = await self._redis(self._script("ACQUIRE", keys, args))
-        except _Down:
+        except Down:
             self._fallback()
             local = [replace(s, limit=int(self._share(s.limit))) for s in scopes]
             return self.book.acquire(lease, local, math.inf)  # held until released here
@@ -254,7 +276,7 @@ class SharedState:
         await asyncio.shield(task)
 
     async def _release(self, lease: str, keys: list[str]) -> None:
-        with contextlib.suppress(_Down):
+        with contextlib.suppress(Down):
             await self._redis(self._script("RELEASE", keys, [lease]))
 
     async def admit(self, buckets: Sequence[Bucket], lease: str,
@@ -269,7 +291,7 @@ class SharedState:
             args += [sc.limit, sc.amount]
         try:
             reply = await self._redis(self._script("ADMIT", keys + scope_keys, args))
-        except _Down:
+        except Down:
             self._fallback()
             wait = self.book.take([replace(b, per_minute=self._share(b.per_minute)) for b in buckets])
             if wait > 0 or not scopes:
@@ -306,7 +328,7 @@ class SharedState:
     async def _finish(self, buckets: Sequence[Bucket], keys: list[str], args: list[object]) -> None:
         try:
             await self._redis(self._script("FINISH", keys, args))
-        except _Down:
+        except Down:
             self.book.settle([replace(b, per_minute=self._share(b.per_minute)) for b in buckets])
 
     async def changed(self, timeout: float) -> None:

@@ -37,6 +37,7 @@ class CountingUpstream:
         self.adapter_in_flight: dict[str, int] = {}
         self.unloaded_in_use: list[str] = []  # adapters unloaded while a request used them
         self.loads = 0
+        self.max_loaded = 0
         self._open = threading.Event()
         self._open.set()
 
@@ -73,6 +74,7 @@ class CountingUpstream:
                 with self._lock:
                     self.loaded.add(data["lora_name"])
                     self.loads += 1
+                    self.max_loaded = max(self.max_loaded, len(self.loaded))
                 self._send(writer, 200, "text/plain", b"ok")
             elif path.endswith("/unload_lora_adapter"):
                 with self._lock:
