@@ -40,11 +40,14 @@ from gateway.core.errors import Unavailable
 from policies import redis_scripts
 from policies.leases import Bucket, LocalBook, Scope
 from policies.quotas import wait_event
+from policies.redis_client import RedisClient, RedisError
 
 log = logging.getLogger("gateway.shared_state")
 
 ON_UNAVAILABLE = ("local_share", "reject")
 PROBE_S = 1.0  # while Redis is down: how often it is tried again
+# errors that mean "not now" rather than a bug: loading its data, a replica, no primary
+UNAVAILABLE_ERRORS = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")
 T = TypeVar("T")
 
 
@@ -84,10 +87,9 @@ class SharedState:
     shared = True
 
     def __init__(self, cfg: SharedStateConfig, local_processes: int = 1,
-                 clock: Callable[[], float] = time.monotonic, client: Any = None,
+                 clock: Callable[[], float] = time.monotonic,
                  process_id: str | None = None) -> None:
-        """`local_processes`: this pod's worker count, the process count until Redis told one.
-        `client`: a redis.asyncio client to use (tests); by default one from the URL."""
+        """`local_processes`: this pod's worker count, the process count until Redis told one."""
         self.cfg = cfg
         self.clock = clock
         self.book = LocalBook(clock)  # the fallback while Redis is down
@@ -96,8 +98,8 @@ class SharedState:
         self.up = True
         self.fallbacks = dict.fromkeys(ON_UNAVAILABLE, 0)  # decisions taken while down
         self.errors = 0  # round trips that failed
-        self._client = client
-        self._scripts: dict[str, Any] = {}
+        self._client: RedisClient | None = None
+        self._scripts: dict[str, str] = {}  # name -> Lua
         self._next_probe = 0.0
         self._held: dict[str, list[str]] = {}  # lease -> its scopes' sorted sets (renewed)
         self._ids = itertools.count()
@@ -109,13 +111,9 @@ class SharedState:
 
     async def start(self) -> None:
         if self._client is None:
-            import redis.asyncio as aioredis  # only a gateway with shared_state needs it
-
-            t = self.cfg.timeout_s
-            self._client = aioredis.from_url(self.cfg.url(), socket_timeout=t,
-                                             socket_connect_timeout=t, health_check_interval=0)
+            self._client = RedisClient(self.cfg.url(), connect_timeout=self.cfg.timeout_s)
         for name in ("RATE", "ACQUIRE", "ADMIT", "FINISH", "RENEW", "RELEASE", "HEARTBEAT"):
-            self._scripts[name] = self._client.register_script(getattr(redis_scripts, name))
+            self._scripts[name] = getattr(redis_scripts, name)
         await self._beat()
         self._loop = asyncio.create_task(self._keepalive())
 
@@ -156,29 +154,37 @@ class SharedState:
         return f"{self.cfg.key_prefix}{name}"
 
     def _script(self, name: str, keys: Sequence[str], args: Sequence[object]) -> Callable[[], Awaitable[Any]]:
-        script = self._scripts[name]
-        return lambda: script(keys=list(keys), args=list(args))
+        lua, client = self._scripts[name], self._client
+        if client is None:
+            raise RuntimeError("shared state used before start()")
+        return lambda: client.script(lua, list(keys), list(args))
 
     async def _redis(self, call: Callable[[], Awaitable[T]]) -> T:
         """One round trip; Down when Redis cannot answer (then not tried again for PROBE_S)."""
-        from redis import exceptions as rx
-
         if not self.up and self.clock() < self._next_probe:
             raise Down
         try:
             result = await asyncio.wait_for(call(), self.cfg.timeout_s * 2)
-        except (rx.ConnectionError, rx.TimeoutError, rx.ReadOnlyError, OSError, TimeoutError) as exc:
-            self.errors += 1
-            if self.up:
-                log.warning("shared state: Redis unavailable (%s); %s until it answers",
-                            type(exc).__name__, self.cfg.on_unavailable)
-            self.up = False
-            self._next_probe = self.clock() + PROBE_S
+        except RedisError as exc:
+            if not str(exc).startswith(UNAVAILABLE_ERRORS):
+                raise  # a script's error: a bug, not an outage
+            self._down(exc)
+            raise Down from None
+        except (OSError, TimeoutError) as exc:  # ConnectionError is an OSError
+            self._down(exc)
             raise Down from None
         if not self.up:
             log.warning("shared state: Redis answers again")
         self.up = True
         return result
+
+    def _down(self, exc: BaseException) -> None:
+        self.errors += 1
+        if self.up:
+            log.warning("shared state: Redis unavailable (%s); %s until it answers",
+                        type(exc).__name__, self.cfg.on_unavailable)
+        self.up = False
+        self._next_probe = self.clock() + PROBE_S
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[object]) -> Any:
         """One registered script in one round trip; Down when Redis cannot answer."""
@@ -186,8 +192,7 @@ class SharedState:
 
     def register(self, name: str, lua: str) -> None:
         """Another module's script (policies/shared_residency.py), run by name."""
-        if name not in self._scripts and self._client is not None:
-            self._scripts[name] = self._client.register_script(lua)
+        self._scripts.setdefault(name, lua)
 
     def hold(self, lease: str, sorted_sets: list[str]) -> None:
         """Renew `lease` in these sorted sets with the others, until forget()."""

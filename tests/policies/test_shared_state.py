@@ -66,8 +66,7 @@ async def test_leases_hold_limits_and_release(shared: SharedState) -> None:
 async def test_an_unrenewed_lease_is_reclaimed_within_its_ttl_and_a_renewed_one_is_not(
         redis_url: str) -> None:
     cfg = config(redis_url, lease_ttl_s=0.6)
-    holder = SharedState(cfg)  # never started: nothing renews its leases (a SIGKILLed peer)
-    holder._client = None
+    holder = SharedState(cfg)  # its keep-alive stopped below: a SIGKILLed peer
     renewed, other = SharedState(cfg), SharedState(cfg)
     for s in (holder, renewed, other):
         await s.start()
