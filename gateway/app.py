@@ -22,6 +22,7 @@ from gateway.core import context
 from gateway.core.backend import Backend
 from gateway.core.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.core.residency import SharesResidency
+from gateway.core.worker import local_workers, worker_id
 from gateway.handler import GenerationHandler
 from gateway.http.asgi import GenerationDispatch
 from gateway.settings import Settings, load_settings
@@ -30,7 +31,6 @@ from gateway.state import GatewayState
 from gateway.telemetry import Telemetry
 from gateway.tenants import AdminKey, TenantDirectory
 from gateway.tracing import build_tracer_provider
-from gateway.workers import local_workers, worker_id
 from policies.registry import build_chain
 from policies.shared_residency import SharedResidency
 from policies.shared_state import SharedState

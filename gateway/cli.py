@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gateway.core.worker import WORKERS_ENV
 from gateway.settings import ConfigError, load_settings
-from gateway.workers import WORKERS_ENV
 
 
 def _serve(args: argparse.Namespace) -> int:

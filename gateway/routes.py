@@ -12,9 +12,9 @@ from starlette.responses import JSONResponse, Response
 from gateway import openapi
 from gateway.core.config import ModelConfig, TenantConfig
 from gateway.core.errors import NotFound
+from gateway.core.worker import worker_id
 from gateway.memory_report import memory_report
 from gateway.state import GatewayState
-from gateway.workers import worker_id
 
 
 def _state(request: Request) -> GatewayState:

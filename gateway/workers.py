@@ -31,30 +31,12 @@ from typing import Any
 
 import uvicorn
 
+from gateway.core.worker import worker_id
+
 log = logging.getLogger("gateway.workers")
 
-WORKERS_ENV = "GATEWAY_WORKERS"  # set by the CLI before the workers start
 READY_TIMEOUT_S = 180.0  # a replacement that does not serve by then is given up
 CHECK_EVERY_TICKS = 10  # uvicorn ticks every 0.1 s: the memory check once a second
-
-_named: dict[int, str] = {}  # pid -> id (a forked child computes its own)
-
-
-def worker_id() -> str:
-    """This process, as answers name it (`x-gateway-worker`) and /debug/memory shows it."""
-    pid = os.getpid()
-    name = _named.get(pid)
-    if name is None:
-        name = _named[pid] = f"{socket.gethostname()}:{pid}"
-    return name
-
-
-def local_workers() -> int:
-    """Gateway processes on this pod (the CLI's --workers), 1 when not set."""
-    try:
-        return max(1, int(os.environ.get(WORKERS_ENV, "1")))
-    except ValueError:
-        return 1
 
 
 # ---------------------------------------------------------------- the worker process

@@ -15,6 +15,7 @@ from policies.degrade import Degrade
 from policies.quotas import Quotas
 from policies.reservations import Reservations
 from policies.routing import Router, Routing
+from policies.shared_state import SharedState
 
 POLICY_KINDS: dict[str, PolicyKind] = {
     "adapter_selection": AdapterSelection,
@@ -38,8 +39,12 @@ def build_chain(
     unknown = [n for n in names if n not in POLICY_KINDS]
     if unknown:
         raise KeyError(f"unknown policies {unknown} (known: {', '.join(sorted(POLICY_KINDS))})")
+    router = Router()
+    if isinstance(quotas, SharedState):  # replica affinity shared with the other processes
+        router.publish = quotas.publish_affinity
+        quotas.on_affinity = router.merge_affinity
     env = PolicyEnv(models={m.name: m for m in models}, tenants={t.name: t for t in tenants},
-                    backends=backends, reservations=Reservations(clock), router=Router(), clock=clock,
+                    backends=backends, reservations=Reservations(clock), router=router, clock=clock,
                     quotas=quotas)
     policies = []
     for name in names:

@@ -106,6 +106,8 @@ class SharedState:
         self._released = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        # the fleet's replica bindings, read at each heartbeat (policies/routing.py's Router)
+        self.on_affinity: Callable[[dict[str, str]], None] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -147,6 +149,29 @@ class SharedState:
                 "HEARTBEAT", [self._key("procs")], [self.process_id, ttl_ms, "0"]))))
             for lease, keys in list(self._held.items()):
                 await self._redis(self._script("RENEW", keys, [lease, ttl_ms]))
+            if self.on_affinity is not None:
+                flat = await self._call("HGETALL", self._key("affinity"))
+                self.on_affinity({flat[i].decode(): flat[i + 1].decode()
+                                  for i in range(0, len(flat), 2)})
+
+    # ---- replica affinity ---------------------------------------------------------------
+
+    def publish_affinity(self, key: str, replica: str) -> None:
+        """A binding this process made ("model:adapter" -> replica), for the others (who read
+        them at their next heartbeat); sent in a task: routing does not wait for it."""
+        task = asyncio.ensure_future(self._publish(key, replica))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _publish(self, key: str, replica: str) -> None:
+        with contextlib.suppress(Down):
+            await self._call("HSET", self._key("affinity"), key, replica)
+
+    async def _call(self, *args: object) -> Any:
+        client = self._client
+        if client is None:
+            raise Down
+        return await self._redis(lambda: client.call(*args))
 
     # ---- Redis, or the fallback ---------------------------------------------------------
 

@@ -29,9 +29,9 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway.core.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
+from gateway.core.worker import worker_id
 from gateway.handler import GENERATION_ROUTES, GenerationHandler, Incoming
 from gateway.http.fast import FastCycle
-from gateway.workers import worker_id
 
 MAX_HEADER_BYTES = 64 * 1024  # request line + all headers
 DEFAULT_HEADER_TIMEOUT_S = 10.0

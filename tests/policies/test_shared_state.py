@@ -186,3 +186,30 @@ async def test_admit_and_finish_are_take_acquire_and_release_settle_in_one_trip(
     assert wait > 0 and failed == -1 and "c" not in shared._held
     await shared.finish([Bucket("r", 60, 1)], "a", one)  # a's slot back, a request given back
     assert await shared.admit(rpm, "d", one) == (0.0, -1)
+
+
+async def test_replica_affinity_reaches_the_other_processes(redis_url: str) -> None:
+    from gateway.core.config import ModelConfig
+    from gateway.core.context import RequestContext, SamplingParams
+    from policies.registry import build_chain
+    from tests.policies.fakes import FakeBackend
+
+    cfg = config(redis_url)
+    model = ModelConfig(name="m", backends=("r1", "r2"))
+    routers = []
+    for _ in range(2):
+        shared = SharedState(cfg)
+        await shared.start()
+        chain = build_chain(["routing"], {}, [model], [], {"r1": FakeBackend("r1"),
+                            "r2": FakeBackend("r2")}, quotas=shared)
+        routers.append((shared, chain.policies[0].env.router))  # type: ignore[attr-defined]
+    (a, router_a), (b, router_b) = routers
+    router_a.inflight["r1"] = 5  # a sends the adapter to the less loaded r2, and publishes it
+    ctx = RequestContext(request_id="x", tenant="t", kind="chat", requested_model="m",
+                         target_model="m", backend="r1", sampling=SamplingParams(), adapter="ad")
+    assert router_a.route(ctx, model, {"r1": FakeBackend("r1"), "r2": FakeBackend("r2")}) == "r2"
+    await asyncio.gather(*a._pending)
+    await b._beat()
+    assert router_b.affinity[("m", "ad")] == "r2"
+    for s in (a, b):
+        await s.aclose()
