@@ -56,13 +56,24 @@ class _Connection(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(ConnectionError(str(self.lost)))
 
-    def send(self, payload: bytes) -> asyncio.Future[Any]:
+    def send(self, payload: bytes, timeout: float | None = None) -> asyncio.Future[Any]:
+        """Writes the command now (a caller cancelled while it waits for the reply has still
+        sent it); the reply's future fails with TimeoutError after `timeout` seconds."""
         if self.transport is None or self.lost is not None or self.transport.is_closing():
             raise ConnectionError("not connected to Redis")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         self.pending.append(fut)
         self.transport.write(payload)
+        if timeout is not None:
+            timer = loop.call_later(timeout, _expire, fut)
+            fut.add_done_callback(lambda _: timer.cancel())
         return fut
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("Redis did not answer in time"))
 
 
 def encode(*args: object) -> bytes:
@@ -117,20 +128,23 @@ class RedisClient:
         self._conn = conn
         return conn
 
-    async def call(self, *args: object) -> Any:
-        return await (await self._connection()).send(encode(*args))
+    async def call(self, *args: object, timeout: float | None = None) -> Any:
+        """One command; its reply. Connected already, the command is written before the first
+        suspension (so a cancelled caller has sent it)."""
+        return await (await self._connection()).send(encode(*args), timeout)
 
-    async def script(self, lua: str, keys: list[str], args: list[object]) -> Any:
+    async def script(self, lua: str, keys: list[str], args: list[object],
+                     timeout: float | None = None) -> Any:
         """EVALSHA; EVAL the first time (or after NOSCRIPT), which also loads the script."""
         sha = hashlib.sha1(lua.encode()).hexdigest()
         if sha in self._known:
             try:
-                return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+                return await self.call("EVALSHA", sha, len(keys), *keys, *args, timeout=timeout)
             except RedisError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
                     raise
                 self._known.discard(sha)
-        reply = await self.call("EVAL", lua, len(keys), *keys, *args)
+        reply = await self.call("EVAL", lua, len(keys), *keys, *args, timeout=timeout)
         self._known.add(sha)
         return reply
 

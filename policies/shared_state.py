@@ -171,7 +171,7 @@ class SharedState:
         client = self._client
         if client is None:
             raise Down
-        return await self._redis(lambda: client.call(*args))
+        return await self._redis(lambda: client.call(*args, timeout=self.cfg.timeout_s))
 
     # ---- Redis, or the fallback ---------------------------------------------------------
 
@@ -182,14 +182,15 @@ class SharedState:
         lua, client = self._scripts[name], self._client
         if client is None:
             raise RuntimeError("shared state used before start()")
-        return lambda: client.script(lua, list(keys), list(args))
+        timeout = self.cfg.timeout_s
+        return lambda: client.script(lua, list(keys), list(args), timeout)
 
     async def _redis(self, call: Callable[[], Awaitable[T]]) -> T:
         """One round trip; Down when Redis cannot answer (then not tried again for PROBE_S)."""
         if not self.up and self.clock() < self._next_probe:
             raise Down
         try:
-            result = await asyncio.wait_for(call(), self.cfg.timeout_s * 2)
+            result = await call()  # each call carries its own timeout (timeout_s)
         except RedisError as exc:
             if not str(exc).startswith(UNAVAILABLE_ERRORS):
                 raise  # a script's error: a bug, not an outage
@@ -292,22 +293,17 @@ class SharedState:
         return failed
 
     async def release(self, lease: str, scopes: Sequence[Scope]) -> None:
-        """Forgets the lease at once (no more renewals) and drops it in Redis in a task of
-        its own, so a cancelled caller still releases it; if Redis is down, it expires."""
+        """Forgets the lease at once (no more renewals) and drops it in Redis: the command is
+        written before this can be cancelled (policies/redis_client.py), so a cancelled caller
+        still releases it; if Redis is down (or the connection is being made), it expires."""
         keys = self._held.pop(lease, None)
         self.book.release(lease, [s.key for s in scopes])
         self._released.set()
         self._released = asyncio.Event()
         if keys is None:
             return
-        task = asyncio.ensure_future(self._release(lease, self._scope_keys(scopes)))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        await asyncio.shield(task)
-
-    async def _release(self, lease: str, keys: list[str]) -> None:
         with contextlib.suppress(Down):
-            await self._redis(self._script("RELEASE", keys, [lease]))
+            await self._redis(self._script("RELEASE", self._scope_keys(scopes), [lease]))
 
     async def admit(self, buckets: Sequence[Bucket], lease: str,
                     scopes: Sequence[Scope]) -> tuple[float, int]:
@@ -338,7 +334,7 @@ class SharedState:
         return 0.0, failed
 
     async def finish(self, buckets: Sequence[Bucket], lease: str, scopes: Sequence[Scope]) -> None:
-        """release and settle in one round trip, in a task of its own (see release)."""
+        """release and settle in one round trip (cancellation: see release)."""
         keys = self._held.pop(lease, None)
         self.book.release(lease, [sc.key for sc in scopes])
         self._released.set()
@@ -349,13 +345,7 @@ class SharedState:
         args: list[object] = [len(buckets), lease]
         for b in buckets:
             args += [b.per_minute, b.amount]
-        task = asyncio.ensure_future(self._finish(buckets, [self._key(b.key) for b in buckets]
-                                                  + scope_keys, args))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        await asyncio.shield(task)
-
-    async def _finish(self, buckets: Sequence[Bucket], keys: list[str], args: list[object]) -> None:
+        keys = [self._key(b.key) for b in buckets] + scope_keys
         try:
             await self._redis(self._script("FINISH", keys, args))
         except Down:
