@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -25,10 +24,10 @@ class Drain:
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
         self.deadline: float | None = None  # monotonic; set once shutdown begins
-        # requests' tasks -> True while they wait for a chunk (a wait begun before shutdown
-        # has no deadline of its own: at the deadline the drain cuts it; see _pull)
-        self._pulling: weakref.WeakKeyDictionary[asyncio.Task[Any], bool] = weakref.WeakKeyDictionary()
-        self._cut: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        # requests' tasks while they wait for a chunk (a wait begun before shutdown has no
+        # deadline of its own: at the deadline the drain cuts it; see _pull)
+        self._pulling: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()
 
     def begin(self) -> None:
         if self.deadline is None:
@@ -42,8 +41,8 @@ class Drain:
     def _cut_waits(self) -> None:
         """The grace is over: every request still waiting for a chunk it asked for before
         shutdown began ends with the shutting_down error (raised by _pull)."""
-        for task, waiting in list(self._pulling.items()):
-            if waiting and not task.done():
+        for task in list(self._pulling):
+            if not task.done():
                 self._cut.add(task)
                 task.cancel()
 
@@ -51,7 +50,7 @@ class Drain:
         task = asyncio.current_task()
         if task is None:
             return await anext(it)
-        self._pulling[task] = True
+        self._pulling.add(task)
         try:
             return await anext(it)
         except asyncio.CancelledError:
@@ -61,7 +60,7 @@ class Drain:
                 raise self._error() from None
             raise
         finally:
-            self._pulling[task] = False
+            self._pulling.discard(task)
 
     def _error(self) -> Unavailable:
         return Unavailable("The gateway is shutting down; retry on another instance.",
