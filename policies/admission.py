@@ -116,46 +116,53 @@ class Admission:
         tenant = self._tenant(self.env.tenant(ctx))
         backend = self.env.backend(ctx)
         need = demand(backend, ctx, self.env.estimates)
-        pool = self.reservations.pool(ctx.backend, need.budget)
+        self.reservations.pool(ctx.backend, need.budget)  # (re)learns the budget
         self._refuse_impossible(tenant, need)
         scopes = self._scopes(ctx, tenant, need, backend.capacity())
         start = self.env.clock()
-        if not self._waiters and self._tenant_fits(ctx, tenant, need) and pool.fits(need.kv_bytes):
-            # Nobody queued and it fits: what queueing then dispatching would grant at once,
-            # without a future and a queue pass (the common case, on the hot path); the rate
-            # buckets and the lease (with shared quotas) in one round trip.
-            res = self._reserve(ctx, tenant, need)
-            if scopes:
-                lease = self.quotas.new_lease()
-                try:
-                    wait, failed = await self.quotas.admit(tenant.buckets(1, need.tokens), lease,
-                                                           scopes)
-                except BaseException:
-                    self._release(res)
-                    raise
-                if wait > 0:
-                    self._release(res)
-                    raise _rate_limited(tenant, need, wait)
-                if failed < 0:
-                    self._leases[id(res)] = (lease, scopes)
-                else:  # charged; wait for the lease (another process holds what it needs)
-                    await self._lease(ctx, res, scopes, start, lease)
-                return self._admitted(ctx, res, self.env.clock() - start)
-            await self._charge(tenant, need)
+        lease, held = "", not scopes
+        if scopes and not self._waiters and self._fits(ctx, tenant, need):
+            # with shared quotas, the rate buckets and the lease in one round trip
+            lease = self.quotas.new_lease()
+            wait, failed = await self.quotas.admit(tenant.buckets(1, need.tokens), lease, scopes)
+            if wait > 0:
+                raise _rate_limited(tenant, need, wait)
+            held = failed < 0
         else:
             await self._charge(tenant, need)
-            waiter = Waiter(ctx, tenant, need, PRIORITY_RANK[tenant.cfg.priority],
-                            next(self._seq), asyncio.get_running_loop().create_future())
-            self._waiters.append(waiter)
-            pool.queued += need.kv_bytes
-            self._dispatch()
-            try:
-                res = await self._wait(waiter)
-            finally:
-                ctx.queue_seconds = self.env.clock() - start
-        if scopes:
-            await self._lease(ctx, res, scopes, start, self.quotas.new_lease())
+        try:
+            res = await self._local(ctx, tenant, need, start)
+        except BaseException:  # refused or cancelled in the queue: the lease goes back too
+            if lease and held:
+                task = asyncio.ensure_future(self.quotas.release(lease, scopes))
+                task.add_done_callback(_quiet)
+            raise
+        if held and lease:
+            self._leases[id(res)] = (lease, scopes)
+        elif not held:  # another process holds what it needs: wait for the lease
+            await self._lease(ctx, res, scopes, start, lease or self.quotas.new_lease())
         return self._admitted(ctx, res, self.env.clock() - start if scopes else ctx.queue_seconds)
+
+    def _fits(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> bool:
+        return self._tenant_fits(ctx, tenant, need) and self.reservations.pools[ctx.backend].fits(
+            need.kv_bytes)
+
+    async def _local(self, ctx: RequestContext, tenant: TenantState, need: Demand,
+                     start: float) -> Reservation:
+        """This process's reservation: at once when nobody is queued and it fits (the common
+        case, on the hot path: what queueing then dispatching would grant, without a future
+        and a queue pass), else through the queue."""
+        if not self._waiters and self._fits(ctx, tenant, need):
+            return self._reserve(ctx, tenant, need)
+        waiter = Waiter(ctx, tenant, need, PRIORITY_RANK[tenant.cfg.priority],
+                        next(self._seq), asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self.reservations.pools[ctx.backend].queued += need.kv_bytes
+        self._dispatch()
+        try:
+            return await self._wait(waiter)
+        finally:
+            ctx.queue_seconds = self.env.clock() - start
 
     async def _charge(self, tenant: TenantState, need: Demand) -> None:
         """Take one request and prompt + the expected output from the tenant's buckets."""

@@ -264,3 +264,15 @@ async def test_random_load_never_exceeds_the_budget() -> None:
     assert peak > budget // 2
     assert 0 < len(refused) < 100
     assert a.reservations.total_reserved() == 0 and a.waiting == 0
+
+
+async def test_a_rate_limited_request_holds_nothing() -> None:
+    """Refused by its rate bucket before it was granted: no bytes reserved, no slot taken
+    (found by the e2e burst test: a refused request kept its reservation)."""
+    a = admission([{"name": "acme", "limits": {"requests_per_minute": 1, "max_concurrency": 1}}])
+    c = ctx()
+    await a.apply(c)
+    await a.on_finish(c, "ok")
+    with pytest.raises(RateLimited):
+        await a.apply(ctx())
+    assert a.reservations.total_reserved() == 0 and a._tenants["acme"].active == 0
