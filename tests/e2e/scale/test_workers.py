@@ -97,3 +97,30 @@ def test_a_worker_past_recycle_other_bytes_is_replaced_with_no_request_lost(
     assert statuses == [200] * len(statuses)
     log = (tmp_path / "gateway.log").read_text()
     assert "replaced by" in log
+
+
+def test_a_connection_accepted_before_shutdown_gets_its_answer(
+        upstream: CountingUpstream, tmp_path: Path) -> None:
+    """A connection accepted just before SIGTERM whose request had not arrived yet (what a
+    recycled worker sees while the others serve) is answered, then closed; uvicorn closed it
+    unanswered ('Server disconnected without sending a response')."""
+    import socket
+    import time
+
+    with gateway_process(remote_config(upstream.url), tmp_path, env=ENV) as (url, proc):
+        port = int(url.removesuffix("/v1").rsplit(":", 1)[1])
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        body = json.dumps({**BODY, "stream": False}).encode()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # shutdown has begun: the listener is closed, our connection is open
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                     b"authorization: Bearer sk-demo-acme\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+        conn.close()
+        assert proc.wait(30) == 0
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 200"), answer[:300]
+    assert b"connection: close" in head
