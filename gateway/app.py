@@ -181,5 +181,6 @@ def create_app(
 
 
 def app_from_env() -> Starlette:
-    """uvicorn factory for `gateway serve --workers N`: reads the config path from the env."""
+    """An app factory for other ASGI servers (`uvicorn --factory gateway.app:app_from_env`):
+    the config path from GATEWAY_CONFIG. `gateway serve --workers N` runs gateway/workers.py."""
     return create_app(load_settings(os.environ["GATEWAY_CONFIG"]))
