@@ -63,10 +63,12 @@ test-soak: $(VENV)/.dev $(DEMO)
 lint: $(VENV)/.dev
 	$(BIN)/ruff check gateway policies backends tests bench grafana
 
-# Observability (issue #5): the Prometheus binary and docker-compose the tests use (Debian).
+# Observability (issue #5): the Prometheus binary and docker-compose the tests use (Debian);
+# Redis for the shared-state tests (issue 15), started by the tests on free loopback ports.
 obs-tools:
 	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }
 	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
 # Grafana dashboards as code: grafana/panels.py -> grafana/dashboards/*.json (committed).
 dashboards: $(VENV)/.dev

@@ -75,6 +75,10 @@ class OpenAIConfig:
     responses_api: str = "native"  # native: /v1/responses passes through | via_chat: over chat
     drop_fields: tuple[str, ...] = ()  # request fields this upstream rejects (removed; a choice)
     # -- end fidelity
+    # The upstream is a Kubernetes Gateway API Inference Extension's gateway: send the tenant
+    # as x-gateway-inference-fairness-id and its inference_objective as
+    # x-gateway-inference-objective (tenant policy here, endpoint picking there)
+    inference_extension: bool = False
 
     def __post_init__(self) -> None:
         if self.responses_api not in RESPONSES_API:
@@ -181,13 +185,18 @@ class OpenAIBackend(RemoteBackend):
         path = PATHS[ctx.kind]
         payload = self._body(ctx)
         body = orjson.dumps(payload)
+        extra: dict[str, str] = {}
+        if self.cfg.inference_extension:
+            extra["x-gateway-inference-fairness-id"] = ctx.tenant
+            if ctx.inference_objective:
+                extra["x-gateway-inference-objective"] = ctx.inference_objective
         for attempt in range(self.cfg.retries + 1):
             last = attempt == self.cfg.retries
             if attempt:
                 self.retried += 1
                 await asyncio.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
             call = UpstreamCall.start(ctx, self.provider, payload["model"], self.server, attempt)
-            headers = {"x-request-id": ctx.request_id, **call.headers(ctx)}
+            headers = {"x-request-id": ctx.request_id, **extra, **call.headers(ctx)}
             try:
                 resp = await client.request("POST", path, body, headers)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:

@@ -5,6 +5,9 @@ Plain Python over two async callables, so it is tested without a server:
 - One load per adapter however many requests ask at once (they share one future).
 - When the budget is full, the least recently used adapter that no request pins is unloaded;
   if every resident adapter is pinned, `acquire` waits for a release (never over budget).
+- With a fleet residency (gateway/core/residency.py; `shared_state` configured), every
+  gateway process decides together: the fleet says hit, load (after unloading its victims)
+  or wait, pins are the fleet's, and no process unloads what a request elsewhere holds.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from gateway.core.errors import BackendError
+from gateway.core.residency import AdapterResidency
+
+FLEET_POLL_S = (0.02, 0.25)  # back-off while the fleet says wait
 
 
 class RemoteAdapters:
@@ -35,9 +41,17 @@ class RemoteAdapters:
         self.loads = 0
         self.hits = 0
         self.evictions = 0
+        self.fleet: AdapterResidency | None = None  # set by share(); None: this process decides
+        self.server = ""  # the fleet's name for the server (the backend's URL)
+        self._fleet_pins: dict[str, list[str]] = {}  # adapter -> this process's pins
+
+    def share(self, fleet: AdapterResidency, server: str) -> None:
+        self.fleet, self.server = fleet, server
 
     @property
     def resident(self) -> dict[str, int]:
+        if self.fleet is not None:
+            return self.fleet.resident(self.server)
         return dict(self._resident)
 
     @property
@@ -52,12 +66,41 @@ class RemoteAdapters:
         if size > self.budget_bytes:
             raise BackendError(f"adapter {name!r} ({size} bytes) exceeds the adapter budget "
                                f"({self.budget_bytes} bytes)", 503, "adapter_cache_full")
+        if self.fleet is not None:
+            await self._acquire_in_fleet(self.fleet, name, size)
+            return
         self._pins[name] = self._pins.get(name, 0) + 1
         try:
             await self._ensure(name, size)
         except BaseException:
             await self.release(name)
             raise
+
+    async def _acquire_in_fleet(self, fleet: AdapterResidency, name: str, size: int) -> None:
+        pin = fleet.new_pin()
+        delay = FLEET_POLL_S[0]
+        while True:
+            answer = await fleet.pin(self.server, name, size, self.budget_bytes, pin)
+            if answer.action == "hit":
+                self.hits += 1
+                break
+            if answer.action == "load":
+                try:
+                    for victim in answer.victims:
+                        await self._unload(victim)
+                        self.evictions += 1
+                        await fleet.unloaded(self.server, victim)
+                    await self._load(name)
+                except BaseException:
+                    await fleet.loaded(self.server, name, ok=False)
+                    await fleet.unpin(self.server, name, pin)
+                    raise
+                await fleet.loaded(self.server, name, ok=True)
+                self.loads += 1
+                break
+            await asyncio.sleep(delay)  # loading elsewhere, or the budget is pinned
+            delay = min(delay * 2, FLEET_POLL_S[1])
+        self._fleet_pins.setdefault(name, []).append(pin)
 
     async def _ensure(self, name: str, size: int) -> None:
         while True:
@@ -106,6 +149,10 @@ class RemoteAdapters:
         return True
 
     async def release(self, name: str) -> None:
+        pins = self._fleet_pins.get(name)
+        if self.fleet is not None and pins:
+            await self.fleet.unpin(self.server, name, pins.pop())
+            return
         left = self._pins.get(name, 0) - 1
         if left > 0:
             self._pins[name] = left

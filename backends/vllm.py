@@ -35,6 +35,7 @@ from backends.remote_adapters import RemoteAdapters
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
 from gateway.core.context import Chunk, RequestContext
 from gateway.core.errors import BackendError
+from gateway.core.residency import AdapterResidency
 
 log = logging.getLogger(__name__)
 SCRAPE_TIMEOUT_S = 2.0  # a refresh of the /metrics reading (the last one is kept meanwhile)
@@ -96,6 +97,10 @@ def parse_metrics(text: str) -> VLLMReading:
 class VLLMBackend(OpenAIBackend):
     Config = VLLMConfig
     provider = "vllm"  # gen_ai.provider.name of its client spans
+
+    def share_residency(self, residency: AdapterResidency) -> None:
+        """With shared_state: the fleet decides which adapters this vLLM holds (SharesResidency)."""
+        self.remote.share(residency, self.vcfg.url.rstrip("/"))
 
     def __init__(self, name: str, cfg: VLLMConfig) -> None:
         super().__init__(name, cfg)
@@ -287,6 +292,7 @@ class VLLMBackend(OpenAIBackend):
             context_window=self._model.context_window if self._model else 0,
             adapter_budget_bytes=self.vcfg.adapter_budget_bytes,
             resident_adapters=sorted(self.remote.resident),
+            shared=True,  # every gateway process sends to this vLLM
         )
 
     def memory(self) -> MemorySnapshot:

@@ -22,6 +22,7 @@ from gateway import admin, routes
 from gateway.core import context
 from gateway.core.backend import Backend
 from gateway.core.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.core.worker import local_workers, worker_id
 from gateway.handler import CORS_EXPOSED, GenerationHandler
 from gateway.http.asgi import GenerationDispatch
 from gateway.reload import Reloader, arm_sighup
@@ -30,6 +31,7 @@ from gateway.shutdown import Drain
 from gateway.state import GatewayState, build_state
 from gateway.telemetry import Telemetry
 from gateway.tracing import build_tracer_provider
+from policies.shared_state import SharedState
 
 log = logging.getLogger("gateway")
 
@@ -109,7 +111,11 @@ def create_app(
     telemetry = Telemetry(settings, backends, tracer_provider, record_spans=record,
                           logger_provider=logger_provider)
     # -- end telemetry
-    state = build_state(settings, backends, telemetry, Drain(settings.server.shutdown_grace_s))
+    # -- scale-out (issue 15): limits every gateway process shares, when configured
+    shared = (SharedState(settings.shared_state, local_workers(), process_id=worker_id())
+              if settings.shared_state is not None else None)
+    state = build_state(settings, backends, telemetry, Drain(settings.server.shutdown_grace_s),
+                        quotas=shared)
     telemetry.usage.is_key = lambda v: state.tenants.is_key(v) or state.admin.is_key(v)
     handler = GenerationHandler(state)
 
@@ -122,6 +128,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         try:
+            if shared is not None:
+                await shared.start()
             for backend in state.backends.values():
                 await backend.start()
             await telemetry.start()
@@ -137,6 +145,8 @@ def create_app(
                 except Exception:
                     log.exception("closing backend %s failed", backend.name)
             await telemetry.aclose()
+            if shared is not None:
+                await shared.aclose()
             if owned_provider is not None:
                 owned_provider.shutdown()
 
@@ -176,7 +186,8 @@ def create_app(
 
 
 def app_from_env() -> Starlette:
-    """uvicorn factory for `gateway serve --workers N`: reads the config path from the env.
+    """uvicorn factory for `uvicorn --factory gateway.app:app_from_env` (other ASGI servers;
+    `gateway serve --workers N` runs gateway/workers.py): the config path from GATEWAY_CONFIG.
     A SIGHUP from here on is a reload (served once the app has started), never an exit."""
     arm_sighup()
     return create_app(load_settings(os.environ["GATEWAY_CONFIG"]))

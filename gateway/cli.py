@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gateway.core.worker import WORKERS_ENV
 from gateway.logs import log_config
 from gateway.settings import ConfigError, load_settings
 
@@ -38,16 +39,16 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn's access log: one INFO line per request, off unless asked (README "Performance")
     common["access_log"] = args.access_log
     common["http"] = HTTP_PROTOCOL  # bounded request heads; the generation fast path
+    os.environ[WORKERS_ENV] = str(args.workers)  # the process count until Redis tells one
     if args.workers > 1:
-        from gateway.http.server import ReloadingSupervisor
         from gateway.reload import SUPERVISOR_ENV
 
         os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
         os.environ[SUPERVISOR_ENV] = str(os.getpid())  # /admin/reload asks it to reload all
         _multiprocess_metrics_dir()
-        config = uvicorn.Config("gateway.app:app_from_env", factory=True, workers=args.workers,
-                                **common)
-        ReloadingSupervisor(config, sockets=[config.bind_socket()]).run()
+        from gateway.workers import Supervisor
+
+        return Supervisor(str(Path(args.config).resolve()), args.workers, common).run()
     else:
         from gateway.app import create_app
         from gateway.http.server import DrainingServer

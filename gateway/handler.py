@@ -220,6 +220,7 @@ class GenerationHandler:
             via_chat=via_chat,
             metadata=usage_metadata(body.get("metadata")),
             created=time.time(),
+            inference_objective=tenant.inference_objective,
         )
         if not state.ready:
             raise Unavailable("The gateway is starting; try again shortly.", retry_after=1)

@@ -17,9 +17,11 @@ which process?), are published per worker: prometheus_client adds a `pid` label.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -42,6 +44,9 @@ class Sample:
     value: float
     counter: bool = False
     mode: Mode = "livesum"  # over workers; GPU: livemax (one device seen by every worker)
+    # every worker reads the same value (a backend they all send to, the shared state): in
+    # multiprocess mode one worker exports it, not each (their sum would count it N times)
+    shared: bool = False
 
 
 def snapshot_components(snap: MemorySnapshot) -> dict[str, int]:
@@ -75,6 +80,8 @@ class MemoryCollector:
         self.gpu = gpu
         # tenant -> bytes admission reserved; None: sum the requests in flight
         self.reservations: Callable[[], Mapping[str, int]] | None = None
+        # shared_state's stats (policies/shared_state.py), when configured
+        self.shared_state: Callable[[], Mapping[str, Any]] | None = None
 
     # ---- the samples (shared by both modes) ---------------------------------------------
 
@@ -84,6 +91,8 @@ class MemoryCollector:
             out.extend(self._backend(name, backend))
         out.extend(self._tenants())
         out.extend(self._process())
+        if self.shared_state is not None:
+            out.extend(self._shared_state(self.shared_state()))
         for dev in self.gpu.read():
             lab = (("device", dev.device),)
             out.append(Sample("gateway_gpu_memory_used_bytes", "GPU memory used (NVML).", lab,
@@ -95,23 +104,26 @@ class MemoryCollector:
     def _backend(self, name: str, backend: Backend) -> Iterator[Sample]:
         b = (("backend", name),)
         snap = backend.memory()
+        cap = backend.capacity()
+        # a backend every worker sends to (vLLM): each reads the same server, export it once
+        shared = cap is not None and cap.shared
         for component, value in snapshot_components(snap).items():
             yield Sample("gateway_memory_bytes", "Backend memory by component.",
-                         (*b, ("component", component)), value)
+                         (*b, ("component", component)), value, shared=shared)
         if snap.measured is not None:
             yield Sample("gateway_memory_measured_bytes",
-                         "Memory the OS or GPU measures for the backend.", b, snap.measured)
+                         "Memory the OS or GPU measures for the backend.", b, snap.measured,
+                         shared=shared)
         for adapter, nbytes in snap.adapters.items():
             yield Sample("gateway_adapter_resident_bytes", "Bytes of each resident adapter.",
-                         (*b, ("adapter", adapter)), nbytes)
-        cap = backend.capacity()
+                         (*b, ("adapter", adapter)), nbytes, shared=shared)
         if cap is not None:
             yield Sample("gateway_memory_budget_bytes", "Configured memory budgets.",
-                         (*b, ("pool", "kv")), cap.kv_bytes_total)
+                         (*b, ("pool", "kv")), cap.kv_bytes_total, shared=shared)
             yield Sample("gateway_memory_budget_bytes", "Configured memory budgets.",
-                         (*b, ("pool", "adapters")), cap.adapter_budget_bytes)
+                         (*b, ("pool", "adapters")), cap.adapter_budget_bytes, shared=shared)
             yield Sample("gateway_kv_reserved_bytes", "KV cache bytes reserved by requests.", b,
-                         cap.kv_bytes_total - cap.kv_bytes_free)
+                         cap.kv_bytes_total - cap.kv_bytes_free, shared=shared)
         st = backend.stats()
         gauges: dict[str, tuple[int | None, str]] = {
             "gateway_queue_depth": (st.waiting, "Requests waiting inside the backend."),
@@ -119,7 +131,7 @@ class MemoryCollector:
         }
         for metric, (level, doc) in gauges.items():
             if level is not None:
-                yield Sample(metric, doc, b, level)
+                yield Sample(metric, doc, b, level, shared=shared)
         counters: dict[str, tuple[int | None, str]] = {
             "gateway_adapter_loads": (st.adapter_loads, "Adapters loaded from storage."),
             "gateway_adapter_hits": (st.adapter_hits, "Requests whose adapter was resident."),
@@ -174,6 +186,19 @@ class MemoryCollector:
             yield Sample("gateway_process_major_page_faults", "Major page faults.", (),
                          pm.major_faults, counter=True)
 
+    def _shared_state(self, st: Mapping[str, Any]) -> Iterator[Sample]:
+        yield Sample("gateway_shared_state_up", "1 while Redis answers.",
+                     (), 1 if st.get("up") else 0, shared=True)
+        yield Sample("gateway_shared_state_processes",
+                     "Live gateway processes sharing the state (heartbeats; last known).", (),
+                     st.get("processes", 1), shared=True)
+        for fallback_mode, n in dict(st.get("fallbacks", {})).items():
+            yield Sample("gateway_shared_state_fallbacks",
+                         "Admission decisions taken without Redis, by on_unavailable mode.",
+                         (("mode", fallback_mode),), n, counter=True)
+        yield Sample("gateway_shared_state_errors", "Redis round trips that failed.", (),
+                     st.get("errors", 0), counter=True)
+
     # ---- single process: a custom collector ---------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
@@ -193,14 +218,31 @@ class MemoryCollector:
 
 
 class MultiprocessPublisher:
-    """Multi-worker mode: writes a collector's samples into this worker's multiprocess files."""
+    """Multi-worker mode: writes a collector's samples into this worker's multiprocess files.
 
-    def __init__(self, collector: MemoryCollector) -> None:
+    Shared samples (the same reading in every worker) are written by one worker only: the
+    one holding an exclusive lock on a file in the multiprocess directory. The kernel drops
+    the lock when that worker exits, and another takes it at its next publish."""
+
+    def __init__(self, collector: MemoryCollector, directory: str | None = None) -> None:
         self.collector = collector
+        self._lock_path = os.path.join(directory, "shared-samples.lock") if directory else None
+        self._lock: int | None = None
         self._gauges: dict[str, Gauge] = {}
         self._counters: dict[str, Counter] = {}
         self._last: dict[tuple[str, Labels], float] = {}
         self.standard = standard_collectors(CollectorRegistry(auto_describe=True))
+
+    def _exports_shared(self) -> bool:
+        if self._lock is None and self._lock_path is not None:
+            fd = os.open(self._lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            self._lock = fd
+        return self._lock is not None
 
     def publish(self) -> None:
         for s in self.collector.samples():
@@ -215,6 +257,8 @@ class MultiprocessPublisher:
                 self._last[(s.name, s.labels)] = s.value
                 if delta > 0:
                     (counter.labels(*values) if keys else counter).inc(delta)
+                continue
+            if s.shared and not self._exports_shared():
                 continue
             self._set(s.name, s.doc, keys, values, s.value, s.mode)
         for family in self.standard.collect():  # per worker (pid label), as gauges

@@ -48,7 +48,8 @@ log = logging.getLogger("gateway.reload")
 WATCH_INTERVAL_S = 1.0
 RETIRE_POLL_S = 0.05
 RESTART_FIELDS = ("host", "port", "reload", "log_format", "header_timeout_s",
-                  "keep_alive_timeout_s", "shutdown_grace_s")
+                  "keep_alive_timeout_s", "shutdown_grace_s", "cors_origins", "torch_threads",
+                  "recycle_other_bytes")
 SUPERVISOR_ENV = "GATEWAY_SUPERVISOR_PID"  # set by `gateway serve --workers N`
 
 # SIGHUP before the app's lifespan installed its handler (a worker still loading): remembered
@@ -114,8 +115,9 @@ def _key_files(settings: Settings) -> list[str]:
 def _restart_fields(old: Settings, new: Settings) -> tuple[str, ...]:
     fields = [f"server.{n}" for n in RESTART_FIELDS
               if getattr(old.server, n) != getattr(new.server, n)]
-    if old.telemetry != new.telemetry:
-        fields.append("telemetry")
+    for name in ("telemetry", "shared_state"):
+        if getattr(old, name) != getattr(new, name):
+            fields.append(name)
     return tuple(fields)
 
 

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from gateway import openapi
 from gateway.core.config import ModelConfig, TenantConfig
 from gateway.core.errors import NotFound
+from gateway.core.worker import worker_id
 from gateway.memory_report import memory_report
 from gateway.state import GatewayState
 
@@ -94,6 +95,10 @@ async def debug_memory(request: Request) -> Response:
     state.admin.authenticate(request.headers.get("authorization"))
     report = memory_report(state.telemetry)
     report["reservations"] = state.policies.reservations.snapshot()  # admission's bytes held
+    report["worker"] = worker_id()  # which gateway process answered (--workers N)
+    quotas = state.policies.quotas
+    if quotas is not None:
+        report["shared_state"] = quotas.stats()
     return JSONResponse(report)
 
 

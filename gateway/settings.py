@@ -17,6 +17,7 @@ import yaml
 from backends.registry import backend_class
 from gateway.core.config import KeyFileError, ModelConfig, TenantConfig
 from policies.registry import DEFAULT_POLICIES, POLICY_KINDS
+from policies.shared_state import SharedStateConfig
 
 
 class ConfigError(Exception):
@@ -72,6 +73,11 @@ class ServerConfig:
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("usage_log",)  # relative to the config file
     # -- end operations
+    # -- scale-out (issue 15)
+    # --workers N: a worker whose unexplained (`other`) memory passes this is drained and
+    # replaced (gateway/workers.py); null: never
+    recycle_other_bytes: int | None = None
+    # -- end scale-out
 
     def __post_init__(self) -> None:
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s",
@@ -121,6 +127,8 @@ class Settings:
     # each configured policy's own Config (policies/*.py), by policy name; defaults if absent
     policy_options: dict[str, object] = field(default_factory=dict)
     digest: str = ""  # sha256 of the config file's bytes (load_settings; the reload version)
+    # -- scale-out (issue 15): limits shared by every gateway process (Redis); None: in-process
+    shared_state: SharedStateConfig | None = None
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -224,7 +232,8 @@ def parse_settings(data: Any, source: str = "<memory>", base: Path = Path(".")) 
 def _parse(data: Any, source: str, base: Path) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping")
-    known = {"server", "backends", "models", "tenants", "policies", "policy_options", "telemetry"}
+    known = {"server", "backends", "models", "tenants", "policies", "policy_options", "telemetry",
+             "shared_state"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown field (known: {', '.join(sorted(known))})")
@@ -258,6 +267,9 @@ def _parse(data: Any, source: str, base: Path) -> Settings:
     options = _policy_options(data.get("policy_options"), base)
     telemetry = build(TelemetryConfig, data.get("telemetry"), "telemetry", base)
     settings = Settings(server, backends, models, tenants, policies, telemetry, source, options)
+    if data.get("shared_state") is not None:
+        shared = build(SharedStateConfig, data["shared_state"], "shared_state", base)
+        settings = dataclasses.replace(settings, shared_state=shared)
     _check_references(settings)
     return settings
 

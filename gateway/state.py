@@ -10,12 +10,16 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.core.backend import Backend
+from gateway.core.residency import AdapterResidency, SharesResidency
 from gateway.settings import Settings
 from gateway.shutdown import Drain
 from gateway.telemetry import Telemetry
 from gateway.tenants import AdminKey, TenantDirectory
 from policies.base import PolicyChain
+from policies.quotas import Quotas
 from policies.registry import build_chain
+from policies.shared_residency import SharedResidency
+from policies.shared_state import SharedState
 
 
 @dataclass
@@ -34,6 +38,8 @@ class GatewayState:
     version: str = ""  # the config's version: a hash of the file and the keys it names
     loaded_at: float = field(default_factory=time.time)
     active: int = 0  # generation requests in flight that started under this state
+    # -- scale-out (issue 15): adapters on servers every process shares, decided fleet-wide
+    residency: AdapterResidency | None = None
 
 
 def config_version(settings: Settings, tenants: TenantDirectory) -> str:
@@ -46,10 +52,12 @@ def config_version(settings: Settings, tenants: TenantDirectory) -> str:
 
 def build_state(settings: Settings, backends: dict[str, Backend], telemetry: Telemetry,
                 drain: Drain, previous: GatewayState | None = None,
-                tenants: TenantDirectory | None = None) -> GatewayState:
+                tenants: TenantDirectory | None = None,
+                quotas: Quotas | None = None) -> GatewayState:
     """The state `settings` describe, over running `backends`. `previous` (a reload): the
     state it replaces, whose policies hand over their live state (reservations, the
-    admission queue and quotas, replica counts). `tenants`: the keys already read."""
+    admission queue and quotas, replica counts, the shared state). `tenants`: the keys
+    already read. `quotas`: shared_state's client, at start (a reload keeps the previous)."""
     tenants = tenants if tenants is not None else TenantDirectory(settings.tenants)
     server = settings.server
     state = GatewayState(
@@ -58,7 +66,7 @@ def build_state(settings: Settings, backends: dict[str, Backend], telemetry: Tel
         admin=AdminKey(server.admin_api_key_env),
         backends=backends,
         policies=build_chain(settings.policies, settings.policy_options, settings.models,
-                             settings.tenants, backends,
+                             settings.tenants, backends, quotas=quotas,
                              previous=previous.policies if previous is not None else None),
         telemetry=telemetry,
         drain=drain,
@@ -67,5 +75,12 @@ def build_state(settings: Settings, backends: dict[str, Backend], telemetry: Tel
     )
     if previous is not None:
         state.started = previous.started
+        state.residency = previous.residency
+    elif isinstance(state.policies.quotas, SharedState):
+        state.residency = SharedResidency(state.policies.quotas)
+    if state.residency is not None:  # every backend that loads adapters on a shared server
+        for backend in backends.values():
+            if isinstance(backend, SharesResidency):
+                backend.share_residency(state.residency)
     telemetry.attach_policies(state.policies)
     return state

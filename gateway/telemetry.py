@@ -25,7 +25,7 @@ from gateway.core.policy import Outcome, Policy
 from gateway.core.procmem import GpuProbe
 from gateway.core.trace import trace_headers
 from gateway.memory_collector import MemoryCollector, MultiprocessPublisher
-from gateway.metrics import NONE, GatewayMetrics, RequestObservation
+from gateway.metrics import NONE, GatewayMetrics, RequestObservation, multiprocess_dir
 from gateway.settings import Settings
 from gateway.sse import response_id
 from gateway.tracing import (
@@ -90,7 +90,7 @@ class Telemetry:
             backends, [t.name for t in settings.tenants], self.in_flight, self.gpu)
         self.publisher: MultiprocessPublisher | None = None
         if self.metrics.multiprocess:
-            self.publisher = MultiprocessPublisher(self.collector)
+            self.publisher = MultiprocessPublisher(self.collector, multiprocess_dir())
         else:
             self.metrics.registry.register(self.collector)
         self._publish_task: asyncio.Task[None] | None = None
@@ -161,6 +161,8 @@ class Telemetry:
             chain.policies = tuple(TracedPolicy(p, self.tracer) for p in chain.policies)
         if chain.get("admission") is not None:
             self.collector.reservations = chain.reservations.reserved_by_tenant
+        if chain.quotas is not None:  # shared_state configured
+            self.collector.shared_state = chain.quotas.stats
 
     # ---- reads --------------------------------------------------------------------------
 

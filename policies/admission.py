@@ -10,6 +10,15 @@ Order of checks, each with the status a client can act on:
   from the observed drain rate.
 
 The sum of reservations on a backend never exceeds its budget (Reservations.reserve refuses).
+
+Tokens per minute follow DESIGN's one rule: prompt + the expected output (policies/estimate.py,
+the limit until enough answers were seen) is charged at admission and settled to the answer's
+usage at the end. Rate buckets and leases live in env.quotas: this process (LocalQuotas), or
+Redis for every gateway process (policies/shared_state.py). With shared quotas a request
+admitted here also takes a lease, fleet-wide, on its tenant's max_concurrency and, on a
+backend every process shares (Capacity.shared: vLLM), on its KV budget and the tenant's
+share of it; it waits for the lease (re-trying when a lease is released, or on a short
+back-off for other processes' releases) within the same queue timeout.
 """
 
 from __future__ import annotations
@@ -20,17 +29,20 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from gateway.core.backend import Capacity
 from gateway.core.config import TenantConfig
 from gateway.core.context import Decision, RequestContext, Reservation, Usage
 from gateway.core.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
 from gateway.core.policy import Outcome, Policy, passed
 from policies.base import PolicyEnv
-from policies.demand import Demand, demand
-from policies.token_bucket import TokenBucket
+from policies.demand import Demand, demand, estimate_key
+from policies.leases import Bucket, Scope
+from policies.quotas import LocalQuotas, Quotas
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 NO_RETRY = {"x-should-retry": "false"}
 MAX_RETRY_AFTER_S = 60.0
+LEASE_RETRY_S = (0.01, 0.2)  # back-off between lease attempts while another process holds it
 
 
 @dataclass(frozen=True)
@@ -45,28 +57,25 @@ class AdmissionConfig:
 
 
 class TenantState:
-    """A tenant's live quotas: rate buckets and requests admitted now."""
+    """A tenant's requests admitted now in this process (its rate buckets are env.quotas')."""
 
-    def __init__(self, cfg: TenantConfig, env: PolicyEnv) -> None:
-        limits = cfg.limits
+    def __init__(self, cfg: TenantConfig) -> None:
         self.cfg = cfg
-        self.rpm = TokenBucket(limits.requests_per_minute, env.clock) if limits.requests_per_minute else None
-        self.tpm = TokenBucket(limits.tokens_per_minute, env.clock) if limits.tokens_per_minute else None
         self.active = 0
 
-    def reconfigure(self, cfg: TenantConfig, env: PolicyEnv) -> None:
-        """A config reload: the new limits apply; buckets keep what was taken, requests
-        admitted stay counted (in place, so every waiter holding this state sees it)."""
-        limits = cfg.limits
-        for attr, per_minute in (("rpm", limits.requests_per_minute),
-                                 ("tpm", limits.tokens_per_minute)):
-            bucket: TokenBucket | None = getattr(self, attr)
-            if per_minute is None:
-                setattr(self, attr, None)
-            elif bucket is None:
-                setattr(self, attr, TokenBucket(per_minute, env.clock))
-            else:
-                bucket.resize(per_minute)
+    def buckets(self, requests: float, tokens: float) -> list[Bucket]:
+        """The tenant's rate buckets that apply, with what to take (or give back) of each."""
+        limits, name = self.cfg.limits, self.cfg.name
+        out = []
+        if limits.requests_per_minute and requests:
+            out.append(Bucket(f"rate:{name}:requests", limits.requests_per_minute, requests))
+        if limits.tokens_per_minute and tokens:
+            out.append(Bucket(f"rate:{name}:tokens", limits.tokens_per_minute, tokens))
+        return out
+
+    def reconfigure(self, cfg: TenantConfig) -> None:
+        """A config reload: the new limits apply (the buckets in quotas keep what was taken,
+        checked against the new limit at their next take); requests admitted stay counted."""
         self.cfg = cfg
 
     def share_cap(self, budget: int | None) -> int | None:
@@ -94,22 +103,25 @@ class Admission:
         self.reservations = env.reservations
         self.reservations.drain_window_s = cfg.drain_window_s  # the drain rate behind Retry-After
         self.cfg = cfg
+        self.quotas: Quotas = env.quotas or LocalQuotas(env.clock)
         self._tenants: dict[str, TenantState] = {}
         self._waiters: list[Waiter] = []
         self._seq = itertools.count()
+        self._leases: dict[int, tuple[str, list[Scope]]] = {}  # id(Reservation) -> lease
 
     def carry_over(self, previous: Policy) -> None:
         """A config reload: the previous chain's admission hands over its live state (the
-        tenants' quotas and requests admitted, the queue), so both serve one queue and one
-        count while requests admitted before the reload finish; limits become the new ones."""
-        tenants, waiters = getattr(previous, "_tenants", None), getattr(previous, "_waiters", None)
-        if not isinstance(tenants, dict) or not isinstance(waiters, list):
+        tenants' requests admitted, the queue, the leases and this process's quotas), so both
+        serve one queue and one count while requests admitted before the reload finish;
+        limits become the new ones."""
+        if not isinstance(previous, Admission):
             return
-        self._tenants, self._waiters, self._seq = tenants, waiters, previous._seq  # type: ignore[attr-defined]
-        for name, state in tenants.items():
+        self._tenants, self._waiters, self._seq = previous._tenants, previous._waiters, previous._seq
+        self._leases, self.quotas = previous._leases, previous.quotas
+        for name, state in self._tenants.items():
             cfg = self.env.tenants.get(name)
             if cfg is not None:
-                state.reconfigure(cfg, self.env)
+                state.reconfigure(cfg)
 
     # ---- for telemetry --------------------------------------------------------------------
 
@@ -121,29 +133,107 @@ class Admission:
 
     async def apply(self, ctx: RequestContext) -> Decision:
         tenant = self._tenant(self.env.tenant(ctx))
-        need = demand(self.env.backend(ctx), ctx)
-        pool = self.reservations.pool(ctx.backend, need.budget)
+        backend = self.env.backend(ctx)
+        need = demand(backend, ctx, self.env.estimates)
+        self.reservations.pool(ctx.backend, need.budget)  # (re)learns the budget
         self._refuse_impossible(tenant, need)
-        self._refuse_over_rate(tenant, need)
-        if tenant.rpm is not None:
-            tenant.rpm.take(1)
-        if tenant.tpm is not None:
-            tenant.tpm.take(need.tokens)
-        if not self._waiters and self._tenant_fits(ctx, tenant, need) and pool.fits(need.kv_bytes):
-            # Nobody queued and it fits: what queueing then dispatching would grant at once,
-            # without a future and a queue pass (the common case, on the hot path).
-            return self._admitted(ctx, self._reserve(ctx, tenant, need), 0.0)
-        waiter = Waiter(ctx, tenant, need, PRIORITY_RANK[tenant.cfg.priority], next(self._seq),
-                        asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        pool.queued += need.kv_bytes
+        scopes = self._scopes(ctx, tenant, need, backend.capacity())
         start = self.env.clock()
+        lease, held = "", not scopes
+        if scopes and not self._waiters and self._fits(ctx, tenant, need):
+            # with shared quotas, the rate buckets and the lease in one round trip
+            lease = self.quotas.new_lease()
+            wait, failed = await self.quotas.admit(tenant.buckets(1, need.tokens), lease, scopes)
+            if wait > 0:
+                raise _rate_limited(tenant, need, wait)
+            held = failed < 0
+        else:
+            await self._charge(tenant, need)
+        try:
+            res = await self._local(ctx, tenant, need, start)
+        except BaseException:  # refused or cancelled in the queue: the lease goes back too
+            if lease and held:
+                task = asyncio.ensure_future(self.quotas.release(lease, scopes))
+                task.add_done_callback(_quiet)
+            raise
+        if held and lease:
+            self._leases[id(res)] = (lease, scopes)
+        elif not held:  # another process holds what it needs: wait for the lease
+            await self._lease(ctx, res, scopes, start, lease or self.quotas.new_lease())
+        return self._admitted(ctx, res, self.env.clock() - start if scopes else ctx.queue_seconds)
+
+    def _fits(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> bool:
+        return self._tenant_fits(ctx, tenant, need) and self.reservations.pools[ctx.backend].fits(
+            need.kv_bytes)
+
+    async def _local(self, ctx: RequestContext, tenant: TenantState, need: Demand,
+                     start: float) -> Reservation:
+        """This process's reservation: at once when nobody is queued and it fits (the common
+        case, on the hot path: what queueing then dispatching would grant, without a future
+        and a queue pass), else through the queue."""
+        if not self._waiters and self._fits(ctx, tenant, need):
+            return self._reserve(ctx, tenant, need)
+        waiter = Waiter(ctx, tenant, need, PRIORITY_RANK[tenant.cfg.priority],
+                        next(self._seq), asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self.reservations.pools[ctx.backend].queued += need.kv_bytes
         self._dispatch()
         try:
-            res = await self._wait(waiter)
+            return await self._wait(waiter)
         finally:
             ctx.queue_seconds = self.env.clock() - start
-        return self._admitted(ctx, res, ctx.queue_seconds)
+
+    async def _charge(self, tenant: TenantState, need: Demand) -> None:
+        """Take one request and prompt + the expected output from the tenant's buckets."""
+        buckets = tenant.buckets(1, need.tokens)
+        if not buckets:
+            return
+        wait = await self.quotas.take(buckets)
+        if wait > 0:
+            raise _rate_limited(tenant, need, wait)
+
+    # ---- leases on what every gateway process shares ---------------------------------------
+
+    def _scopes(self, ctx: RequestContext, tenant: TenantState, need: Demand,
+                cap: Capacity | None) -> list[Scope]:
+        """With shared quotas: the tenant's concurrency, and on a backend every process
+        shares (by its configured name), the tenant's share of its KV budget and the budget."""
+        if not self.quotas.shared:
+            return []
+        limits, name = tenant.cfg.limits, tenant.cfg.name
+        scopes = []
+        if limits.max_concurrency is not None:
+            scopes.append(Scope(f"concurrency:{name}", limits.max_concurrency, 1))
+        if cap is not None and cap.shared and need.budget is not None:
+            share = tenant.share_cap(need.budget)
+            if share is not None:
+                scopes.append(Scope(f"kv:{ctx.backend}:{name}", share, need.kv_bytes))
+            scopes.append(Scope(f"kv:{ctx.backend}", need.budget, need.kv_bytes))
+        return scopes
+
+    async def _lease(self, ctx: RequestContext, res: Reservation, scopes: list[Scope],
+                     start: float, lease: str) -> None:
+        """Hold `scopes` for this request, waiting within the queue timeout (or deadline)."""
+        timeout = self.cfg.queue_timeout_s
+        if ctx.deadline is not None:
+            timeout = min(timeout, ctx.deadline - time.time())
+        delay = LEASE_RETRY_S[0]
+        try:
+            while True:
+                failed = await self.quotas.acquire(lease, scopes)
+                if failed < 0:
+                    self._leases[id(res)] = (lease, scopes)
+                    return
+                left = start + timeout - self.env.clock()
+                if left <= 0:
+                    held_by = "capacity" if scopes[failed].key == f"kv:{ctx.backend}" else "tenant"
+                    raise self._refusal(ctx.backend, res.kv_bytes, held_by)
+                await self.quotas.changed(min(delay, left))
+                delay = min(delay * 2, LEASE_RETRY_S[1])
+        except BaseException:  # refused, cancelled, Redis refused (reject): as leaving the queue
+            self._release(res)
+            self._give_back_tokens(self._tenants[res.tenant], res.tokens)
+            raise
 
     def _admitted(self, ctx: RequestContext, res: Reservation, queued_s: float) -> Decision:
         ctx.queue_seconds = queued_s
@@ -158,29 +248,33 @@ class Admission:
         res = ctx.reservation
         if isinstance(res, Reservation) and not res.released:
             self._release(res)
-            self._refund(res, outcome, ctx.usage)
+            if outcome == "ok" and ctx.usage is not None:
+                self.env.estimates.observe(estimate_key(ctx), ctx.usage.completion_tokens)
+            lease, scopes = self._leases.pop(id(res), ("", []))
+            buckets = self._settlement(res, outcome, ctx.usage)
+            if scopes or buckets:
+                await self.quotas.finish(buckets, lease, scopes)
 
-    def _refund(self, res: Reservation, outcome: Outcome, usage: Usage | None) -> None:
-        """The rate buckets keep what a request used, not what it might have: an attempt that
+    def _settlement(self, res: Reservation, outcome: Outcome, usage: Usage | None) -> list[Bucket]:
+        """The rate buckets keep what a request used, not what it was charged: an attempt that
         failed over to another backend gives back its request and tokens (the next attempt is
-        charged), a finished one the tokens of max_tokens it did not generate."""
+        charged), a finished one is settled to its usage (the estimate's error, either way);
+        one that ended without usage (an error, a cancel) keeps its charge."""
         tenant = self._tenants.get(res.tenant)
         if tenant is None:
-            return
+            return []
         if outcome == "retried":
-            if tenant.rpm is not None:
-                tenant.rpm.give_back(1)
-            if tenant.tpm is not None:
-                tenant.tpm.give_back(res.tokens)
-        elif outcome == "ok" and usage is not None and tenant.tpm is not None:
-            tenant.tpm.give_back(max(0, res.tokens - usage.total_tokens))
+            return tenant.buckets(1, res.tokens)
+        if outcome == "ok" and usage is not None:
+            return tenant.buckets(0, res.tokens - usage.total_tokens)
+        return []
 
     # ---- refusals before queueing ---------------------------------------------------------
 
     def _tenant(self, cfg: TenantConfig) -> TenantState:
         state = self._tenants.get(cfg.name)
         if state is None:
-            state = self._tenants[cfg.name] = TenantState(cfg, self.env)
+            state = self._tenants[cfg.name] = TenantState(cfg)
         return state
 
     def _refuse_impossible(self, tenant: TenantState, need: Demand) -> None:
@@ -198,22 +292,14 @@ class Admission:
                 f"share of {cap} bytes. Shorten the prompt or lower max_tokens.",
                 code="kv_share_exceeded", retry_after=MAX_RETRY_AFTER_S, headers=NO_RETRY,
             )
-        if tenant.tpm is not None and need.tokens > tenant.tpm.size:
+        tpm = tenant.cfg.limits.tokens_per_minute
+        if tpm is not None and need.tokens > tpm:
             raise RateLimited(
                 f"This request counts {need.tokens} tokens, more than your limit of "
-                f"{tenant.tpm.size:.0f} tokens per minute.",
+                f"{tpm} tokens per minute.",
                 code="tokens_per_minute_exceeded", retry_after=MAX_RETRY_AFTER_S,
                 headers=NO_RETRY,
             )
-
-    def _refuse_over_rate(self, tenant: TenantState, need: Demand) -> None:
-        for bucket, n, what in ((tenant.rpm, 1, "requests"), (tenant.tpm, need.tokens, "tokens")):
-            wait = bucket.wait_for(n) if bucket is not None else 0.0
-            if wait > 0:
-                raise RateLimited(
-                    f"Rate limit reached for {what} per minute; retry in {math.ceil(wait)} s.",
-                    retry_after=max(1.0, wait),
-                )
 
     # ---- the queue ------------------------------------------------------------------------
 
@@ -298,15 +384,24 @@ class Admission:
         if w in self._waiters:
             self._leave_queue(w)
             w.future.cancel()
-            if w.tenant.tpm is not None:
-                w.tenant.tpm.give_back(w.need.tokens)
+            self._give_back_tokens(w.tenant, w.need.tokens)
             self._dispatch()
+
+    def _give_back_tokens(self, tenant: TenantState, tokens: int) -> None:
+        """A request that left the queue gives back its tokens (in a task: no await here)."""
+        buckets = tenant.buckets(0, tokens)
+        if buckets:
+            task = asyncio.ensure_future(self.quotas.settle(buckets))
+            task.add_done_callback(_quiet)
 
     def _give_up(self, w: Waiter) -> GatewayError:
         self._abandon(w)
-        wait = self.reservations.wait_estimate(w.ctx.backend, w.need.kv_bytes)
+        return self._refusal(w.ctx.backend, w.need.kv_bytes, w.held_by)
+
+    def _refusal(self, backend: str, kv_bytes: int, held_by: str) -> GatewayError:
+        wait = self.reservations.wait_estimate(backend, kv_bytes)
         retry = min(MAX_RETRY_AFTER_S, max(1.0, wait if wait is not None else self.cfg.queue_timeout_s))
-        if w.held_by == "tenant":
+        if held_by == "tenant":
             return RateLimited(
                 "Your concurrency or KV share limit is in use by your other requests; "
                 f"retry in {math.ceil(retry)} s.", code="tenant_capacity_exceeded",
@@ -316,3 +411,16 @@ class Admission:
             f"The model is at its memory capacity; retry in {math.ceil(retry)} s.",
             code="capacity_exceeded", retry_after=retry,
         )
+
+
+def _quiet(task: asyncio.Future[None]) -> None:
+    """A give-back that failed leaves the charge standing; nothing else to do about it."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _rate_limited(tenant: TenantState, need: Demand, wait: float) -> RateLimited:
+    what = " and ".join(b.key.rpartition(":")[2] for b in tenant.buckets(1, need.tokens))
+    retry = min(MAX_RETRY_AFTER_S, max(1.0, wait))
+    return RateLimited(f"Rate limit reached for {what} per minute; retry in {math.ceil(retry)} s.",
+                       retry_after=retry)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from gateway.core.backend import Backend
@@ -17,6 +17,8 @@ from gateway.core.config import ModelConfig, TenantConfig
 from gateway.core.context import Decision, RequestContext
 from gateway.core.errors import BackendError, GatewayError
 from gateway.core.policy import Fallback, Outcome, Policy
+from policies.estimate import Estimates
+from policies.quotas import Quotas
 from policies.reservations import Reservations
 from policies.routing import Router
 
@@ -28,7 +30,8 @@ FALLBACK = "fallback"  # the Decision.policy that records a failover (metrics co
 @dataclass
 class PolicyEnv:
     """What every policy of one chain shares: the tiers and tenants, the backends, the
-    bytes reserved on them, the replica router, a clock."""
+    bytes reserved on them, the replica router, a clock; where rate buckets and leases are
+    kept (None: in this process), and the completion-length estimates."""
 
     models: Mapping[str, ModelConfig]
     tenants: Mapping[str, TenantConfig]
@@ -36,6 +39,8 @@ class PolicyEnv:
     reservations: Reservations
     router: Router
     clock: Callable[[], float] = time.monotonic
+    quotas: Quotas | None = None
+    estimates: Estimates = field(default_factory=Estimates)
 
     def model(self, name: str) -> ModelConfig | None:
         return self.models.get(name)
@@ -79,13 +84,15 @@ class CarriesOver(Protocol):
 
 class PolicyChain:
     """The configured policies, in order. `reservations` exposes the bytes held to telemetry;
-    `router` the replica counts (both carried into the chain a config reload builds)."""
+    `router` the replica counts (both carried into the chain a config reload builds);
+    `quotas` is shared_state's, when configured (telemetry reads its stats)."""
 
     def __init__(self, policies: Sequence[Policy], reservations: Reservations,
-                 router: Router | None = None) -> None:
+                 router: Router | None = None, quotas: Quotas | None = None) -> None:
         self.policies = tuple(policies)
         self.reservations = reservations
         self.router = router if router is not None else Router()
+        self.quotas = quotas
         # the policies that can take over a failed attempt, in chain order
         self.fallbacks: tuple[Fallback, ...] = tuple(p for p in policies if isinstance(p, Fallback))
 

@@ -9,6 +9,7 @@ import orjson
 from gateway.core.backend import Backend, Capacity
 from gateway.core.context import RequestContext
 from gateway.core.kv import kv_bytes_for
+from policies.estimate import Estimates, kv_output_tokens
 
 CHARS_PER_TOKEN = 4  # the estimate where a backend cannot count (remote upstreams)
 
@@ -21,10 +22,14 @@ class Demand:
     budget: int | None  # the backend's whole KV budget, None where unknown
     adapter_bytes: int = 0  # to load the adapter, when it is not resident
     sequences: int = 1  # n: each sequence holds its own KV
+    expected_tokens: int | None = None  # output tokens expected per sequence (policies/estimate.py)
 
     @property
     def tokens(self) -> int:
-        return self.prompt_tokens + self.sequences * self.max_tokens
+        """What a tokens-per-minute quota is charged at admission: prompt + each sequence's
+        estimate (its limit where there is none), settled to the usage at the end."""
+        out = self.max_tokens if self.expected_tokens is None else self.expected_tokens
+        return self.prompt_tokens + self.sequences * out
 
 
 def output_limit(ctx: RequestContext, cap: Capacity | None, prompt_tokens: int) -> int:
@@ -53,22 +58,33 @@ def prompt_tokens(backend: Backend, ctx: RequestContext) -> int:
     return len(orjson.dumps(ctx.body)) // CHARS_PER_TOKEN + 1
 
 
-def demand(backend: Backend, ctx: RequestContext) -> Demand:
+def estimate_key(ctx: RequestContext) -> tuple[str, str, str]:
+    """Whose answers predict this one's length: the tenant's, on this model and adapter."""
+    return (ctx.tenant, ctx.target_model, ctx.adapter or "")
+
+
+def demand(backend: Backend, ctx: RequestContext, estimates: Estimates | None = None,
+           kv_admission: str = "worst_case") -> Demand:
+    """`estimates`: the expected output length (else the limit); `kv_admission`: what the
+    KV reservation counts for the output, the limit or the estimate (kv_output_tokens)."""
     cap: Capacity | None = backend.capacity()
     tokens = prompt_tokens(backend, ctx)
     prompts = prompt_count(ctx)
     max_tokens = output_limit(ctx, cap, tokens if prompts == 1 else 0)
     n = ctx.sampling.n
+    expected = max_tokens if estimates is None else estimates.expected(estimate_key(ctx), max_tokens)
     if cap is None:
-        return Demand(tokens, max_tokens, 0, None, sequences=n * prompts)
-    # Each sequence holds prompt + limit, in whole blocks: with several prompts, each is
-    # rounded up on its own (at most one block more each than their sum).
-    kv = n * (kv_bytes_for(tokens + prompts * max_tokens, cap.block_size, cap.bytes_per_token)
+        return Demand(tokens, max_tokens, 0, None, sequences=n * prompts, expected_tokens=expected)
+    # Each sequence holds prompt + its output reservation (the limit, or the estimate with
+    # kv_admission: estimate), in whole blocks: with several prompts, each is rounded up on
+    # its own (at most one block more each than their sum).
+    out = kv_output_tokens(max_tokens, expected, kv_admission)
+    kv = n * (kv_bytes_for(tokens + prompts * out, cap.block_size, cap.bytes_per_token)
               + (prompts - 1) * cap.block_size * cap.bytes_per_token)
     adapter_bytes = 0
     if ctx.adapter is not None and ctx.adapter not in cap.resident_adapters:
         adapter_bytes = (backend.adapters() or {}).get(ctx.adapter, 0)
-    return Demand(tokens, max_tokens, kv, cap.kv_bytes_total, adapter_bytes, n * prompts)
+    return Demand(tokens, max_tokens, kv, cap.kv_bytes_total, adapter_bytes, n * prompts, expected)
 
 
 def prompt_count(ctx: RequestContext) -> int:

@@ -12,8 +12,10 @@ from policies.admission import Admission
 from policies.base import CarriesOver, PolicyChain, PolicyEnv, PolicyKind
 from policies.context_trim import ContextTrim
 from policies.degrade import Degrade
+from policies.quotas import Quotas
 from policies.reservations import Reservations
 from policies.routing import Router, Routing
+from policies.shared_state import SharedState
 
 POLICY_KINDS: dict[str, PolicyKind] = {
     "adapter_selection": AdapterSelection,
@@ -29,20 +31,29 @@ DEFAULT_POLICIES = ("adapter_selection", "routing", "context_trim", "degrade", "
 def build_chain(
     names: Sequence[str], options: Mapping[str, object], models: Sequence[ModelConfig],
     tenants: Sequence[TenantConfig], backends: Mapping[str, Backend],
-    clock: Callable[[], float] = time.monotonic, previous: PolicyChain | None = None,
+    clock: Callable[[], float] = time.monotonic, quotas: Quotas | None = None,
+    previous: PolicyChain | None = None,
 ) -> PolicyChain:
     """One instance of each named policy, in order, with its options (`options[name]`, else
-    its Config's defaults), sharing one env: reservations, router, clock.
+    its Config's defaults), sharing one env: reservations, router, clock, and `quotas`
+    (policies/shared_state.py's SharedState with shared_state configured; else in-process).
 
-    `previous` (a config reload): the chain it replaces, whose reservations and router the
-    new chain shares and whose policies hand their live state over (CarriesOver)."""
+    `previous` (a config reload): the chain it replaces, whose reservations, router and
+    quotas the new chain shares and whose policies hand their live state over (CarriesOver)."""
     unknown = [n for n in names if n not in POLICY_KINDS]
     if unknown:
         raise KeyError(f"unknown policies {unknown} (known: {', '.join(sorted(POLICY_KINDS))})")
-    reservations = previous.reservations if previous is not None else Reservations(clock)
-    router = previous.router if previous is not None else Router()
+    if previous is not None:
+        reservations, router = previous.reservations, previous.router
+        quotas = quotas if quotas is not None else previous.quotas
+    else:
+        reservations, router = Reservations(clock), Router()
+        if isinstance(quotas, SharedState):  # replica affinity shared with the other processes
+            router.publish = quotas.publish_affinity
+            quotas.on_affinity = router.merge_affinity
     env = PolicyEnv(models={m.name: m for m in models}, tenants={t.name: t for t in tenants},
-                    backends=backends, reservations=reservations, router=router, clock=clock)
+                    backends=backends, reservations=reservations, router=router, clock=clock,
+                    quotas=quotas)
     policies = []
     for name in names:
         kind = POLICY_KINDS[name]
@@ -51,4 +62,4 @@ def build_chain(
         if old is not None and isinstance(policy, CarriesOver):
             policy.carry_over(old)
         policies.append(policy)
-    return PolicyChain(policies, env.reservations, env.router)
+    return PolicyChain(policies, reservations, router, quotas)

@@ -29,7 +29,7 @@ replica is left).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,6 +59,15 @@ class Router:
         self.inflight: dict[str, int] = {}
         self.affinity: dict[tuple[str, str], str] = {}  # (model, adapter) -> replica
         self._held: dict[int, str] = {}  # id(ctx) -> the replica it counts against
+        # with shared_state: a new binding is published to the other gateway processes, and
+        # theirs arrive through merge_affinity (policies/shared_state.py)
+        self.publish: Callable[[str, str], None] | None = None
+
+    def merge_affinity(self, bindings: Mapping[str, str]) -> None:
+        """The fleet's bindings ("model:adapter" -> replica) replace this process's."""
+        for key, replica in bindings.items():
+            model, _, adapter = key.partition(":")
+            self.affinity[(model, adapter)] = replica
 
     def route(self, ctx: RequestContext, model: ModelConfig, backends: Mapping[str, Backend]) -> str:
         """Pick a replica of `model` for ctx, set ctx.backend and count it in flight."""
@@ -68,7 +77,11 @@ class Router:
         self.inflight[choice] = self.inflight.get(choice, 0) + 1
         self._held[id(ctx)] = choice
         if ctx.adapter is not None and len(model.backends) > 1:
-            self.affinity[(model.name, ctx.adapter)] = choice
+            key = (model.name, ctx.adapter)
+            if self.affinity.get(key) != choice:
+                self.affinity[key] = choice
+                if self.publish is not None:
+                    self.publish(f"{model.name}:{ctx.adapter}", choice)
         return choice
 
     def release(self, ctx: RequestContext) -> None:

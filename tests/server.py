@@ -69,7 +69,8 @@ def gateway_process(
     config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None, timeout: float = 120,
     ready_path: str = "/ready", python: str | None = None, args: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Like running_gateway, but also yields the process (for fault tests)."""
+    """Like running_gateway, but also yields the process (for fault tests); `args`: more
+    `gateway serve` arguments (--workers N)."""
     cfg_path = workdir / "gateway.yaml"
     cfg_path.write_text(yaml.safe_dump(copy.deepcopy(config)))
     port = free_port()

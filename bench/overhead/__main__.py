@@ -26,6 +26,7 @@ from bench.overhead.targets import (
     start_floor,
     start_gateway,
     start_litellm,
+    start_redis,
     start_upstream,
 )
 
@@ -45,6 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--client-compare", action="store_true",
                     help="also run the gateway with aiohttp as its upstream client "
                          "(target memgate-aiohttp), side by side")
+    ap.add_argument("--shared-state", action="store_true",
+                    help="also run the gateway with tenant limits in-process (memgate-limits) "
+                         "and the same limits in Redis (memgate-redis: shared_state on a "
+                         "redis-server this bench starts), side by side")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="overhead", help="output file stem")
     args = ap.parse_args(argv)
@@ -112,6 +117,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.client_compare:
                 targets.append(start_gateway(upstream.url, work, name="memgate-aiohttp",
                                              module="bench.overhead.aiohttp_gateway"))
+                started.append(targets[-1])
+            if args.shared_state:
+                redis = start_redis(work)
+                started.append(redis)
+                targets.append(start_gateway(upstream.url, work, name="memgate-limits",
+                                             limits=True))
+                started.append(targets[-1])
+                targets.append(start_gateway(upstream.url, work, name="memgate-redis",
+                                             redis_url=redis.url))
                 started.append(targets[-1])
             if not args.no_workers2:
                 targets.append(start_gateway(upstream.url, work, workers=2, name="memgate-2w"))

@@ -77,6 +77,9 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
                 out[f"memgate_over_{peer}_{mode}_c{top}"] = round(cell["memgate"] / cell[peer], 3)
         if cell.get("memgate") and cell.get("memgate-2w"):
             out[f"memgate_2w_over_1w_{mode}_c{top}"] = round(cell["memgate-2w"] / cell["memgate"], 3)
+        if cell.get("memgate-limits") and cell.get("memgate-redis"):
+            out[f"redis_over_local_limits_{mode}_c{top}"] = round(
+                cell["memgate-redis"] / cell["memgate-limits"], 3)
     return out
 
 
@@ -86,7 +89,7 @@ def write(path: Path, payload: dict[str, Any]) -> None:
 
 
 COLORS = {"direct": "#1f77b4", "memgate": "#2ca02c", "memgate-2w": "#98df8a", "baseline": "#9467bd",
-          "memgate-aiohttp": "#8c564b",
+          "memgate-aiohttp": "#8c564b", "memgate-limits": "#17becf", "memgate-redis": "#e377c2",
           "floor": "#ff7f0e", "litellm": "#d62728"}
 
 

@@ -156,27 +156,52 @@ def start_upstream(workdir: Path) -> Proc:
                  port, "/v1/models", workdir, pin="client")
 
 
-def gateway_config(upstream: str) -> dict[str, object]:
+# Tenant limits that never refuse in this bench but are checked on every request: a request
+# and tokens-per-minute bucket and a concurrency lease (with shared_state: Redis round trips)
+BENCH_LIMITS = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "max_concurrency": 10**6}
+
+
+def gateway_config(upstream: str, limits: bool = False,
+                   redis_url: str | None = None) -> dict[str, object]:
     """One `openai` backend on the fake upstream, one tenant, the default policy chain (those
-    of its names that are registered: the chain grows while this bench stays put)."""
+    of its names that are registered: the chain grows while this bench stays put).
+    `limits`: the tenant has BENCH_LIMITS; `redis_url`: they are kept in Redis (shared_state)."""
     from policies.registry import DEFAULT_POLICIES, POLICY_KINDS
 
-    return {
+    tenant: dict[str, object] = {"name": "bench", "api_key_sha256": [hashlib.sha256(BENCH_KEY.encode()).hexdigest()], "models": ["bench-model"]}
+    if limits or redis_url:
+        tenant["limits"] = BENCH_LIMITS
+    cfg: dict[str, object] = {
         "policies": [p for p in DEFAULT_POLICIES if p in POLICY_KINDS],
         "server": {"max_body_bytes": "1MiB"},
         "backends": {"up": {"kind": "openai", "url": f"{upstream}/v1"}},
         "models": [{"name": "bench-model", "backend": "up"}],
-        "tenants": [{"name": "bench", "api_key_sha256": [hashlib.sha256(BENCH_KEY.encode()).hexdigest()], "models": ["bench-model"]}],
+        "tenants": [tenant],
     }
+    if redis_url:
+        cfg["shared_state"] = {"redis_url": redis_url, "key_prefix": "bench:"}
+    return cfg
+
+
+def start_redis(workdir: Path) -> Proc:
+    """Debian's redis-server on a free loopback port, beside the upstream (client core)."""
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]
+    proc = start("redis", argv, port, None, workdir, pin="client")
+    proc.url = f"redis://127.0.0.1:{port}/0"
+    return proc
 
 
 def start_gateway(upstream: str, workdir: Path, workers: int = 1,
                   extra_env: dict[str, str] | None = None, name: str = "memgate",
-                  source: Path = ROOT, module: str = "gateway.cli") -> Proc:
+                  source: Path = ROOT, module: str = "gateway.cli", limits: bool = False,
+                  redis_url: str | None = None) -> Proc:
     """`source`: the checkout whose gateway runs (another commit's, for --baseline);
-    `module`: what runs it (bench.overhead.aiohttp_gateway: the aiohttp client)."""
+    `module`: what runs it (bench.overhead.aiohttp_gateway: the aiohttp client);
+    `limits`, `redis_url`: see gateway_config."""
     cfg = workdir / f"{name}.yaml"
-    cfg.write_text(yaml.safe_dump(gateway_config(upstream)))
+    cfg.write_text(yaml.safe_dump(gateway_config(upstream, limits, redis_url)))
     port = free_port()
     argv = [sys.executable, "-m", module, "serve", "--config", str(cfg),
             "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]

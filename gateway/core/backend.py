@@ -45,6 +45,9 @@ class Capacity:
     context_window: int
     adapter_budget_bytes: int = 0
     resident_adapters: list[str] = field(default_factory=list)
+    # The KV cache is another server's that every gateway process sends to (vLLM): admission
+    # leases it fleet-wide with shared_state, and its gauges are exported once, not summed.
+    shared: bool = False
 
 
 @dataclass(slots=True)

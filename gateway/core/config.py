@@ -93,6 +93,8 @@ class TrimConfig:
 
 @dataclass(frozen=True)
 class TenantConfig:
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("api_keys_file",)  # relative to the config file
+
     name: str
     api_keys_env: str | None = None
     api_key_sha256: tuple[str, ...] = ()
@@ -103,10 +105,10 @@ class TenantConfig:
     limits: TenantLimits = field(default_factory=TenantLimits)
     allow_degrade: bool = True
     trim: TrimConfig = field(default_factory=TrimConfig)
+    # forwarded to a Gateway API Inference Extension as x-gateway-inference-objective
+    inference_objective: str | None = None
     # one key or sha256 digest a line, re-read at every reload (operations)
     api_keys_file: str | None = None
-
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("api_keys_file",)  # relative to the config file
 
     def key_hashes(self) -> tuple[bytes, ...]:
         """sha256 digests of every key this tenant may use (config hashes, env keys, the keys
@@ -129,7 +131,8 @@ _DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def read_keys_file(path: str) -> list[bytes]:
-    """`api_keys_file`: one API key or one sha256 hex digest (64 hex digits) a line; blank
+    """`api_keys_file`: API keys or sha256 hex digests (64 hex digits), one a line or
+    comma-separated (a Helm-rendered Secret); blank
     lines and lines starting with # are skipped. Follows symlinks (a Kubernetes Secret mount
     swaps its `..data` link), so each read sees one whole version of the file."""
     try:
@@ -139,13 +142,16 @@ def read_keys_file(path: str) -> list[bytes]:
         raise KeyFileError(f"cannot read keys file {path}: {why}") from None
     out: list[bytes] = []
     for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+        if raw.strip().startswith("#"):
             continue
-        if any(c.isspace() for c in line):
-            raise KeyFileError(f"{path} line {n}: a key is one word (no spaces inside)")
-        out.append(bytes.fromhex(line) if _DIGEST.fullmatch(line)
-                   else hashlib.sha256(line.encode()).digest())
+        for word in raw.split(","):  # a line may hold several, comma-separated
+            key = word.strip()
+            if not key:
+                continue
+            if any(c.isspace() for c in key):
+                raise KeyFileError(f"{path} line {n}: a key is one word (no spaces inside)")
+            out.append(bytes.fromhex(key) if _DIGEST.fullmatch(key)
+                       else hashlib.sha256(key.encode()).digest())
     if not out:
         raise KeyFileError(f"keys file {path} holds no key")
     return out

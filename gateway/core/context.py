@@ -146,6 +146,7 @@ class RequestContext:
     queue_seconds: float = 0.0  # time spent waiting for admission in the gateway
     reservation: Reservation | None = None  # the admission policy's, while one is held
     usage: Usage | None = None  # what the backend reported on its last chunk
+    inference_objective: str | None = None  # the tenant's, for a Gateway API Inference Extension
 
     @property
     def usage_injected(self) -> bool:

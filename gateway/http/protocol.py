@@ -29,6 +29,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway.core.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
+from gateway.core.worker import worker_id
 from gateway.handler import GENERATION_ROUTES, GenerationHandler, Incoming
 from gateway.http.fast import FastCycle
 
@@ -81,6 +82,17 @@ def _gateway(config: Any, app: Any) -> tuple[GenerationHandler | None, float]:
     return found
 
 
+def _name_worker(config: Any, server_state: Any) -> None:
+    """Every answer of this process names it (x-gateway-worker): uvicorn's default headers,
+    which both the fast writer and uvicorn's own cycle send, carry it; uvicorn rebuilds the
+    list from config.encoded_headers once a second, so it goes there too."""
+    header = (b"x-gateway-worker", worker_id().encode())
+    if header not in config.encoded_headers:
+        config.encoded_headers = [*config.encoded_headers, header]
+    if header not in server_state.default_headers:
+        server_state.default_headers = [*server_state.default_headers, header]
+
+
 def _refusal(exc: GatewayError) -> bytes:
     """A whole answer that closes the connection, in OpenAI's error shape."""
     body = orjson.dumps(exc.body())
@@ -100,11 +112,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _refuse: bytes | None = None  # the answer send_400_response gives instead of uvicorn's
     _lingering: asyncio.TimerHandle | None = None  # refused: closes the connection when due
     _lingered = 0  # bytes read and dropped since the refusal
+    _last_request = False  # shutdown began before this connection's first request: serve it, close
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         handler, self.header_timeout_s = _gateway(self.config, self.app)
         self.handler = handler if not self.root_path else None
+        _name_worker(self.config, self.server_state)
 
     # ---- connection -----------------------------------------------------------------------
 
@@ -212,6 +226,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if (kind is None or handler is None or parser.get_method() != b"POST"
                 or parser.should_upgrade() or self.limit_concurrency is not None):
             super().on_headers_complete()
+            if self._last_request and self.cycle is not None:
+                self.cycle.keep_alive = False
             return
         http_version = parser.get_http_version()
         scope = self.scope
@@ -232,7 +248,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             default_headers=self.server_state.default_headers,
             message_event=asyncio.Event(),
             expect_100_continue=self.expect_100_continue,
-            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            keep_alive=(http_version != "1.0" and parser.should_keep_alive()
+                        and not self._last_request),
             on_response=self.on_response_complete,
             handler=handler,
             request=Incoming(kind, "POST", path, self.headers),
@@ -242,6 +259,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         else:  # pipelined: it starts when the answer before it is complete
             self.flow.pause_reading()
             self.pipeline.appendleft((self.cycle, self.app))
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown closes a connection that has no request in progress. A
+        connection accepted just before the listener closed has not sent its first request
+        yet, but it is on its way (a worker being replaced while the others serve): answer that
+        one request, then close, instead of dropping it (the header timeout still applies)."""
+        if self._heads == 0 and self.cycle is None and not self.transport.is_closing():
+            self._last_request = True
+            return
+        super().shutdown()
 
     def on_message_complete(self) -> None:
         self._head_pending = True  # the next bytes are the next request's head

@@ -4,8 +4,6 @@ mounts are valid."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import yaml
 from gateway.settings import load_settings
 from grafana.generate import OUT, render
 from grafana.panels import DASHBOARDS
+from tests.deploy.test_compose import compose
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,13 +83,7 @@ def test_dashboard_imports_with_another_datasource_uid(uid: str) -> None:
 
 
 def test_compose_config_is_valid() -> None:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        raise RuntimeError("docker-compose is missing: run `make obs-tools` (apt-get)")
-    out = subprocess.run([binary, "-f", str(ROOT / "compose.yaml"), "config"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    services = yaml.safe_load(out.stdout)["services"]
+    services = compose()  # `docker-compose config` passes
     assert {"gateway", "vllm", "prometheus", "grafana", "otel-collector", "jaeger"} <= set(services)
     vllm = services["vllm"]
     assert "--enable-lora" in vllm["command"]

@@ -12,13 +12,14 @@ import contextlib
 import math
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.core.errors import ContextLengthExceeded, GatewayError
 from policies.admission import Admission
 from policies.context_trim import ContextTrim
-from policies.token_bucket import TokenBucket
+from policies.leases import Bucket, LocalBook
 from tests.policies.fakes import FakeBackend, FakeClock, ctx, make
 from tests.policies.fakes import settings as make_settings
 
@@ -27,31 +28,35 @@ FAST = settings(max_examples=200, deadline=None, suppress_health_check=list(Heal
 
 # ---------------------------------------------------------------- token bucket
 
-BUCKET_OPS = st.lists(st.tuples(st.sampled_from(["take", "give", "wait", "tick"]),
-                                st.floats(0, 5000, allow_nan=False)), max_size=40)
+BUCKET_OPS = st.lists(st.tuples(st.sampled_from(["take", "settle", "tick"]),
+                                st.floats(-500, 5000, allow_nan=False)), max_size=40)
 
 
 @FAST
 @given(st.integers(1, 100_000), BUCKET_OPS)
-def test_token_bucket_level_and_waits(per_minute: int, ops: list[tuple[str, float]]) -> None:
+def test_rate_bucket_level_and_waits(per_minute: int, ops: list[tuple[str, float]]) -> None:
+    """A take either takes (the level drops by the amount) or leaves the level alone and
+    announces a wait after which it succeeds; the level never passes the size."""
     clock = FakeClock()
-    bucket = TokenBucket(per_minute, clock)
+    book = LocalBook(clock)
     for op, x in ops:
-        if op == "take":
-            bucket.take(x)
-        elif op == "give":
-            bucket.give_back(x)
+        if op == "settle":
+            book.settle([Bucket("b", per_minute, x)])
         elif op == "tick":
-            clock.now += x / 100
+            clock.now += abs(x) / 100
         else:
-            wait = bucket.wait_for(x)
-            if x > bucket.size:
-                assert wait == math.inf
+            x = abs(x)
+            before = book.level("b", per_minute)
+            wait = book.take([Bucket("b", per_minute, x)])
+            if x > per_minute:
+                assert wait == math.inf and book.level("b", per_minute) == before
+            elif wait == 0:
+                assert book.level("b", per_minute) == pytest.approx(before - x, abs=1e-6)
             else:
-                assert wait >= 0
+                assert book.level("b", per_minute) == before
                 clock.now += wait
-                assert bucket.wait_for(x) <= 1e-6 * max(1.0, x)  # the announced wait was enough
-        assert bucket.level <= bucket.size + 1e-9
+                assert book.take([Bucket("b", per_minute, x)]) <= 1e-6 * max(1.0, x)
+        assert book.level("b", per_minute) <= per_minute + 1e-9
 
 
 # ---------------------------------------------------------------- admission / ledger

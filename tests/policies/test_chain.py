@@ -13,9 +13,9 @@ from gateway.core.policy import Outcome, passed
 from gateway.settings import ConfigError, Settings
 from policies.admission import AdmissionConfig
 from policies.base import PolicyChain
+from policies.leases import Bucket, LocalBook
 from policies.registry import DEFAULT_POLICIES, POLICY_KINDS, build_chain
 from policies.reservations import Reservations
-from policies.token_bucket import TokenBucket
 from tests.policies.fakes import FakeBackend, FakeClock, ctx, settings
 
 
@@ -92,14 +92,15 @@ def test_kv_arithmetic_is_whole_blocks() -> None:
         kv_bytes_for(1, 0, 2048)
 
 
-def test_token_bucket_refills_to_its_size() -> None:
+def test_rate_bucket_refills_to_its_size() -> None:
     clock = FakeClock()
-    b = TokenBucket(60, clock)
-    assert b.wait_for(60) == 0 and b.wait_for(61) == float("inf")
-    b.take(60)
-    assert b.wait_for(1) == pytest.approx(1.0)
+    book = LocalBook(clock)
+    assert book.take([Bucket("b", 60, 61)]) == float("inf")
+    assert book.take([Bucket("b", 60, 60)]) == 0
+    assert book.take([Bucket("b", 60, 1)]) == pytest.approx(1.0)
     clock.now += 1000
-    assert b.wait_for(60) == 0 and b.level <= 60
+    assert book.level("b", 60) == 60
+    assert book.level("b", 30) == 30  # a lowered limit applies at the next check
 
 
 def test_drain_rate_and_wait_estimate() -> None:
