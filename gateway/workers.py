@@ -20,6 +20,7 @@ Each answer names its worker (`x-gateway-worker`, gateway/http/protocol.py), and
 from __future__ import annotations
 
 import logging
+import logging.config
 import multiprocessing
 import os
 import signal
@@ -53,8 +54,12 @@ def _worker_main(config_path: str, server_kwargs: dict[str, Any], sock: socket.s
 
     arm_sighup()  # a SIGHUP while the backends load is a reload once started, not an exit
 
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = server_kwargs.get("log_config")
+    if isinstance(log_config, dict):  # the parent's (server.log_format: text or json)
+        logging.config.dictConfig(log_config)
+    else:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(config_path)
     app = create_app(settings)
     state = app.state.gateway
@@ -132,7 +137,8 @@ class Supervisor:
 
     def run(self) -> int:
         multiprocessing.allow_connection_pickling()
-        config = uvicorn.Config("gateway.app:app_from_env", host=self.host, port=self.port)
+        config = uvicorn.Config("gateway.app:app_from_env", host=self.host, port=self.port,
+                                log_config=self.kwargs.get("log_config"))  # the gateway's format
         self.sock = config.bind_socket()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
