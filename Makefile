@@ -21,8 +21,9 @@ $(VENV)/.dev: $(VENV)/.local
 setup: $(VENV)/.local
 setup-dev: $(VENV)/.dev
 
-$(DEMO): | $(VENV)/.local
-	$(BIN)/gateway demo-model models/demo
+# rebuilt when its builder or its training text changes (the model is what they make)
+$(DEMO): backends/local/tools/demo.py $(wildcard backends/local/tools/data/*.txt) | $(VENV)/.local
+	$(BIN)/gateway demo-model models/demo --force
 
 demo-model: $(DEMO)
 

@@ -27,14 +27,15 @@ from typing import Any, ClassVar
 import httpx
 
 from backends.base import adapter_name
-from backends.local import memory_plan
-from backends.local.config import ModelConfig
-from backends.local.tokenizer import ChatTokenizer, TokenizerError
+from backends.hf.config import ArchConfig
+from backends.hf.safetensors import adapter_bytes
+from backends.hf.tokenizer import ChatTokenizer, TokenizerError
 from backends.openai import OpenAIBackend, OpenAIConfig
 from backends.remote_adapters import RemoteAdapters
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
 from gateway.core.context import Chunk, RequestContext
 from gateway.core.errors import BackendError
+from gateway.core.kv import dtype_bytes, kv_bytes_per_token
 from gateway.core.residency import AdapterResidency
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class VLLMBackend(OpenAIBackend):
     def __init__(self, name: str, cfg: VLLMConfig) -> None:
         super().__init__(name, cfg)
         self.vcfg = cfg
-        self._model: ModelConfig | None = None
+        self._model: ArchConfig | None = None
         self._tokenizer: ChatTokenizer | None = None
         self._reading = VLLMReading()
         self._refresh: asyncio.Task[bool] | None = None
@@ -121,14 +122,14 @@ class VLLMBackend(OpenAIBackend):
         if self.vcfg.model_dir:
             model_dir = Path(self.vcfg.model_dir)
             hf = json.loads((model_dir / "config.json").read_text())
-            self._model = ModelConfig.from_hf(hf)
+            self._model = ArchConfig.from_hf(hf)
             self._tokenizer = await asyncio.to_thread(
                 ChatTokenizer.from_dir, model_dir, self._model.eos_token_ids)
         if self.vcfg.adapters_dir:
-            elem = memory_plan.dtype_bytes(self._model.dtype if self._model else "float32")
+            elem = dtype_bytes(self._model.dtype if self._model else "float32")
             for d in sorted(Path(self.vcfg.adapters_dir).iterdir()):
                 if (d / "adapter_config.json").exists():
-                    self._adapter_sizes[d.name] = memory_plan.adapter_bytes(d, elem)
+                    self._adapter_sizes[d.name] = adapter_bytes(d, elem)
         # The first reading may wait for a busy vLLM (the steady-state refresh gives up at 2 s
         # and keeps the last reading; at start there is none to keep).
         if not await self._scrape(START_SCRAPE_TIMEOUT_S):
@@ -269,8 +270,8 @@ class VLLMBackend(OpenAIBackend):
             return r.kv_bytes_total // r.kv_tokens
         if self._model is not None:
             m = self._model
-            return memory_plan.kv_bytes_per_token(
-                m.num_hidden_layers, m.num_key_value_heads, m.head_dim, memory_plan.dtype_bytes(m.dtype))
+            return kv_bytes_per_token(
+                m.num_hidden_layers, m.num_key_value_heads, m.head_dim, dtype_bytes(m.dtype))
         return 0
 
     def capacity(self) -> Capacity | None:

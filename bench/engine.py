@@ -41,8 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backends.local.tokenizer import ChatTokenizer  # noqa: E402
-from gateway.demo import DATA_DIR  # noqa: E402
+from backends.hf.tokenizer import ChatTokenizer  # noqa: E402
+from backends.local.tools.demo import DATA_DIR  # noqa: E402
 from tests.server import gateway_process  # noqa: E402
 
 KEY = "sk-bench"

@@ -33,10 +33,10 @@ class Memgate:
     def __init__(
         self, model: Path, dtype: str, threads: int | None, batch: int, device: str
     ) -> None:
+        from backends.hf.tokenizer import ChatTokenizer
         from backends.local.engine import Engine
         from backends.local.loader import load_checkpoint
         from backends.local.lora import install, load_adapter
-        from backends.local.tokenizer import ChatTokenizer
 
         loaded = load_checkpoint(model, dtype, device)
         self.vocab = loaded.config.vocab_size

@@ -31,12 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backends.hf.tokenizer import ChatTokenizer  # noqa: E402
 from backends.local.engine import Engine, Event  # noqa: E402
 from backends.local.loader import LoadedModel, load_checkpoint  # noqa: E402
 from backends.local.model import Llama  # noqa: E402
 from backends.local.sampler import Sampler  # noqa: E402
-from backends.local.tokenizer import ChatTokenizer  # noqa: E402
-from gateway.demo import load_dialogues  # noqa: E402
+from backends.local.tools.demo import load_dialogues  # noqa: E402
 
 
 def chat_prompts(model_dir: Path, n: int) -> list[list[int]]:

@@ -79,7 +79,7 @@ def load(quantize: str, device: str) -> LoadedModel:
 
 def prompts_from_tokenizer() -> list[list[int]]:
     """The questions as chat prompts (token ids stored in the reference: no tokenizer later)."""
-    from backends.local.tokenizer import ChatTokenizer
+    from backends.hf.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.from_dir(MODEL)
     return [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]

@@ -29,12 +29,12 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from backends.hf.tokenizer import ChatTokenizer
 from backends.local.engine import Engine, Event
 from backends.local.grammar import Constraint, GrammarLimits, Grammars, json_grammar
 from backends.local.loader import load_checkpoint
 from backends.local.logits import Processors
 from backends.local.sampler import Sampler
-from backends.local.tokenizer import ChatTokenizer
 from backends.local.utf8 import Utf8Table
 
 MODEL = Path("models/demo")

@@ -79,7 +79,7 @@ def _demo_model(args: argparse.Namespace) -> int:
 
         write_mid(Path(args.dir), force=args.force)
         return 0
-    from gateway.demo import write_demo
+    from backends.local.tools.demo import write_demo
 
     write_demo(Path(args.dir), steps=args.steps, force=args.force)
     return 0
@@ -97,7 +97,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from backends.local.memory_plan import PlanError, plan_for_config
+    from backends.hf.safetensors import SafetensorsError
+    from backends.local.memory_plan import plan_for_config
 
     try:
         settings = load_settings(args.config)
@@ -106,7 +107,7 @@ def _plan(args: argparse.Namespace) -> int:
                 print(f"== {name} ({spec.kind}): no local memory plan")
                 continue
             print(f"== {name} (local)\n{plan_for_config(spec.config).render()}")
-    except (ConfigError, PlanError, OSError) as exc:
+    except (ConfigError, SafetensorsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,7 +1,7 @@
 """Bytes promised to admitted requests, per backend and per tenant, and how fast they drain.
 
 Plain Python, shared by the degrade and admission policies and read by telemetry and
-/debug/memory. The KV arithmetic is the engine's (backends/local/memory_plan.py, plain Python):
+/debug/memory. The KV arithmetic is the core's (gateway/core/kv.py, shared with the engine):
 a request needs (prompt + max_tokens) tokens rounded up to whole blocks of block_size tokens.
 """
 

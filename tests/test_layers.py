@@ -117,3 +117,13 @@ def test_the_checks_see_what_they_should() -> None:
     assert "policies.registry" in g["gateway.settings"]
     assert "backends.upstream_http" in g["backends.openai"]
     assert floor("gateway.handler") == 2 and floor("backends.openai") == 1
+
+
+def test_only_the_local_kind_and_the_top_import_the_engine() -> None:
+    """backends/local is one backend kind: other kinds share what they need with it through
+    backends/hf (the checkpoint read without torch), and policies through the core."""
+    wrong = sorted(f"{a} -> {b}" for a, deps in graph().items() for b in deps
+                   if b.startswith("backends.local") and not a.startswith("backends.local")
+                   and floor(a) != 2)
+    assert not wrong, wrong
+    assert "backends.hf.config" in graph()["backends.vllm"]

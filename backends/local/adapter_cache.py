@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from backends.hf.safetensors import SafetensorsError, adapter_bytes
 from backends.local.loader import CheckpointError
 from backends.local.lora import AdapterError, LoraAdapter, install, load_adapter, uninstall
-from backends.local.memory_plan import PlanError, adapter_bytes
 from backends.local.model import Llama
 from gateway.core.errors import BackendError
 
@@ -184,7 +184,7 @@ class AdapterCache:
         path = self._path(name)
         try:
             need = adapter_bytes(path, self._elem)
-        except (PlanError, CheckpointError, OSError) as e:
+        except (SafetensorsError, CheckpointError, OSError) as e:
             raise self._invalid(name, e) from None
         if need > self.budget_bytes:
             raise BackendError(

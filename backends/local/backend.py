@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from backends.hf.tokenizer import ChatTokenizer, TokenizerError
 from backends.local import generation, grammar, request
 from backends.local.adapter_cache import AdapterCache, Resident
 from backends.local.engine import Engine, Event
@@ -23,7 +24,6 @@ from backends.local.runtime_memory import (
     resident_bytes,
 )
 from backends.local.sampler import Sampler
-from backends.local.tokenizer import ChatTokenizer, TokenizerError
 from backends.local.toolcalls import ToolCallParser
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
 from gateway.core.context import Chunk, RequestContext

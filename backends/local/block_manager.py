@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from backends.local.memory_plan import blocks_for
+from gateway.core.kv import blocks_for
 
 
 class KVCapacityError(Exception):

@@ -18,16 +18,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backends.hf.tokenizer import Detokenizer
 from backends.local import placement
 from backends.local.block_manager import BlockManager
-from backends.local.memory_plan import KVLayout, kv_bytes_per_token
+from backends.local.memory_plan import KVLayout
 from backends.local.model import Llama
 from backends.local.runner import ModelRunner
 from backends.local.sampler import Sampler
 from backends.local.scheduler import Scheduler, Sequence
 from backends.local.stop import StopFilter
-from backends.local.tokenizer import Detokenizer
 from backends.local.workspace import WorkspaceMeter
+from gateway.core.kv import kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 

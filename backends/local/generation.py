@@ -13,12 +13,12 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from backends.hf.tokenizer import ChatTokenizer
 from backends.local.engine import Engine, EngineClosed, Event
 from backends.local.grammar import Constraint
 from backends.local.logits import Processors
 from backends.local.request import LocalRequest
 from backends.local.sampler import Sampler
-from backends.local.tokenizer import ChatTokenizer
 from backends.local.toolcalls import ToolCallParser
 from gateway.core.context import Chunk, RequestContext, Usage
 from gateway.core.errors import BackendError

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from backends.hf import safetensors
+from backends.hf.config import ArchConfig
 from backends.local import memory_plan, packing
-from backends.local.model import Llama, ModelConfig
+from backends.local.model import Llama
 from backends.local.quantize import quantize_state, swap_quantized
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -65,8 +67,8 @@ class MappedFile:
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     """(data start offset, header dict) of a safetensors file."""
     try:
-        return memory_plan.read_header(path)
-    except memory_plan.PlanError as e:
+        return safetensors.read_header(path)
+    except safetensors.SafetensorsError as e:
         raise CheckpointError(str(e)) from None
 
 
@@ -107,15 +109,15 @@ def map_safetensors(path: Path) -> MappedFile:
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
     try:
-        return memory_plan.checkpoint_files(model_dir)
-    except memory_plan.PlanError as e:
+        return safetensors.checkpoint_files(model_dir)
+    except safetensors.SafetensorsError as e:
         raise CheckpointError(str(e)) from None
 
 
 @dataclass
 class LoadedModel:
     model: Llama
-    config: ModelConfig
+    config: ArchConfig
     weight_bytes: int
     files: list[MappedFile]
     copied_bytes: int = 0  # bytes that had to be converted onto the heap
@@ -123,7 +125,7 @@ class LoadedModel:
     packed: int = 0  # projections served from oneDNN-packed bfloat16 weights (packing.py)
 
 
-def read_config(model_dir: Path) -> ModelConfig:
+def read_config(model_dir: Path) -> ArchConfig:
     path = model_dir / "config.json"
     if not path.exists():
         raise CheckpointError(f"{model_dir}: no config.json")
@@ -134,7 +136,7 @@ def read_config(model_dir: Path) -> ModelConfig:
             f"{model_dir}: quant_method {method!r} is not supported (only "
             f"{memory_plan.QUANT_METHOD!r}, written by `gateway quantize`)"
         )
-    return ModelConfig.from_hf(raw)
+    return ArchConfig.from_hf(raw)
 
 
 def load_checkpoint(

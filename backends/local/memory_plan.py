@@ -8,31 +8,33 @@ Weight bytes come from safetensors headers (8-byte length + JSON), never from th
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backends.hf.safetensors import (
+    SAFETENSORS_FLOATS,
+    SafetensorsError,
+    adapter_bytes,
+    checkpoint_files,
+    numel,
+    read_header,
+    tensor_bytes,
+)
 from gateway.core.kv import (
-    FLOAT_BYTES,
-    adapter_module_bytes,
     blocks_for,
     dtype_bytes,
     kv_bytes_per_token,
 )
 
-__all__ = ["FLOAT_BYTES", "adapter_module_bytes", "blocks_for", "dtype_bytes", "kv_bytes_per_token"]
-
-SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "BOOL": 1}
-SAFETENSORS_FLOATS = ("F32", "F16", "BF16")
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 CONTEXT_LENGTHS = (512, 2048, 8192, 32768)
 QUANT_METHOD = "memgate-int8"
 SCALE_SUFFIX = "_scale"
 
 
-class PlanError(ValueError):
-    """A checkpoint or config the plan cannot be computed from."""
+class PlanError(SafetensorsError):
+    """A checkpoint or config the plan cannot be computed from (a bad safetensors file is its
+    parent class, SafetensorsError: catch that one for both)."""
 
 
 def is_quantizable(name: str, shape: list[int]) -> bool:
@@ -83,55 +85,7 @@ class KVLayout:
         return self.num_blocks // max(self.blocks_for(context_tokens), 1)
 
 
-# ---- safetensors headers ------------------------------------------------------------------
-
-
-def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(data start offset, header dict) of a safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise PlanError(f"{path}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES:
-            raise PlanError(f"{path}: header length {n} is implausible")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise PlanError(f"{path}: bad safetensors header: {e}") from None
-    if not isinstance(header, dict):
-        raise PlanError(f"{path}: safetensors header is not an object")
-    return 8 + n, header
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
-        if not files:
-            raise PlanError(f"{index}: empty weight_map")
-        return [model_dir / f for f in files]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise PlanError(f"{model_dir}: no *.safetensors files")
-    return files
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def tensor_bytes(info: dict[str, Any], elem_bytes: int) -> int:
-    """Bytes one header entry takes once loaded: floats become the serving dtype."""
-    dt = str(info.get("dtype"))
-    own = SAFETENSORS_BYTES.get(dt)
-    if own is None:
-        raise PlanError(f"unsupported safetensors dtype {dt!r}")
-    return _numel(info["shape"]) * (elem_bytes if dt in SAFETENSORS_FLOATS else own)
+# ---- weight bytes -------------------------------------------------------------------------
 
 
 def weight_bytes(
@@ -148,22 +102,9 @@ def weight_bytes(
             shape = [int(s) for s in info["shape"]]
             floating = info.get("dtype") in SAFETENSORS_FLOATS
             if quantize == "int8" and floating and is_quantizable(name, shape):
-                total += _numel(shape) + shape[0] * elem_bytes  # int8 + per-row scale
+                total += numel(shape) + shape[0] * elem_bytes  # int8 + per-row scale
             else:
                 total += tensor_bytes(info, elem_bytes)
-    return total
-
-
-def adapter_bytes(adapter_dir: Path, elem_bytes: int) -> int:
-    """Bytes an installed adapter takes: r x (d_in + d_out) x dtype bytes per module."""
-    _, header = read_header(adapter_dir / "adapter_model.safetensors")
-    header.pop("__metadata__", None)
-    total = 0
-    for info in header.values():
-        shape = [int(s) for s in info["shape"]]
-        if len(shape) != 2:
-            raise PlanError(f"{adapter_dir}: LoRA tensors must be matrices")
-        total += _numel(shape) * elem_bytes  # A [r, in] + B [out, r] = r x (in + out)
     return total
 
 

@@ -23,13 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends.hf.config import ArchConfig
 from backends.local.attention import DecodeBatch, decode_attention, prefill_attention
-from backends.local.config import ModelConfig
-
-__all__ = ["Llama", "ModelConfig"]
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: ArchConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim / 2] (float32, CPU), with llama3 / linear scaling applied."""
     dim = cfg.head_dim
     inv = 1.0 / (
@@ -245,7 +243,7 @@ class KVPool:
 
     @classmethod
     def allocate(
-        cls, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str
+        cls, cfg: ArchConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str
     ) -> KVPool:
         shape = (cfg.num_key_value_heads, num_slots, cfg.head_dim)
         n = cfg.num_hidden_layers
@@ -260,7 +258,7 @@ class KVPool:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = (
             cfg.num_attention_heads,
@@ -322,7 +320,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.gate_proj = Proj(cfg.hidden_size, cfg.intermediate_size)
         self.up_proj = Proj(cfg.hidden_size, cfg.intermediate_size)
@@ -333,7 +331,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
@@ -349,7 +347,7 @@ class Embedding(nn.Embedding):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
@@ -359,7 +357,7 @@ class Decoder(nn.Module):
 class Llama(nn.Module):
     """The model. Build on the meta device and assign loaded weights, or train from random."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)

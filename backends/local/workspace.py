@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from backends.local.config import ModelConfig
-from backends.local.memory_plan import blocks_for
+from backends.hf.config import ArchConfig
 from backends.local.model import Llama
+from gateway.core.kv import blocks_for
 
 
 def largest_int8_matrix(model: Llama) -> int:
@@ -36,7 +36,7 @@ def largest_int8_matrix(model: Llama) -> int:
 class WorkspaceMeter:
     """Per-step workspace estimate, its last and peak values, and per-sequence shares."""
 
-    def __init__(self, cfg: ModelConfig, elem_bytes: int, model: Llama, block_size: int) -> None:
+    def __init__(self, cfg: ArchConfig, elem_bytes: int, model: Llama, block_size: int) -> None:
         self.cfg = cfg
         self.block_size = block_size
         self.elem = elem_bytes

@@ -3,7 +3,7 @@
 Shape: hidden 512, 8 layers, 8 query / 2 KV heads (head_dim 64), FFN 1408, vocabulary 2000:
 24.6M parameters, 98 MB in float32. The weights are random (seeded, std 0.02), so its text is
 noise; it exists to measure speed on shapes where the projections, not Python, dominate a step.
-The tokenizer and chat template are the demo's (trained from `gateway/data/`, 1,976 tokens),
+The tokenizer and chat template are the demo's (trained from `backends/local/tools/data/`, 1,976 tokens),
 and `adapters/` holds eight random rank-8 LoRA adapters on q/k/v/o (`rand-0` .. `rand-7`) for
 mixed-adapter runs. The same command writes the same bytes.
 """
@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from backends.local.model import Llama, ModelConfig
-from gateway import demo
+from backends.hf.config import ArchConfig
+from backends.local.model import Llama
+from backends.local.tools import demo
 
 MID_SHAPE: dict[str, Any] = {
     **demo.MODEL_SHAPE,
@@ -65,7 +66,7 @@ def _build(out: Path, log: demo.Log) -> None:
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, over the vocabulary")
     tok.save(str(out / "tokenizer.json"))
     demo._write_json(out / "tokenizer_config.json", demo.tokenizer_config())
-    cfg = ModelConfig.from_hf(MID_SHAPE)
+    cfg = ArchConfig.from_hf(MID_SHAPE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = Llama(cfg)

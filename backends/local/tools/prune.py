@@ -32,8 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from backends.hf.safetensors import checkpoint_files
 from backends.local.loader import load_checkpoint, map_safetensors
-from backends.local.memory_plan import checkpoint_files, is_quantizable
+from backends.local.memory_plan import is_quantizable
 from backends.local.model import Llama
 
 CHANNEL_ALIGN = 8
@@ -57,7 +58,7 @@ def calibration_ids(
     """[sequences, length] token ids: windows of `text`, else the model's own samples."""
     cfg = model.config
     if text is not None:
-        from backends.local.tokenizer import ChatTokenizer
+        from backends.hf.tokenizer import ChatTokenizer
 
         tok = ChatTokenizer.from_dir(src, cfg.eos_token_ids)
         passages = [p for p in text.read_text(encoding="utf-8").split("\n\n") if p.strip()]

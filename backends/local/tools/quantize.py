@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from backends.hf.safetensors import checkpoint_files
 from backends.local.loader import map_safetensors
-from backends.local.memory_plan import QUANT_METHOD, checkpoint_files
+from backends.local.memory_plan import QUANT_METHOD
 from backends.local.quantize import QuantizeError, quantize_state
 
 

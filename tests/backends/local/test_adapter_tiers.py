@@ -78,7 +78,7 @@ def test_mixed_batch_over_three_adapters_with_room_for_two(
 
 
 def _adapter_bytes(ckpt: TinyCheckpoint, adapters: Path) -> int:
-    from backends.local.memory_plan import adapter_bytes
+    from backends.hf.safetensors import adapter_bytes
 
     return adapter_bytes(adapters / "acme", 4)
 

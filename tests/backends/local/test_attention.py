@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backends.hf.config import ArchConfig
 from backends.local.attention import DecodeBatch, decode_attention, prefill_attention
-from backends.local.config import ModelConfig
 from backends.local.model import KVPool, Llama, SeqSpan, StepInput
 
 from .conftest import random_hf_model
@@ -71,7 +71,7 @@ def test_batched_step_keeps_every_argmax() -> None:
     (here: at every position, the precondition of the engine's exact-token tests)."""
     hf = random_hf_model(97)
     sd = hf.state_dict()
-    model = Llama(ModelConfig.from_hf(hf.config.to_dict()))
+    model = Llama(ArchConfig.from_hf(hf.config.to_dict()))
     model.load_state_dict(sd, strict=True)
     model.eval()
     g = torch.Generator().manual_seed(2)

@@ -46,9 +46,10 @@ def test_rslora_scale_and_bytes(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = pm(torch.tensor([[1, 2, 3, 4]])).logits[0]
     assert (ref - ref_base).abs().max().item() > 1e-3
-    from backends.local.model import Llama, ModelConfig
+    from backends.hf.config import ArchConfig
+    from backends.local.model import Llama
 
-    ours = Llama(ModelConfig.from_hf(hf.config.to_dict()))
+    ours = Llama(ArchConfig.from_hf(hf.config.to_dict()))
     ours.load_state_dict(base_state)
     adapter = load_adapter(tmp_path / "rs", ours)
     assert adapter.config.scale == pytest.approx(16 / 8**0.5)

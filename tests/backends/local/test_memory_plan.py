@@ -11,14 +11,9 @@ import pytest
 from backends.local.backend import LocalBackend, LocalConfig
 from backends.local.loader import load_checkpoint
 from backends.local.lora import load_adapter
-from backends.local.memory_plan import (
-    KVLayout,
-    PlanError,
-    adapter_module_bytes,
-    blocks_for,
-    plan_for_config,
-)
+from backends.local.memory_plan import KVLayout, PlanError, plan_for_config
 from gateway.cli import main as cli_main
+from gateway.core.kv import adapter_module_bytes, blocks_for
 
 from .conftest import TinyCheckpoint
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 import transformers
 
-from backends.local.model import KVPool, Llama, ModelConfig, SeqSpan, StepInput
+from backends.hf.config import ArchConfig
+from backends.local.model import KVPool, Llama, SeqSpan, StepInput
 
 from .conftest import random_hf_model
 
 
 def ours_from(hf: torch.nn.Module) -> Llama:
-    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    cfg = ArchConfig.from_hf(hf.config.to_dict())
     m = Llama(cfg)
     sd = hf.state_dict()
     if cfg.tie_word_embeddings:
@@ -23,10 +24,10 @@ def ours_from(hf: torch.nn.Module) -> Llama:
 
 def test_state_dict_keys_are_hf_keys() -> None:
     hf = random_hf_model(97)
-    ours = Llama(ModelConfig.from_hf(hf.config.to_dict()))
+    ours = Llama(ArchConfig.from_hf(hf.config.to_dict()))
     assert set(ours.state_dict()) == set(hf.state_dict())
     assert "lm_head.weight" in ours.state_dict()
-    tied = Llama(ModelConfig.from_hf({**hf.config.to_dict(), "tie_word_embeddings": True}))
+    tied = Llama(ArchConfig.from_hf({**hf.config.to_dict(), "tie_word_embeddings": True}))
     assert "lm_head.weight" not in tied.state_dict()
 
 
@@ -141,9 +142,9 @@ def test_cached_step_matches_transformers_prefill_then_decode() -> None:
 
 
 def test_to_hf_round_trip_loads_in_transformers() -> None:
-    cfg = ModelConfig.from_hf(random_hf_model(97).config.to_dict())
+    cfg = ArchConfig.from_hf(random_hf_model(97).config.to_dict())
     d = cfg.to_hf()
-    assert ModelConfig.from_hf(d) == cfg
+    assert ArchConfig.from_hf(d) == cfg
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in d.items() if k != "architectures"})
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     ours = Llama(cfg)
@@ -154,7 +155,7 @@ def test_to_hf_round_trip_loads_in_transformers() -> None:
 
 
 def test_random_init_is_trainable() -> None:
-    cfg = ModelConfig.from_hf(random_hf_model(50).config.to_dict())
+    cfg = ArchConfig.from_hf(random_hf_model(50).config.to_dict())
     m = Llama(cfg)
     std = m.model.layers[0].self_attn.q_proj.weight.std().item()
     assert 0.015 < std < 0.025
@@ -180,11 +181,11 @@ def test_random_init_is_trainable() -> None:
 def test_config_rejects_unsupported(patch: dict[str, object], message: str) -> None:
     d = {**random_hf_model(50).config.to_dict(), **patch}
     with pytest.raises(ValueError, match=message):
-        ModelConfig.from_hf(d)
+        ArchConfig.from_hf(d)
 
 
 def test_config_reads_eos_list_and_defaults() -> None:
-    cfg = ModelConfig.from_hf(
+    cfg = ArchConfig.from_hf(
         {
             "architectures": ["MistralForCausalLM"],
             "vocab_size": 10,

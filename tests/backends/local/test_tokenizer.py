@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers
 
-from backends.local.tokenizer import ChatTokenizer, TokenizerError
+from backends.hf.tokenizer import ChatTokenizer, TokenizerError
 
 from .conftest import TinyCheckpoint
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from backends.local.memory_plan import adapter_bytes
+from backends.hf.safetensors import adapter_bytes
 from tests.server import gateway_process
 
 GOOD = {"acme": "acme-support", "globex": "globex-legal", "initech": "acme-x1.5",

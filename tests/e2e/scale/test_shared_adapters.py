@@ -14,9 +14,9 @@ from tests.server import ACME_SHA, GLOBEX_SHA
 
 
 def test_no_gateway_unloads_an_adapter_in_use_elsewhere(demo_model: Path, tmp_path: Path) -> None:
-    from backends.local import memory_plan
+    from backends.hf.safetensors import adapter_bytes
 
-    one = memory_plan.adapter_bytes(demo_model / "adapters" / "acme-support", 4)
+    one = adapter_bytes(demo_model / "adapters" / "acme-support", 4)
     with CountingUpstream().running() as up, running_redis(tmp_path) as redis:
         cfg = {
             "server": {"admin_api_key_env": "GATEWAY_ADMIN_KEY"},

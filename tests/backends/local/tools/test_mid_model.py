@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from backends.hf.tokenizer import ChatTokenizer
 from backends.local.loader import load_checkpoint
 from backends.local.lora import install, load_adapter
-from backends.local.tokenizer import ChatTokenizer
 from gateway.cli import main
 
 from ..helpers import prefill_logits

@@ -1,6 +1,6 @@
 """`gateway demo-model DIR`: build a tiny, deterministic Llama checkpoint and two tenant adapters.
 
-Nothing is downloaded. From the chat corpus shipped in ``gateway/data/`` this trains, in about a
+Nothing is downloaded. From the chat corpus shipped in ``backends/local/tools/data/`` this trains, in about a
 minute on two CPU cores:
 
 - a byte-level BPE tokenizer (``tokenizer.json``) with ChatML-style turn markers,
@@ -449,7 +449,8 @@ def adapter_config() -> dict[str, Any]:
 def _build(out: Path, steps: int | None, log: Log) -> None:
     import torch
 
-    from backends.local.model import Llama, ModelConfig
+    from backends.hf.config import ArchConfig
+    from backends.local.model import Llama
 
     files = sorted({f for plan in (BASE_PLAN, *ADAPTER_PLANS.values()) for f, _ in plan.corpora})
     corpora = {f: load_dialogues(f) for f in files}
@@ -463,7 +464,7 @@ def _build(out: Path, steps: int | None, log: Log) -> None:
         out / "special_tokens_map.json", {"bos_token": BOS, "eos_token": TURN_END, "pad_token": PAD}
     )
 
-    cfg = ModelConfig.from_hf(MODEL_SHAPE)
+    cfg = ArchConfig.from_hf(MODEL_SHAPE)
     hf = {
         **cfg.to_hf(),
         "pad_token_id": PAD_ID,

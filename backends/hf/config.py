@@ -10,7 +10,7 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ArchConfig:
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -36,7 +36,7 @@ class ModelConfig:
         return self.max_position_embeddings
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+    def from_hf(cls, d: dict[str, Any]) -> ArchConfig:
         by_type = {
             "llama": "LlamaForCausalLM",
             "mistral": "MistralForCausalLM",
