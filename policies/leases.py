@@ -36,7 +36,7 @@ class Scope:
 
 @dataclass(slots=True)
 class _Level:
-    level: float
+    taken: float  # taken and not yet refilled (so a changed limit keeps this minute's use)
     at: float
 
 
@@ -58,10 +58,11 @@ class LocalBook:
     # ---- rate buckets -------------------------------------------------------------------
 
     def _level(self, b: Bucket, now: float) -> float:
+        """What is left (negative after a lower limit, until refilled)."""
         held = self._levels.get(b.key)
         if held is None:
             return b.per_minute
-        return min(b.per_minute, held.level + (now - held.at) * b.per_minute / 60.0)
+        return b.per_minute - max(0.0, held.taken - (now - held.at) * b.per_minute / 60.0)
 
     def take(self, buckets: Sequence[Bucket]) -> float:
         """Take every bucket's amount, or none: 0.0 when taken, else seconds to wait (inf:
@@ -77,13 +78,14 @@ class LocalBook:
         if wait > 0:
             return wait
         for b, level in zip(buckets, levels, strict=True):
-            self._levels[b.key] = _Level(level - b.amount, now)
+            self._levels[b.key] = _Level(b.per_minute - level + b.amount, now)
         return 0.0
 
     def settle(self, buckets: Sequence[Bucket]) -> None:
         now = self.clock()
         for b in buckets:
-            self._levels[b.key] = _Level(min(b.per_minute, self._level(b, now) + b.amount), now)
+            level = min(b.per_minute, self._level(b, now) + b.amount)
+            self._levels[b.key] = _Level(b.per_minute - level, now)
 
     def level(self, key: str, per_minute: float) -> float:
         return self._level(Bucket(key, per_minute, 0), self.clock())

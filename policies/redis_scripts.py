@@ -6,7 +6,8 @@ Nothing here refreshes a key's TTL on an increment: a rate bucket's key expires 
 be full again (a full bucket and a missing one are the same), and every lease carries its own
 expiry, reclaimed by the next script that reads its scope.
 
-Keys: rate buckets are hashes {l: level, t: microseconds}; a lease scope is a sorted set
+Keys: rate buckets are hashes {u: taken and not yet refilled, t: microseconds} (what was
+taken, not what is left: a limit changed by a reload keeps this minute's use); a lease scope is a sorted set
 (lease -> expiry in ms) plus a hash (lease -> amount, and `_total`).
 """
 
@@ -29,10 +30,10 @@ local function rate(mode, keys, pairs)
     local size = tonumber(pairs[2 * i - 1])
     local amount = tonumber(pairs[2 * i])
     local per_us = size / 60000000
-    local held = redis.call('HMGET', keys[i], 'l', 't')
+    local held = redis.call('HMGET', keys[i], 'u', 't')
     local level = size
     if held[1] then
-      level = math.min(size, tonumber(held[1]) + (now_us - tonumber(held[2])) * per_us)
+      level = size - math.max(0, tonumber(held[1]) - (now_us - tonumber(held[2])) * per_us)
     end
     levels[i] = level
     if mode == 'take' and level < amount then
@@ -47,7 +48,7 @@ local function rate(mode, keys, pairs)
     local amount = tonumber(pairs[2 * i])
     local level
     if mode == 'take' then level = levels[i] - amount else level = math.min(size, levels[i] + amount) end
-    redis.call('HSET', keys[i], 'l', tostring(level), 't', tostring(now_us))
+    redis.call('HSET', keys[i], 'u', tostring(size - level), 't', tostring(now_us))
     redis.call('PEXPIRE', keys[i], math.ceil((size - level) * 60000 / size) + 1000)
   end
   return {1, 0}
