@@ -221,33 +221,6 @@ def logs_on_failure(*logs: Path) -> Iterator[None]:
         raise
 
 
-def test_vllm_dying_mid_stream(vllm_server: tuple[str, subprocess.Popen[bytes]], demo_model: Path,
-                               tmp_path: Path) -> None:
-    """Runs last in this module: it kills the shared vLLM server."""
-    vllm_url, proc = vllm_server
-    cfg = tiered_config(vllm_url, demo_model)
-    with running_gateway(cfg, tmp_path, env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url, \
-            logs_on_failure(tmp_path / "gateway.log"):
-        stream = sdk(url, "sk-demo-acme").chat.completions.create(
-            model="demo-large", messages=PROMPT, max_tokens=1500, stream=True, temperature=0,
-            extra_body={"ignore_eos": True})
-        seen: list[tuple[str, str | None, str | None]] = []
-        with pytest.raises(openai.APIError):
-            for part in stream:
-                choice = part.choices[0] if part.choices else None
-                seen.append((part.model, choice.delta.content if choice else None,
-                             choice.finish_reason if choice else None))
-                if len(seen) == 3:  # vLLM has 1,500 tokens to go: it dies mid-stream
-                    os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"the stream ended without an error after {len(seen)} chunks: "
-                        f"first {seen[:4]}, last {seen[-2:]}")
-        assert len(seen) >= 3 and {m for m, _, _ in seen} == {"demo-large"}, seen[:4]
-        root = url.removesuffix("/v1")
-        assert httpx.get(f"{root}/health").status_code == 200
-        local = greedy(url, "sk-demo-acme", "demo")  # the gateway and its local tier still serve
-        assert local.parse().choices[0].message.content
-
-
 # ---- fidelity (issue 14): tool calls and structured outputs pass through vLLM ---------------
 
 # The demo model, greedy inside vLLM's flexible-whitespace JSON, writes newlines until its
@@ -316,3 +289,31 @@ def test_responses_pass_through_to_vllm(tiered: str) -> None:
     r = sdk(tiered, NOSY).responses.create(model="demo-large", input="Hello!",
                                            max_output_tokens=10, temperature=0)
     assert r.id.startswith("resp_") and r.model == "demo-large" and r.output_text
+
+
+# Last in the module: it kills the module's vLLM server.
+def test_vllm_dying_mid_stream(vllm_server: tuple[str, subprocess.Popen[bytes]], demo_model: Path,
+                               tmp_path: Path) -> None:
+    """Runs last in this module: it kills the shared vLLM server."""
+    vllm_url, proc = vllm_server
+    cfg = tiered_config(vllm_url, demo_model)
+    with running_gateway(cfg, tmp_path, env={"GATEWAY_ADMIN_KEY": "sk-admin", "NOSY_KEYS": NOSY}) as url, \
+            logs_on_failure(tmp_path / "gateway.log"):
+        stream = sdk(url, "sk-demo-acme").chat.completions.create(
+            model="demo-large", messages=PROMPT, max_tokens=1500, stream=True, temperature=0,
+            extra_body={"ignore_eos": True})
+        seen: list[tuple[str, str | None, str | None]] = []
+        with pytest.raises(openai.APIError):
+            for part in stream:
+                choice = part.choices[0] if part.choices else None
+                seen.append((part.model, choice.delta.content if choice else None,
+                             choice.finish_reason if choice else None))
+                if len(seen) == 3:  # vLLM has 1,500 tokens to go: it dies mid-stream
+                    os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the stream ended without an error after {len(seen)} chunks: "
+                        f"first {seen[:4]}, last {seen[-2:]}")
+        assert len(seen) >= 3 and {m for m, _, _ in seen} == {"demo-large"}, seen[:4]
+        root = url.removesuffix("/v1")
+        assert httpx.get(f"{root}/health").status_code == 200
+        local = greedy(url, "sk-demo-acme", "demo")  # the gateway and its local tier still serve
+        assert local.parse().choices[0].message.content
