@@ -291,7 +291,6 @@ def test_responses_pass_through_to_vllm(tiered: str) -> None:
     assert r.id.startswith("resp_") and r.model == "demo-large" and r.output_text
 
 
-# Last in the module: it kills the module's vLLM server.
 def test_vllm_dying_mid_stream(vllm_server: tuple[str, subprocess.Popen[bytes]], demo_model: Path,
                                tmp_path: Path) -> None:
     """Runs last in this module: it kills the shared vLLM server."""
