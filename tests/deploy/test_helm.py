@@ -30,6 +30,7 @@ FULL: dict[str, Any] = {
     "redis": {"enabled": True, "url": "rediss://:pw@redis.example:6380/0", "onUnavailable": "reject"},
     "autoscaling": {"enabled": True, "maxReplicas": 6},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
     "modelsVolume": {"persistentVolumeClaim": {"claimName": "models"}},
 }
 
@@ -57,10 +58,11 @@ def test_the_chart_lints_renders_and_validates(values: dict[str, Any] | None) ->
     kinds = sorted(d["kind"] for d in docs)
     expected = ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
     if values is FULL:
-        expected = sorted([*expected, "HorizontalPodAutoscaler", "Secret", "Secret", "ServiceMonitor"])
+        expected = sorted([*expected, "HorizontalPodAutoscaler", "Secret", "Secret", "ServiceMonitor",
+                           "PrometheusRule"])
     assert kinds == expected
     for doc in docs:
-        if doc["kind"] != "ServiceMonitor":
+        if doc["kind"] not in ("ServiceMonitor", "PrometheusRule"):  # CRDs: asserted below
             kubernetes_validate.validate(doc, KUBE, strict=True)
 
 
@@ -107,6 +109,17 @@ def test_tenant_keys_are_secret_files_and_the_config_loads(tmp_path: Path) -> No
     cfg["tenants"][0]["api_keys_file"] = str(keys)
     settings = parse_settings(cfg)
     assert settings.shared_state is not None and len(settings.tenants[0].key_hashes()) == 2
+
+
+def test_the_alert_rules_ship_as_a_prometheus_rule() -> None:
+    source = CHART.parents[2] / "grafana" / "alerts" / "memgate.rules.yml"
+    copy = CHART / "files" / "memgate.rules.yml"
+    assert copy.read_bytes() == source.read_bytes(), "cp grafana/alerts/memgate.rules.yml " + str(copy)
+    (rule,) = kind(render(FULL), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    groups = yaml.safe_load(source.read_text())["groups"]
+    assert rule["spec"]["groups"] == groups and sum(len(g["rules"]) for g in groups) >= 10
 
 
 def test_service_monitor_scrapes_the_service() -> None:
