@@ -136,6 +136,12 @@ class MemoryCollector:
             "gateway_adapter_loads": (st.adapter_loads, "Adapters loaded from storage."),
             "gateway_adapter_hits": (st.adapter_hits, "Requests whose adapter was resident."),
             "gateway_adapter_evictions": (st.adapter_evictions, "Adapters evicted."),
+            "gateway_kv_preemptions": (st.kv_preemptions,
+                                       "Sequences preempted when the KV cache ran short."),
+            "gateway_kv_swap_outs": (st.kv_swap_outs, "Preemptions whose KV went to host swap."),
+            "gateway_kv_recomputes": (st.kv_recomputes,
+                                      "Preemptions whose KV was dropped and recomputed."),
+            "gateway_kv_resumes": (st.kv_resumes, "Preempted sequences that resumed."),
         }
         for metric, (count, doc) in counters.items():
             if count is not None:

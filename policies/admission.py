@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.core.backend import Capacity
-from gateway.core.config import TenantConfig
+from gateway.core.config import PRIORITY_RANK, TenantConfig
 from gateway.core.context import Decision, RequestContext, Reservation, Usage
 from gateway.core.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
 from gateway.core.policy import Outcome, Policy, passed
@@ -39,7 +39,6 @@ from policies.demand import Demand, demand, estimate_key
 from policies.leases import Bucket, Scope
 from policies.quotas import LocalQuotas, Quotas
 
-PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 NO_RETRY = {"x-should-retry": "false"}
 MAX_RETRY_AFTER_S = 60.0
 LEASE_RETRY_S = (0.01, 0.2)  # back-off between lease attempts while another process holds it
@@ -135,6 +134,7 @@ class Admission:
         tenant = self._tenant(self.env.tenant(ctx))
         backend = self.env.backend(ctx)
         need = demand(backend, ctx, self.env.estimates)
+        ctx.expected_tokens = need.expected_tokens  # what the backend's KV reservation plans for
         self.reservations.pool(ctx.backend, need.budget)  # (re)learns the budget
         self._refuse_impossible(tenant, need)
         scopes = self._scopes(ctx, tenant, need, backend.capacity())

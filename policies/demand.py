@@ -8,8 +8,8 @@ import orjson
 
 from gateway.core.backend import Backend, Capacity
 from gateway.core.context import RequestContext
-from gateway.core.kv import kv_bytes_for
-from policies.estimate import Estimates, kv_output_tokens
+from gateway.core.kv import kv_bytes_for, kv_output_tokens
+from policies.estimate import Estimates
 
 CHARS_PER_TOKEN = 4  # the estimate where a backend cannot count (remote upstreams)
 
@@ -64,9 +64,10 @@ def estimate_key(ctx: RequestContext) -> tuple[str, str, str]:
 
 
 def demand(backend: Backend, ctx: RequestContext, estimates: Estimates | None = None,
-           kv_admission: str = "worst_case") -> Demand:
+           kv_admission: str | None = None) -> Demand:
     """`estimates`: the expected output length (else the limit); `kv_admission`: what the
-    KV reservation counts for the output, the limit or the estimate (kv_output_tokens)."""
+    KV reservation counts for the output, the limit or the estimate (kv_output_tokens); by
+    default the backend's own choice (Capacity.kv_admission)."""
     cap: Capacity | None = backend.capacity()
     tokens = prompt_tokens(backend, ctx)
     prompts = prompt_count(ctx)
@@ -78,7 +79,7 @@ def demand(backend: Backend, ctx: RequestContext, estimates: Estimates | None = 
     # Each sequence holds prompt + its output reservation (the limit, or the estimate with
     # kv_admission: estimate), in whole blocks: with several prompts, each is rounded up on
     # its own (at most one block more each than their sum).
-    out = kv_output_tokens(max_tokens, expected, kv_admission)
+    out = kv_output_tokens(max_tokens, expected, kv_admission or cap.kv_admission)
     kv = n * (kv_bytes_for(tokens + prompts * out, cap.block_size, cap.bytes_per_token)
               + (prompts - 1) * cap.block_size * cap.bytes_per_token)
     adapter_bytes = 0

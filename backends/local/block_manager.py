@@ -1,9 +1,12 @@
 """KV cache blocks in plain Python: a free list, reservations, and per-sequence block tables.
 
-A sequence is admitted by reserving the blocks its prompt + max_tokens can ever need, so a
-running sequence never waits for memory and nothing is preempted. Blocks are taken from the
-free list lazily as tokens arrive, so `used` reflects tokens actually stored (block exact).
-Invariant: len(free) >= sum over sequences of (reserved - allocated).
+A sequence is admitted by reserving blocks for what it is expected to need: its prompt +
+max_tokens (`kv_admission: worst_case`, so it never needs more) or its prompt + the estimate
+(`estimate`). Blocks are taken from the free list lazily as tokens arrive, so `used` reflects
+tokens actually stored (block exact). A sequence that outgrows its reservation grows it with
+unreserved blocks (`ensure`); when there are none, the scheduler preempts someone first.
+Invariant: len(free) >= sum over sequences of (reserved - allocated), and every sequence's
+reservation covers what it holds.
 """
 
 from __future__ import annotations
@@ -63,20 +66,35 @@ class BlockManager:
         self._tables[seq_id] = BlockTable(reserved=need)
         self._reserved += need
 
+    def can_grow(self, seq_id: int, tokens: int) -> bool:
+        """`ensure(seq_id, tokens)` would succeed: within the reservation, or the blocks it
+        lacks are unreserved."""
+        extra = self.blocks_for(tokens) - self._tables[seq_id].reserved
+        return extra <= self.unreserved_blocks
+
     def ensure(self, seq_id: int, tokens: int) -> list[int]:
-        """Grow `seq_id`'s table to hold `tokens` tokens (within its reservation)."""
+        """Grow `seq_id`'s table to hold `tokens` tokens, growing its reservation with
+        unreserved blocks where it outgrows it (KVCapacityError when there are too few)."""
         table = self._tables[seq_id]
         need = self.blocks_for(tokens)
         if need > table.reserved:
-            raise KVCapacityError(
-                f"sequence {seq_id} needs {need} blocks, reserved {table.reserved}"
-            )
+            extra = need - table.reserved
+            if extra > self.unreserved_blocks:
+                raise KVCapacityError(
+                    f"sequence {seq_id} needs {extra} blocks more than reserved, "
+                    f"{self.unreserved_blocks} unreserved"
+                )
+            table.reserved += extra
+            self._reserved += extra
         while len(table.blocks) < need:
             table.blocks.append(self._free.popleft())
         return table.blocks
 
     def blocks(self, seq_id: int) -> list[int]:
         return self._tables[seq_id].blocks
+
+    def holds(self, seq_id: int) -> bool:
+        return seq_id in self._tables
 
     def reserved_for(self, seq_id: int) -> int:
         table = self._tables.get(seq_id)

@@ -71,6 +71,7 @@ class Engine:
         device: str = "cpu",
         num_threads: int | None = None,
         max_prefill_tokens: int = 512,
+        swap_bytes: int = 0,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -84,7 +85,7 @@ class Engine:
         self.bytes_per_token = per_token
         self.block_size = block_size
         self.blocks = BlockManager(self.layout.num_blocks, block_size, self.layout.bytes_per_block)
-        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens, swap_bytes)
         self.workspace = WorkspaceMeter(cfg, elem, model, block_size)
         self.runner = ModelRunner(model, self.blocks, self.device)
         self.requested_threads = num_threads  # None: MEMGATE_TORCH_THREADS or the default
@@ -109,6 +110,11 @@ class Engine:
     @property
     def kv_bytes_reserved(self) -> int:
         return self.blocks.reserved_blocks * self.blocks.bytes_per_block
+
+    @property
+    def kv_bytes_swapped(self) -> int:
+        """Host bytes holding the KV of preempted sequences (within swap_bytes)."""
+        return self.scheduler.swap_used
 
     def kv_bytes_for(self, tokens: int) -> int:
         return self.layout.kv_bytes_for(tokens)
@@ -142,7 +148,12 @@ class Engine:
         stop: list[str] | None = None,
         eos_ids: frozenset[int] = frozenset(),
         adapter_slot: int = 0,
+        reserve_tokens: int | None = None,
+        priority: int = 1,
     ) -> int:
+        """Queue a sequence. `reserve_tokens`: KV tokens reserved at admission (prompt + the
+        expected output; None: prompt + max_tokens, nothing is ever preempted for it);
+        `priority`: 0 high .. 2 low, who is preempted first when the cache runs short."""
         if not self.alive:
             raise EngineClosed("engine is not running")
         if not prompt_ids:
@@ -150,7 +161,8 @@ class Engine:
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         state = SeqState(sampler, detok, StopFilter(stop or []), eos_ids, emit)
-        seq = Sequence(next(self._ids), list(prompt_ids), max_tokens, adapter_slot, state=state)
+        seq = Sequence(next(self._ids), list(prompt_ids), max_tokens, adapter_slot, state=state,
+                       reserve=reserve_tokens, priority=priority)
         self._inbox.put(("add", seq))
         return seq.seq_id
 
@@ -191,10 +203,9 @@ class Engine:
                 return True
 
     def _fail_all(self, error: BaseException) -> None:
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+        for seq in [*self.scheduler.running, *self.scheduler.queued]:
             self.scheduler.finish(seq)
             self._send(seq, Event(error=error))
-        self.scheduler.waiting.clear()
 
     def _send(self, seq: Sequence, event: Event) -> None:
         try:
@@ -204,6 +215,11 @@ class Engine:
 
     def _step(self) -> None:
         batch = self.scheduler.schedule()
+        for seq, blocks in batch.swap_out:  # before anything writes the blocks they freed
+            seq.swap = self.runner.copy_out(blocks)
+        for seq, blocks in batch.swap_in:
+            self.runner.copy_in(blocks, seq.swap)
+            self.scheduler.release_swap(seq)
         if not batch.seqs:
             return
         now = time.monotonic()

@@ -36,6 +36,7 @@ class Choice:
     sent: int = 0  # logprob entries sent
     finish: str | None = None
     completion_tokens: int = 0
+    reserve: int | None = None  # KV tokens reserved at admission (None: prompt + limit)
 
 
 def sampler_for(req: LocalRequest, vocab: int, index: int, ids: list[int],
@@ -57,7 +58,8 @@ Post = Callable[["asyncio.Queue[tuple[int, Event]]", tuple[int, Event]], None]
 
 
 async def run(ctx: RequestContext, engine: Engine, tok: ChatTokenizer, req: LocalRequest,
-              choices: list[Choice], adapter_slot: int, post: Post) -> AsyncGenerator[Chunk, None]:
+              choices: list[Choice], adapter_slot: int, post: Post,
+              priority: int = 1) -> AsyncGenerator[Chunk, None]:
     """Submit every choice, then turn the engine's events into chunks until all have ended;
     closing the generator early aborts what is still running. `post` (the backend's Mailbox)
     moves an event from the engine thread onto `events` in this loop, one wake-up per step."""
@@ -70,7 +72,8 @@ async def run(ctx: RequestContext, engine: Engine, tok: ChatTokenizer, req: Loca
                 post(events, (i, ev))
             try:
                 c.seq_id = engine.submit(c.ids, c.limit, c.sampler, tok.detokenizer(c.ids), emit,
-                                         stop=list(req.stop), eos_ids=eos, adapter_slot=adapter_slot)
+                                         stop=list(req.stop), eos_ids=eos, adapter_slot=adapter_slot,
+                                         reserve_tokens=c.reserve, priority=priority)
             except EngineClosed as e:
                 raise BackendError(str(e), 503, "backend_closed") from None
         for c in choices:

@@ -254,9 +254,13 @@ class KVPool:
             [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
         )
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every pool tensor; each indexes slots on its dimension 1."""
+        return [*self.k, *self.v]
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 class Attention(nn.Module):

@@ -2,16 +2,25 @@
 
 Continuous batching: each step runs every decoding sequence for one token, plus chunks of
 prompts still being prefilled, in one flat batch. A waiting sequence is admitted first-come
-first-served when a batch slot is free and the KV cache can reserve its prompt + max_tokens.
+first-served when a batch slot is free and the KV cache can reserve what it is expected to
+need (`Sequence.reserve_tokens`): prompt + max_tokens under `kv_admission: worst_case`, so
+it never needs more and nothing is ever preempted; prompt + the estimate under `estimate`.
 
-Admission reserves every block a sequence can ever need, so a running sequence never waits for
-memory and nothing is ever preempted (simpler than vLLM's preemption, same promise: the cache
-never runs out mid-sequence). Chunked prefill keeps a long prompt from stalling the others:
-prompt tokens per step are capped by `max_prefill_tokens`, decode tokens are never held back.
+Overcommit, with a safety net: a sequence that outgrows its reservation takes unreserved
+blocks; when none are left, the scheduler preempts the lowest-priority, most recently
+admitted running sequence (possibly the one growing). Its KV goes to host swap space while
+`swap_bytes` allows (the engine copies the blocks out before the step's forward and back in
+on resume: the same bytes), else it is dropped and recomputed on resume (its prompt and the
+tokens it generated are prefilled again; nothing is sampled until it has caught up).
+Preempted sequences resume before any waiting one, oldest admission first.
+
+Chunked prefill keeps a long prompt from stalling the others: prompt (and catch-up) tokens
+per step are capped by `max_prefill_tokens`, decode tokens are never held back.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,11 +44,21 @@ class Sequence:
     state: Any = None  # the engine's per-sequence state (sampler, detokenizer, stop filter)
     on_admit: Callable[[], None] | None = None
     chunk: int = 0  # pending tokens fed in the current step
+    reserve: int | None = None  # tokens reserved at admission; None: prompt + max_tokens
+    priority: int = 1  # 0 high, 1 normal, 2 low: preemption takes the largest first
+    admitted: int = 0  # admission order (preemption takes the newest among equals)
+    swap: Any = None  # the host copy of its KV while swapped out (the engine's tensors)
+    swapped_blocks: int = 0  # blocks of swap space it holds
 
     @property
     def prefilling(self) -> bool:
         """True while prompt tokens remain uncached (no token can be sampled yet)."""
         return self.num_cached < len(self.prompt_ids)
+
+    @property
+    def catching_up(self) -> bool:
+        """More than one token to feed: a prompt, or the tokens of a recomputed sequence."""
+        return self.prefilling or self.num_tokens - self.num_cached > 1
 
     @property
     def num_tokens(self) -> int:
@@ -49,8 +68,15 @@ class Sequence:
     def max_total_tokens(self) -> int:
         return len(self.prompt_ids) + self.max_tokens
 
+    @property
+    def reserve_tokens(self) -> int:
+        """What admission (or a resume) reserves: the planned tokens, and at least what it
+        holds plus the next one."""
+        planned = self.max_total_tokens if self.reserve is None else self.reserve
+        return max(planned, self.num_cached + 1)
+
     def pending_ids(self) -> list[int]:
-        """Tokens not yet in the cache (the prompt, then the last generated token)."""
+        """Tokens not yet in the cache (the prompt, then the generated ones)."""
         all_ids = self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
         return all_ids[self.num_cached :]
 
@@ -58,39 +84,64 @@ class Sequence:
         """The tokens fed in the current step: the first `chunk` pending ones."""
         return self.pending_ids()[: self.chunk]
 
+    @property
+    def samples(self) -> bool:
+        """This step's chunk ends at its last known token, so a token is sampled after it."""
+        return self.num_cached + self.chunk == self.num_tokens
+
 
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
     num_tokens: int
+    swap_out: list[tuple[Sequence, list[int]]] = field(default_factory=list)  # before the step
+    swap_in: list[tuple[Sequence, list[int]]] = field(default_factory=list)  # after swap_out
+
+
+@dataclass
+class PreemptionStats:
+    preemptions: int = 0
+    swapped_out: int = 0  # preemptions whose KV went to swap space
+    recomputed: int = 0  # preemptions whose KV was dropped
+    resumed: int = 0
 
 
 class Scheduler:
     def __init__(
-        self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int = 512
+        self,
+        blocks: BlockManager,
+        max_batch_size: int,
+        max_prefill_tokens: int = 512,
+        swap_bytes: int = 0,
     ) -> None:
-        if max_batch_size <= 0 or max_prefill_tokens <= 0:
-            raise ValueError("max_batch_size and max_prefill_tokens must be positive")
+        if max_batch_size <= 0 or max_prefill_tokens <= 0 or swap_bytes < 0:
+            raise ValueError("max_batch_size and max_prefill_tokens must be positive, "
+                             "swap_bytes >= 0")
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.swap_bytes = swap_bytes
+        self.swap_used = 0  # bytes of swap space held by preempted sequences
         self.waiting: deque[Sequence] = deque()
+        self.preempted: list[Sequence] = []  # oldest admission first
         self.running: list[Sequence] = []
+        self.stats = PreemptionStats()
+        self._order = itertools.count(1)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.preempted)
+
+    @property
+    def queued(self) -> list[Sequence]:
+        """Sequences not running: preempted ones (which resume first), then waiting ones."""
+        return [*self.preempted, *self.waiting]
 
     def cancel(self, seq_id: int) -> Sequence | None:
-        """Drop a sequence wherever it is and free its blocks."""
-        for seq in list(self.waiting):
-            if seq.seq_id == seq_id:
-                self.waiting.remove(seq)
-                seq.cancelled = True
-                return seq
-        for seq in self.running:
+        """Drop a sequence wherever it is and free its blocks and swap space."""
+        for seq in [*self.running, *self.preempted, *self.waiting]:
             if seq.seq_id == seq_id:
                 seq.cancelled = True
                 self.finish(seq)
@@ -99,40 +150,108 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         seq.finished = True
-        if seq in self.running:
-            self.running.remove(seq)
+        for queue in (self.running, self.preempted, self.waiting):
+            if seq in queue:
+                queue.remove(seq)
         self.blocks.release(seq.seq_id)
+        self.release_swap(seq)
+
+    def release_swap(self, seq: Sequence) -> None:
+        """`seq` holds no swap space any more (its KV was copied back in, or it ended)."""
+        self.swap_used -= seq.swapped_blocks * self.blocks.bytes_per_block
+        seq.swapped_blocks = 0
+        seq.swap = None
 
     def schedule(self) -> ScheduledBatch:
-        """Admit what fits, then give each running sequence this step's tokens (its chunk).
+        """Resume or admit what fits, then give each running sequence this step's tokens
+        (its chunk), preempting where a sequence outgrows its reservation and no block is
+        unreserved.
 
-        Decoding sequences get their one token; prefilling ones share `max_prefill_tokens`,
-        shortest remaining prompt first. Sequences with an empty chunk sit this step out.
+        Decoding sequences get their one token; catching-up ones share `max_prefill_tokens`,
+        shortest remaining first. Sequences with an empty chunk sit this step out.
         """
-        while self.waiting and len(self.running) < self.max_batch_size:
-            seq = self.waiting[0]
-            if not self.blocks.can_reserve(seq.max_total_tokens):
-                break  # FIFO: later requests do not overtake one that waits for memory
-            self.waiting.popleft()
-            self.blocks.reserve(seq.seq_id, seq.max_total_tokens)
-            self.running.append(seq)
-            if seq.on_admit is not None:
-                seq.on_admit()
+        out = ScheduledBatch([], 0)
+        self._admit(out)
         budget = self.max_prefill_tokens
-        batch: list[Sequence] = []
-        decoding = [s for s in self.running if not s.prefilling]
+        decoding = [s for s in self.running if not s.catching_up]
         # shortest remaining prompt first: a short prompt is not stuck behind a long one
         prefilling = sorted(
-            (s for s in self.running if s.prefilling), key=lambda s: len(s.pending_ids())
+            (s for s in self.running if s.catching_up), key=lambda s: len(s.pending_ids())
         )
         for seq in decoding + prefilling:
+            if seq not in self.running:  # preempted for an earlier one of this step
+                continue
             pending = len(seq.pending_ids())
-            if seq.prefilling:
-                seq.chunk = min(pending, budget)
-                budget -= seq.chunk
+            chunk = min(pending, budget) if seq.catching_up else pending
+            if not chunk:
+                continue
+            if not self._make_room(seq, seq.num_cached + chunk, out):
+                continue
+            if seq.catching_up:
+                budget -= chunk
+            seq.chunk = chunk
+            self.blocks.ensure(seq.seq_id, seq.num_cached + chunk)
+            out.seqs.append(seq)
+        out.num_tokens = sum(s.chunk for s in out.seqs)
+        return out
+
+    def _admit(self, out: ScheduledBatch) -> None:
+        """Preempted sequences first (oldest admission first), then waiting ones, FIFO: a
+        later one never overtakes one that waits for memory."""
+        while len(self.running) < self.max_batch_size:
+            resume = bool(self.preempted)
+            if resume:
+                seq = self.preempted[0]
+            elif self.waiting:
+                seq = self.waiting[0]
             else:
-                seq.chunk = pending
-            if seq.chunk:
-                self.blocks.ensure(seq.seq_id, seq.num_cached + seq.chunk)
-                batch.append(seq)
-        return ScheduledBatch(batch, sum(s.chunk for s in batch))
+                return
+            if not self.blocks.can_reserve(seq.reserve_tokens):
+                return
+            if resume:
+                self.preempted.pop(0)
+                self.stats.resumed += 1
+            else:
+                self.waiting.popleft()
+                seq.admitted = next(self._order)
+            self.blocks.reserve(seq.seq_id, seq.reserve_tokens)
+            if seq.swapped_blocks:
+                out.swap_in.append((seq, list(self.blocks.ensure(seq.seq_id, seq.num_cached))))
+            self.running.append(seq)
+            if not resume and seq.on_admit is not None:
+                seq.on_admit()
+
+    def _make_room(self, seq: Sequence, tokens: int, out: ScheduledBatch) -> bool:
+        """Preempt until `seq` can hold `tokens` tokens; False when `seq` itself was."""
+        while not self.blocks.can_grow(seq.seq_id, tokens):
+            victim = max(self.running, key=lambda s: (s.priority, s.admitted))
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: ScheduledBatch) -> None:
+        """Take `seq` off the batch: its cached blocks to swap space when they fit, else
+        drop them (recompute on resume)."""
+        self.stats.preemptions += 1
+        self.running.remove(seq)
+        if seq in out.seqs:
+            out.seqs.remove(seq)
+        seq.chunk = 0
+        resuming = next((i for i, (s, _) in enumerate(out.swap_in) if s is seq), None)
+        if resuming is not None:  # resumed in this very call: its KV never left swap space
+            del out.swap_in[resuming]
+        else:
+            held = self.blocks.blocks(seq.seq_id)[: self.blocks.blocks_for(seq.num_cached)]
+            nbytes = len(held) * self.blocks.bytes_per_block
+            if held and self.swap_used + nbytes <= self.swap_bytes:
+                out.swap_out.append((seq, list(held)))
+                self.swap_used += nbytes
+                seq.swapped_blocks = len(held)
+                self.stats.swapped_out += 1
+            else:
+                seq.num_cached = 0
+                self.stats.recomputed += 1
+        self.blocks.release(seq.seq_id)
+        self.preempted.append(seq)
+        self.preempted.sort(key=lambda s: s.admitted)

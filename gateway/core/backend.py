@@ -20,6 +20,7 @@ class MemorySnapshot:
     kv_free: int = 0
     workspace: int = 0
     runtime: int = 0  # measured before weights load (interpreter, libraries); local only
+    kv_swapped: int = 0  # host copies of preempted sequences' KV (within swap_bytes); local only
     measured: int | None = None
 
     @property
@@ -33,6 +34,7 @@ class MemorySnapshot:
             + self.kv_free
             + self.workspace
             + self.runtime
+            + self.kv_swapped
         )
 
 
@@ -48,6 +50,9 @@ class Capacity:
     # The KV cache is another server's that every gateway process sends to (vLLM): admission
     # leases it fleet-wide with shared_state, and its gauges are exported once, not summed.
     shared: bool = False
+    # What KV admission reserves for the output: the limit ("worst_case") or the estimate
+    # ("estimate": the backend preempts when one was wrong); gateway/core/kv.kv_output_tokens.
+    kv_admission: str = "worst_case"
 
 
 @dataclass(slots=True)
@@ -62,6 +67,10 @@ class BackendStats:
     adapters_pinned: dict[str, int] | None = None  # adapter -> requests holding it now
     upstream_retries: int | None = None  # cumulative: retries of calls to an upstream
     upstream_failures: int | None = None  # cumulative: upstream failures (connect errors, 5xx)
+    kv_preemptions: int | None = None  # cumulative: sequences preempted when the KV ran short
+    kv_swap_outs: int | None = None  # cumulative: preemptions whose KV went to host swap space
+    kv_recomputes: int | None = None  # cumulative: preemptions whose KV was dropped (recomputed)
+    kv_resumes: int | None = None  # cumulative: preempted sequences that resumed
 
 
 class Backend(Protocol):

@@ -147,6 +147,8 @@ class RequestContext:
     reservation: Reservation | None = None  # the admission policy's, while one is held
     usage: Usage | None = None  # what the backend reported on its last chunk
     inference_objective: str | None = None  # the tenant's, for a Gateway API Inference Extension
+    priority: str = "normal"  # the tenant's: high | normal | low (who a backend preempts first)
+    expected_tokens: int | None = None  # output tokens expected per sequence (admission's estimate)
 
     @property
     def usage_injected(self) -> bool:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+KV_ADMISSION_MODES = ("estimate", "worst_case")
 
 
 def dtype_bytes(name: str) -> int:
@@ -40,3 +41,13 @@ def kv_bytes_for(tokens: int, block_size: int, bytes_per_token: int) -> int:
 def adapter_module_bytes(r: int, d_in: int, d_out: int, elem_bytes: int) -> int:
     """One LoRA pair A [r, d_in], B [d_out, r]."""
     return r * (d_in + d_out) * elem_bytes
+
+
+def kv_output_tokens(limit: int, expected: int, mode: str = "worst_case") -> int:
+    """Output tokens whose KV a request reserves at admission: the limit ("worst_case",
+    reserve-all: nothing is ever preempted) or the estimate ("estimate": the engine preempts
+    when an estimate was wrong). The one seam where a backend's `kv_admission` applies: the
+    admission policy and the local engine both call it."""
+    if mode not in KV_ADMISSION_MODES:
+        raise ValueError(f"kv_admission must be one of {', '.join(KV_ADMISSION_MODES)}")
+    return expected if mode == "estimate" else limit

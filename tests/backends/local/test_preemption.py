@@ -1,0 +1,187 @@
+"""Overcommit with a safety net, in plain Python: the scheduler admits on what a sequence is
+expected to need, preempts the lowest-priority, newest sequence when the cache runs short,
+swaps its KV out (or drops it for recompute) and resumes it. The KV pool is simulated as a
+dict slot -> token, so a property test checks not only the budgets but that every running
+sequence's cache holds exactly its own tokens after any number of swaps and recomputes."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backends.local.block_manager import BlockManager
+from backends.local.scheduler import ScheduledBatch, Scheduler, Sequence
+
+BS = 4  # tokens per block
+BPB = 10  # bytes per block
+
+
+class SimEngine:
+    """What the engine does around a schedule, on a fake pool: swap copies, writes, samples."""
+
+    def __init__(self, num_blocks: int, swap_bytes: int, batch: int = 8, prefill: int = 16) -> None:
+        self.bm = BlockManager(num_blocks, BS, BPB)
+        self.sched = Scheduler(self.bm, batch, prefill, swap_bytes)
+        self.pool: dict[int, int] = {}
+        self.finished: list[int] = []
+
+    def slot(self, seq: Sequence, pos: int) -> int:
+        return self.bm.blocks(seq.seq_id)[pos // BS] * BS + pos % BS
+
+    def step(self) -> ScheduledBatch:
+        out = self.sched.schedule()
+        for seq, blocks in out.swap_out:
+            seq.swap = [self.pool.get(b * BS + i) for b in blocks for i in range(BS)]
+        for seq, blocks in out.swap_in:
+            for j, value in enumerate(seq.swap):
+                self.pool[blocks[j // BS] * BS + j % BS] = value
+            self.sched.release_swap(seq)
+        for seq in out.seqs:
+            ids = seq.prompt_ids + seq.output_ids
+            sample = seq.samples
+            for p in range(seq.num_cached, seq.num_cached + seq.chunk):
+                self.pool[self.slot(seq, p)] = ids[p]
+            seq.num_cached += seq.chunk
+            if sample:
+                seq.output_ids.append(seq.seq_id * 1000 + 500 + len(seq.output_ids))
+                if len(seq.output_ids) >= seq.max_tokens:
+                    self.sched.finish(seq)
+                    self.finished.append(seq.seq_id)
+        return out
+
+    def check(self) -> None:
+        bm, sched = self.bm, self.sched
+        held = [b for s in sched.running for b in bm.blocks(s.seq_id)]
+        assert len(held) == len(set(held)), "a block is held twice"
+        assert bm.used_blocks == len(held) <= bm.num_blocks
+        assert bm.reserved_blocks == sum(bm.reserved_for(s.seq_id) for s in sched.running)
+        assert bm.reserved_blocks <= bm.num_blocks
+        assert all(not bm.holds(s.seq_id) for s in sched.queued), "a queued sequence holds blocks"
+        assert sched.swap_used == BPB * sum(s.swapped_blocks for s in sched.queued)
+        assert 0 <= sched.swap_used <= sched.swap_bytes
+        for s in sched.running:
+            assert s.swapped_blocks == 0 and s.swap is None
+            assert len(bm.blocks(s.seq_id)) <= bm.reserved_for(s.seq_id)
+            ids = s.prompt_ids + s.output_ids
+            assert [self.pool[self.slot(s, p)] for p in range(s.num_cached)] == ids[: s.num_cached]
+        for s in sched.queued:
+            assert (s.swap is not None) == (s.swapped_blocks > 0)
+            if s.swapped_blocks:
+                assert s.swapped_blocks == bm.blocks_for(s.num_cached)
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 20), st.integers(1, 24), st.integers(0, 2)),
+        st.tuples(st.just("step"), st.integers(1, 8), st.just(0), st.just(0)),
+        st.tuples(st.just("cancel"), st.integers(0, 30), st.just(0), st.just(0)),
+    ),
+    min_size=4, max_size=90,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS, st.integers(6, 10), st.sampled_from([0, 2 * BPB, 6 * BPB, 1000]),
+       st.integers(2, 8), st.integers(1, 20), st.integers(0, 80))
+def test_budgets_hold_and_caches_stay_exact_under_preemption(
+    ops: list[tuple[str, int, int, int]], num_blocks: int, swap: int, batch: int, prefill: int,
+    more_steps: int,
+) -> None:
+    sim = SimEngine(num_blocks, swap, batch, prefill)
+    next_id = 0
+    for op, a, b, c in ops:
+        if op == "add":
+            if sim.bm.blocks_for(a + b) <= num_blocks:  # the backend rejects what never fits
+                seq = Sequence(next_id, [next_id * 1000 + j for j in range(a)], max_tokens=b,
+                               reserve=a + 1, priority=c)  # expects one token: overcommits
+                sim.sched.add(seq)
+                next_id += 1
+        elif op == "cancel":
+            sim.sched.cancel(a)
+        else:
+            for _ in range(a):
+                out = sim.step()
+                assert sum(s.chunk for s in out.seqs if s.catching_up) <= prefill
+                assert len(sim.sched.running) <= batch
+                sim.check()
+        sim.check()
+    for _ in range(more_steps):
+        sim.step()
+        sim.check()
+    for s in [*sim.sched.running, *sim.sched.queued]:  # abort everything at this point
+        sim.sched.cancel(s.seq_id)
+    assert sim.bm.used_blocks == sim.bm.reserved_blocks == sim.sched.swap_used == 0
+    assert not sim.sched.has_work()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 14), st.integers(1, 20)), min_size=1, max_size=10),
+       st.sampled_from([0, 3 * BPB, 1000]))
+def test_every_sequence_finishes_with_its_own_tokens(
+    shapes: list[tuple[int, int]], swap: int
+) -> None:
+    sim = SimEngine(10, swap, batch=4, prefill=8)
+    for i, (p, n) in enumerate(shapes):
+        sim.sched.add(Sequence(i, [i * 1000 + j for j in range(p)], max_tokens=n, reserve=p + 1))
+    for _ in range(2000):
+        if not sim.sched.has_work():
+            break
+        sim.step()
+        sim.check()
+    assert sorted(sim.finished) == list(range(len(shapes)))
+    assert sim.bm.used_blocks == sim.bm.reserved_blocks == sim.sched.swap_used == 0
+
+
+def test_victim_is_lowest_priority_then_newest_and_resumes_first() -> None:
+    sim = SimEngine(6, swap_bytes=1000, batch=8, prefill=64)
+    old_low = Sequence(1, [1] * 4, max_tokens=20, reserve=5, priority=2)
+    high = Sequence(2, [2] * 4, max_tokens=20, reserve=5, priority=0)
+    new_low = Sequence(3, [3] * 4, max_tokens=20, reserve=5, priority=2)
+    normal = Sequence(4, [4] * 4, max_tokens=20, reserve=5, priority=1)
+    for s in (old_low, high, new_low, normal):
+        sim.sched.add(s)
+    sim.step()  # 4 admitted with 2 blocks each: 8 > 6 blocks, so no, only 3 fit
+    assert [s.seq_id for s in sim.sched.running] == [1, 2, 3] and list(sim.sched.waiting) == [normal]
+    preempted: list[int] = []
+    while not preempted:
+        out = sim.step()
+        preempted = [s.seq_id for s, _ in out.swap_out]
+        sim.check()
+    assert preempted == [3], "the newest of the lowest priority goes first"
+    assert sim.sched.stats.swapped_out == 1 and sim.sched.stats.recomputed == 0
+    assert sim.sched.preempted == [new_low] and not new_low.finished
+    while sim.sched.preempted or normal in sim.sched.waiting:
+        sim.step()
+        sim.check()
+        if normal in sim.sched.running:
+            assert new_low not in sim.sched.preempted, "a preempted sequence resumes first"
+    for _ in range(200):
+        if not sim.sched.has_work():
+            break
+        sim.step()
+        sim.check()
+    assert sorted(sim.finished) == [1, 2, 3, 4] and sim.sched.stats.resumed >= 1
+
+
+def test_swap_full_recomputes_and_worst_case_never_preempts() -> None:
+    sim = SimEngine(4, swap_bytes=0, batch=8, prefill=64)
+    for i in range(3):
+        sim.sched.add(Sequence(i, [i * 1000 + j for j in range(3)], max_tokens=9, reserve=4))
+    for _ in range(200):
+        if not sim.sched.has_work():
+            break
+        sim.step()
+        sim.check()
+    stats = sim.sched.stats
+    assert sorted(sim.finished) == [0, 1, 2]
+    assert stats.preemptions == stats.recomputed > 0 and stats.swapped_out == 0
+    reserve_all = SimEngine(4, swap_bytes=1000, batch=8, prefill=64)
+    for i in range(3):  # no `reserve`: prompt + max_tokens, 3 blocks each: one at a time
+        reserve_all.sched.add(Sequence(i, [i * 1000 + j for j in range(3)], max_tokens=9))
+    for _ in range(200):
+        if not reserve_all.sched.has_work():
+            break
+        reserve_all.step()
+        reserve_all.check()
+        assert len(reserve_all.sched.running) <= 1
+    assert sorted(reserve_all.finished) == [0, 1, 2] and reserve_all.sched.stats.preemptions == 0
