@@ -241,6 +241,8 @@ class Scheduler:
         resuming = next((i for i, (s, _) in enumerate(out.swap_in) if s is seq), None)
         if resuming is not None:  # resumed in this very call: its KV never left swap space
             del out.swap_in[resuming]
+            self.stats.resumed -= 1
+            self.stats.preemptions -= 1  # the resume is undone, not a new preemption
         else:
             held = self.blocks.blocks(seq.seq_id)[: self.blocks.blocks_for(seq.num_cached)]
             nbytes = len(held) * self.blocks.bytes_per_block

@@ -59,6 +59,9 @@ class SimEngine:
         assert all(not bm.holds(s.seq_id) for s in sched.queued), "a queued sequence holds blocks"
         assert sched.swap_used == BPB * sum(s.swapped_blocks for s in sched.queued)
         assert 0 <= sched.swap_used <= sched.swap_bytes
+        st_ = sched.stats
+        assert st_.preemptions == st_.swapped_out + st_.recomputed
+        assert st_.preemptions - st_.resumed >= len(sched.preempted)  # (cancels leave)
         for s in sched.running:
             assert s.swapped_blocks == 0 and s.swap is None
             assert len(bm.blocks(s.seq_id)) <= bm.reserved_for(s.seq_id)
