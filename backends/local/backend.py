@@ -29,7 +29,7 @@ from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
 from gateway.core.config import PRIORITY_RANK
 from gateway.core.context import Chunk, RequestContext
 from gateway.core.errors import BackendError, InvalidRequest
-from gateway.core.kv import KV_ADMISSION_MODES, kv_output_tokens
+from gateway.core.kv import KV_ADMISSION_MODES, KV_DTYPES, kv_output_tokens
 
 MiB = 1024 * 1024
 QUANTIZE_MODES = ("none", "int8")  # int8 at load: heap copy; `gateway quantize` for mmapped int8
@@ -53,6 +53,7 @@ class LocalConfig:
     # -- KV capacity (issue 17): what a sequence reserves for its output, the host swap space
     kv_admission: str = "estimate"  # estimate (preempt when wrong) | worst_case (reserve-all)
     swap_bytes: int = 0  # host RAM for preempted sequences' KV; 0: recompute them instead
+    kv_dtype: str = "auto"  # auto (the compute dtype) | int8 (per-token per-head scales)
     # -- fidelity (issue 14): bounds of grammar-constrained decoding (backends/local/grammar.py)
     grammar_max_schema_bytes: int = 64 * 1024  # a larger schema or tools list: 400
     grammar_compile_timeout_s: float = 2.0  # a grammar compiling longer: 400
@@ -70,6 +71,8 @@ class LocalConfig:
         if self.kv_cache_bytes <= 0 or self.adapter_cache_bytes < 0 or self.swap_bytes < 0:
             raise ValueError("kv_cache_bytes must be positive, adapter_cache_bytes and "
                              "swap_bytes >= 0")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype={self.kv_dtype!r}; expected one of {', '.join(KV_DTYPES)}")
         if self.kv_admission not in KV_ADMISSION_MODES:
             raise ValueError(f"kv_admission={self.kv_admission!r}; expected one of "
                              f"{', '.join(KV_ADMISSION_MODES)}")
@@ -116,6 +119,7 @@ class LocalBackend:
             device=self.cfg.device,
             max_prefill_tokens=self.cfg.max_prefill_tokens,
             swap_bytes=self.cfg.swap_bytes,
+            kv_dtype=self.cfg.kv_dtype,
         )
         engine.start()
         self._loaded, self._tokenizer, self._engine = loaded, tokenizer, engine

@@ -72,6 +72,7 @@ class Engine:
         num_threads: int | None = None,
         max_prefill_tokens: int = 512,
         swap_bytes: int = 0,
+        kv_dtype: str = "auto",
     ) -> None:
         cfg = model.config
         self.model = model
@@ -79,7 +80,7 @@ class Engine:
         self.dtype = model.compute_dtype
         elem = torch.empty((), dtype=self.dtype).element_size()
         per_token = kv_bytes_per_token(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, elem
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, elem, kv_dtype
         )
         self.layout = KVLayout.from_budget(per_token, block_size, kv_cache_bytes)
         self.bytes_per_token = per_token
@@ -87,7 +88,7 @@ class Engine:
         self.blocks = BlockManager(self.layout.num_blocks, block_size, self.layout.bytes_per_block)
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens, swap_bytes)
         self.workspace = WorkspaceMeter(cfg, elem, model, block_size)
-        self.runner = ModelRunner(model, self.blocks, self.device)
+        self.runner = ModelRunner(model, self.blocks, self.device, kv_dtype)
         self.requested_threads = num_threads  # None: MEMGATE_TORCH_THREADS or the default
         self.num_threads = 0  # set by start (placement.apply)
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()

@@ -17,17 +17,20 @@ from backends.local.scheduler import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, blocks: BlockManager, device: torch.device) -> None:
+    def __init__(self, model: Llama, blocks: BlockManager, device: torch.device,
+                 kv_dtype: str = "auto") -> None:
         self.model = model
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.device = device
         self.dtype = model.compute_dtype
+        self.kv_dtype = kv_dtype
         self.kv: KVPool | None = None
 
     def allocate(self) -> KVPool:
         self.kv = KVPool.allocate(
-            self.model.config, self.blocks.num_blocks * self.block_size, self.dtype, self.device
+            self.model.config, self.blocks.num_blocks * self.block_size, self.dtype, self.device,
+            self.kv_dtype,
         )
         return self.kv
 

@@ -2,6 +2,8 @@
 `gateway plan`, admission and the remote kinds share, so a plan and the live system agree.
 
     bytes_per_token = 2 x layers x kv_heads x head_dim x dtype_bytes
+                    = 2 x layers x kv_heads x (head_dim + 4)   with kv_dtype: int8 (one
+                      float32 scale per token per head)
     blocks_for(t)   = ceil(t / block_size)
     kv_bytes_for(t) = blocks_for(t) x block_size x bytes_per_token
     adapter bytes   = sum over modules of r x (d_in + d_out) x dtype_bytes
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 KV_ADMISSION_MODES = ("estimate", "worst_case")
+KV_DTYPES = ("auto", "int8")  # auto: the compute dtype
+KV_SCALE_BYTES = 4  # int8 KV: one float32 scale per token per head, for K and for V
 
 
 def dtype_bytes(name: str) -> int:
@@ -21,7 +25,14 @@ def dtype_bytes(name: str) -> int:
         raise ValueError(f"unsupported dtype {name!r}; expected one of {', '.join(FLOAT_BYTES)}") from None
 
 
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, elem_bytes: int,
+                       kv_dtype: str = "auto") -> int:
+    """K and V of one token in every layer: in the compute dtype (`auto`, `elem_bytes` each)
+    or as int8 with a scale per head (`int8`)."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}")
+    if kv_dtype == "int8":
+        return 2 * layers * kv_heads * (head_dim + KV_SCALE_BYTES)
     return 2 * layers * kv_heads * head_dim * elem_bytes
 
 

@@ -23,10 +23,17 @@ def overcommitted(prompt: str, adapter: str | None, expected: int | None) -> Req
     return ctx
 
 
-@pytest.mark.parametrize("swap_bytes", [64 * BLOCK_BYTES, 0], ids=["swap", "recompute"])
+INT8_BLOCK_BYTES = 16 * 2 * 2 * 2 * (16 + 4)  # kv_dtype: int8 (values + float32 scales)
+
+
+@pytest.mark.parametrize(("swap_bytes", "kv_dtype"),
+                         [(64 * BLOCK_BYTES, "auto"), (0, "auto"), (64 * BLOCK_BYTES, "int8")],
+                         ids=["swap", "recompute", "swap-int8"])
 def test_preempted_greedy_answers_equal_their_answers_alone(
-    tiny_checkpoint: TinyCheckpoint, swap_bytes: int
+    tiny_checkpoint: TinyCheckpoint, swap_bytes: int, kv_dtype: str
 ) -> None:
+    block = INT8_BLOCK_BYTES if kv_dtype == "int8" else BLOCK_BYTES
+
     async def body(b: LocalBackend) -> None:
         cases = [(p, None if i % 2 else "acme") for i, p in enumerate(PROMPTS)]
         alone = [await collect(b, overcommitted(p, a, None)) for p, a in cases]
@@ -37,7 +44,7 @@ def test_preempted_greedy_answers_equal_their_answers_alone(
         assert [t for t, _ in together] == [t for t, _ in alone]
         assert [c.usage for _, c in together] == [c.usage for _, c in alone]
         for c in ctxs:  # prompt + the one expected token
-            assert c.memory.kv_bytes_reserved == -(-((c.prompt_tokens or 0) + 1) // 16) * BLOCK_BYTES
+            assert c.memory.kv_bytes_reserved == -(-((c.prompt_tokens or 0) + 1) // 16) * block
         stats = b.stats()
         assert stats.kv_preemptions is not None and stats.kv_preemptions > 0
         assert stats.kv_resumes == stats.kv_preemptions  # every preempted one came back
@@ -48,8 +55,8 @@ def test_preempted_greedy_answers_equal_their_answers_alone(
         assert b.memory().kv_swapped == 0 and engine.scheduler.swap_used == 0
         await wait_kv_free(b)
 
-    run_with(tiny_checkpoint, body, kv_cache_bytes=6 * BLOCK_BYTES, swap_bytes=swap_bytes,
-             kv_admission="estimate", max_batch_size=8)
+    run_with(tiny_checkpoint, body, kv_cache_bytes=6 * block, swap_bytes=swap_bytes,
+             kv_admission="estimate", max_batch_size=8, kv_dtype=kv_dtype)
 
 
 def test_worst_case_reserves_the_limit_and_never_preempts(tiny_checkpoint: TinyCheckpoint) -> None:
