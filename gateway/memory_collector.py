@@ -142,6 +142,10 @@ class MemoryCollector:
             "gateway_kv_recomputes": (st.kv_recomputes,
                                       "Preemptions whose KV was dropped and recomputed."),
             "gateway_kv_resumes": (st.kv_resumes, "Preempted sequences that resumed."),
+            "gateway_prefix_cache_query_tokens": (
+                st.prefix_query_tokens, "Prompt tokens of sequences that may share cached KV."),
+            "gateway_prefix_cache_hit_tokens": (
+                st.prefix_hit_tokens, "Prompt tokens served from cached KV blocks."),
         }
         for metric, (count, doc) in counters.items():
             if count is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from gateway.core.errors import BackendError, InvalidRequest
 from gateway.core.kv import KV_ADMISSION_MODES, KV_DTYPES, kv_output_tokens
 
 MiB = 1024 * 1024
+PREFIX_CACHE_MODES = ("isolated", "shared", "off")
 QUANTIZE_MODES = ("none", "int8")  # int8 at load: heap copy; `gateway quantize` for mmapped int8
 
 
@@ -54,6 +56,7 @@ class LocalConfig:
     kv_admission: str = "estimate"  # estimate (preempt when wrong) | worst_case (reserve-all)
     swap_bytes: int = 0  # host RAM for preempted sequences' KV; 0: recompute them instead
     kv_dtype: str = "auto"  # auto (the compute dtype) | int8 (per-token per-head scales)
+    prefix_cache: str = "isolated"  # isolated (per tenant) | shared (across tenants) | off
     # -- fidelity (issue 14): bounds of grammar-constrained decoding (backends/local/grammar.py)
     grammar_max_schema_bytes: int = 64 * 1024  # a larger schema or tools list: 400
     grammar_compile_timeout_s: float = 2.0  # a grammar compiling longer: 400
@@ -71,6 +74,9 @@ class LocalConfig:
         if self.kv_cache_bytes <= 0 or self.adapter_cache_bytes < 0 or self.swap_bytes < 0:
             raise ValueError("kv_cache_bytes must be positive, adapter_cache_bytes and "
                              "swap_bytes >= 0")
+        if self.prefix_cache not in PREFIX_CACHE_MODES:
+            raise ValueError(f"prefix_cache={self.prefix_cache!r}; expected one of "
+                             f"{', '.join(PREFIX_CACHE_MODES)}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={self.kv_dtype!r}; expected one of {', '.join(KV_DTYPES)}")
         if self.kv_admission not in KV_ADMISSION_MODES:
@@ -277,7 +283,8 @@ class LocalBackend:
             ctx.memory.kv_bytes_reserved = reserve
             stream = generation.run(ctx, engine, tok, req, choices,
                                     resident.device_slot if resident is not None else 0,
-                                    self._mailbox.post, PRIORITY_RANK.get(ctx.priority, 1))
+                                    self._mailbox.post, PRIORITY_RANK.get(ctx.priority, 1),
+                                    self._prefix_salt(ctx, req, resident))
             try:
                 async for chunk in stream:
                     yield chunk
@@ -286,6 +293,19 @@ class LocalBackend:
         finally:
             if resident is not None and ctx.adapter is not None:
                 adapters.release(ctx.adapter)
+
+    def _prefix_salt(self, ctx: RequestContext, req: LocalRequest,
+                     resident: Resident | None) -> bytes | None:
+        """What cached KV blocks this request may share: those of the same adapter (by name
+        and content, so a reloaded adapter never meets stale blocks) and, with `isolated`,
+        the same tenant (a cache hit is a timing signal). None: no sharing (`off`, or an
+        echo, which reads the prompt back)."""
+        mode = self.cfg.prefix_cache
+        if mode == "off" or req.echo:
+            return None
+        adapter = "" if resident is None else f"{resident.adapter.name}:{resident.adapter.digest}"
+        tenant = ctx.tenant if mode == "isolated" else ""
+        return hashlib.blake2b(f"{tenant}\0{adapter}".encode(), digest_size=16).digest()
 
     async def _choices(self, ctx: RequestContext, tok: ChatTokenizer, req: LocalRequest,
                        prompts: list[list[int]], limits: list[int], vocab: int
@@ -382,6 +402,8 @@ class LocalBackend:
             kv_swap_outs=pre.swapped_out,
             kv_recomputes=pre.recomputed,
             kv_resumes=pre.resumed,
+            prefix_query_tokens=pre.prefix_query_tokens,
+            prefix_hit_tokens=pre.prefix_hit_tokens,
         )
 
     def adapter_stats(self) -> dict[str, int]:

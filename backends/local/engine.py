@@ -40,6 +40,8 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0  # tokens generated so far (all of them, on the last event)
     kv_peak_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (on the last event)
+    kv_peak_share_bytes: int = 0  # kv_peak_bytes with a block k sequences share counted 1/k
     queue_seconds: float = 0.0
     workspace_bytes: int = 0  # the request's largest share of a step's workspace
     error: BaseException | None = None
@@ -151,10 +153,15 @@ class Engine:
         adapter_slot: int = 0,
         reserve_tokens: int | None = None,
         priority: int = 1,
+        prefix_salt: bytes | None = None,
+        follows: int | None = None,
     ) -> int:
         """Queue a sequence. `reserve_tokens`: KV tokens reserved at admission (prompt + the
         expected output; None: prompt + max_tokens, nothing is ever preempted for it);
-        `priority`: 0 high .. 2 low, who is preempted first when the cache runs short."""
+        `priority`: 0 high .. 2 low, who is preempted first when the cache runs short;
+        `prefix_salt`: shares cached prompt blocks with sequences of the same salt (None:
+        never); `follows`: a sequence submitted before with the same prompt (n > 1) whose
+        prompt blocks this one waits for and shares."""
         if not self.alive:
             raise EngineClosed("engine is not running")
         if not prompt_ids:
@@ -163,8 +170,8 @@ class Engine:
             raise ValueError("max_tokens must be at least 1")
         state = SeqState(sampler, detok, StopFilter(stop or []), eos_ids, emit)
         seq = Sequence(next(self._ids), list(prompt_ids), max_tokens, adapter_slot, state=state,
-                       reserve=reserve_tokens, priority=priority)
-        self._inbox.put(("add", seq))
+                       reserve=reserve_tokens, priority=priority, prefix_salt=prefix_salt)
+        self._inbox.put(("add", (seq, follows)))
         return seq.seq_id
 
     def abort(self, seq_id: int) -> None:
@@ -194,8 +201,11 @@ class Engine:
         while True:
             if cmd == "stop":
                 return False
-            if cmd == "add" and isinstance(arg, Sequence):
-                self.scheduler.add(arg)
+            if cmd == "add" and isinstance(arg, tuple):
+                seq, follows = arg
+                if follows is not None:
+                    seq.leader = self.scheduler.find(follows)
+                self.scheduler.add(seq)
             elif cmd == "abort" and isinstance(arg, int):
                 self.scheduler.cancel(arg)
             try:
@@ -241,7 +251,7 @@ class Engine:
             return
         self.steps += 1
         for seq in batch.seqs:
-            seq.num_cached += seq.chunk
+            self.scheduler.advance(seq)
             if seq.cancelled:
                 self.scheduler.finish(seq)
         for i, seq in enumerate(sampled):  # a chunk that ends the prompt yields the first token
@@ -279,7 +289,9 @@ class Engine:
                 self._send(seq, Event(text=text, completion_tokens=len(seq.output_ids)))
             return
         text += st.stop.flush()
-        peak = len(self.blocks.blocks(seq.seq_id)) * self.blocks.bytes_per_block
+        held = self.blocks.blocks(seq.seq_id)
+        peak = len(held) * self.blocks.bytes_per_block
+        share = round(sum(self.blocks.bytes_per_block / self.blocks.refs(b) for b in held))
         self.scheduler.finish(seq)
         admitted = st.admitted_at if st.admitted_at is not None else st.submitted_at
         self._send(
@@ -289,6 +301,8 @@ class Engine:
                 finish_reason=reason,
                 completion_tokens=len(seq.output_ids),
                 kv_peak_bytes=peak,
+                cached_tokens=seq.cached_tokens,
+                kv_peak_share_bytes=share,
                 queue_seconds=admitted - st.submitted_at,
                 workspace_bytes=st.workspace_peak,
             ),

@@ -14,13 +14,22 @@ on resume: the same bytes), else it is dropped and recomputed on resume (its pro
 tokens it generated are prefilled again; nothing is sampled until it has caught up).
 Preempted sequences resume before any waiting one, oldest admission first.
 
+Prefix sharing: a sequence with a `prefix_salt` (its adapter and, with `prefix_cache:
+isolated`, its tenant) publishes each full block under a key chained over its tokens
+(`block_keys`) once computed, and on admission attaches the cached blocks of its longest
+published prefix (at least its last token is computed: it yields the logits to sample from).
+Sequences that `follow` a leader (the other choices of an `n > 1` request) wait until the
+leader's prompt is cached, then share its blocks.
+
 Chunked prefill keeps a long prompt from stalling the others: prompt (and catch-up) tokens
 per step are capped by `max_prefill_tokens`, decode tokens are never held back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +58,10 @@ class Sequence:
     admitted: int = 0  # admission order (preemption takes the newest among equals)
     swap: Any = None  # the host copy of its KV while swapped out (the engine's tensors)
     swapped_blocks: int = 0  # blocks of swap space it holds
+    prefix_salt: bytes | None = None  # None: never shares blocks (prefix_cache: off, echo)
+    keys: list[bytes] = field(default_factory=list)  # of its full blocks, computed as needed
+    leader: Sequence | None = None  # waits to share this one's prompt blocks (n > 1)
+    cached_tokens: int = 0  # prompt tokens served from cached blocks at its first admission
 
     @property
     def prefilling(self) -> bool:
@@ -90,6 +103,21 @@ class Sequence:
         return self.num_cached + self.chunk == self.num_tokens
 
 
+def block_keys(seq: Sequence, count: int, block_size: int) -> list[bytes]:
+    """Keys of `seq`'s first `count` full blocks: key_i = H(key_{i-1}, tokens of block i),
+    key_-1 = its salt, so a key names the adapter, the salt and every token up to the block's
+    end."""
+    if seq.prefix_salt is None:
+        return []
+    ids = seq.prompt_ids + seq.output_ids
+    while len(seq.keys) < count:
+        i = len(seq.keys)
+        parent = seq.keys[-1] if seq.keys else seq.prefix_salt
+        tokens = array("q", ids[i * block_size : (i + 1) * block_size]).tobytes()
+        seq.keys.append(hashlib.blake2b(parent + tokens, digest_size=16).digest())
+    return seq.keys[:count]
+
+
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
@@ -104,6 +132,8 @@ class PreemptionStats:
     swapped_out: int = 0  # preemptions whose KV went to swap space
     recomputed: int = 0  # preemptions whose KV was dropped
     resumed: int = 0
+    prefix_query_tokens: int = 0  # prompt tokens of admitted sequences that may share
+    prefix_hit_tokens: int = 0  # of which served from cached blocks
 
 
 class Scheduler:
@@ -138,6 +168,9 @@ class Scheduler:
     def queued(self) -> list[Sequence]:
         """Sequences not running: preempted ones (which resume first), then waiting ones."""
         return [*self.preempted, *self.waiting]
+
+    def find(self, seq_id: int) -> Sequence | None:
+        return next((s for s in [*self.running, *self.queued] if s.seq_id == seq_id), None)
 
     def cancel(self, seq_id: int) -> Sequence | None:
         """Drop a sequence wherever it is and free its blocks and swap space."""
@@ -197,29 +230,56 @@ class Scheduler:
 
     def _admit(self, out: ScheduledBatch) -> None:
         """Preempted sequences first (oldest admission first), then waiting ones, FIFO: a
-        later one never overtakes one that waits for memory."""
-        while len(self.running) < self.max_batch_size:
-            resume = bool(self.preempted)
-            if resume:
-                seq = self.preempted[0]
-            elif self.waiting:
-                seq = self.waiting[0]
-            else:
+        later one never overtakes one that waits for memory (a follower whose leader's prompt
+        is not cached yet is passed over, keeping its place)."""
+        for seq in [*self.preempted, *self.waiting]:
+            if len(self.running) >= self.max_batch_size:
                 return
-            if not self.blocks.can_reserve(seq.reserve_tokens):
+            resume = seq in self.preempted
+            leader = seq.leader
+            if leader is not None and leader.prefilling and not leader.finished:
+                continue
+            prefix = self._prefix(seq)
+            tokens = max(seq.reserve_tokens, len(prefix) * self.blocks.block_size + 1)
+            if not self.blocks.can_reserve(tokens, prefix):
                 return
             if resume:
-                self.preempted.pop(0)
+                self.preempted.remove(seq)
                 self.stats.resumed += 1
             else:
-                self.waiting.popleft()
+                self.waiting.remove(seq)
                 seq.admitted = next(self._order)
-            self.blocks.reserve(seq.seq_id, seq.reserve_tokens)
+                if seq.prefix_salt is not None:
+                    seq.cached_tokens = len(prefix) * self.blocks.block_size
+                    self.stats.prefix_query_tokens += len(seq.prompt_ids)
+                    self.stats.prefix_hit_tokens += seq.cached_tokens
+            self.blocks.reserve(seq.seq_id, tokens, prefix)
+            seq.num_cached = max(seq.num_cached, len(prefix) * self.blocks.block_size)
             if seq.swapped_blocks:
                 out.swap_in.append((seq, list(self.blocks.ensure(seq.seq_id, seq.num_cached))))
             self.running.append(seq)
             if not resume and seq.on_admit is not None:
                 seq.on_admit()
+
+    def _prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks of `seq`'s longest published prefix, leaving its last known token to
+        compute; none while it holds swapped KV or cached tokens of its own."""
+        if seq.prefix_salt is None or seq.num_cached or seq.swapped_blocks:
+            return []
+        full = (seq.num_tokens - 1) // self.blocks.block_size
+        return self.blocks.match(block_keys(seq, full, self.blocks.block_size))
+
+    def advance(self, seq: Sequence) -> None:
+        """The step computed `seq`'s chunk: count it cached and publish the blocks it filled."""
+        bs = self.blocks.block_size
+        before = seq.num_cached // bs
+        seq.num_cached += seq.chunk
+        after = seq.num_cached // bs
+        if seq.prefix_salt is None or after == before:
+            return
+        keys = block_keys(seq, after, bs)
+        for i in range(before, after):
+            self.blocks.publish(seq.seq_id, i, keys[i])
 
     def _make_room(self, seq: Sequence, tokens: int, out: ScheduledBatch) -> bool:
         """Preempt until `seq` can hold `tokens` tokens; False when `seq` itself was."""

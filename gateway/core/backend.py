@@ -71,6 +71,8 @@ class BackendStats:
     kv_swap_outs: int | None = None  # cumulative: preemptions whose KV went to host swap space
     kv_recomputes: int | None = None  # cumulative: preemptions whose KV was dropped (recomputed)
     kv_resumes: int | None = None  # cumulative: preempted sequences that resumed
+    prefix_query_tokens: int | None = None  # cumulative: prompt tokens that could hit the cache
+    prefix_hit_tokens: int | None = None  # cumulative: prompt tokens served from cached KV blocks
 
 
 class Backend(Protocol):

@@ -1,8 +1,10 @@
-"""Overcommit with a safety net, in plain Python: the scheduler admits on what a sequence is
-expected to need, preempts the lowest-priority, newest sequence when the cache runs short,
-swaps its KV out (or drops it for recompute) and resumes it. The KV pool is simulated as a
-dict slot -> token, so a property test checks not only the budgets but that every running
-sequence's cache holds exactly its own tokens after any number of swaps and recomputes."""
+"""Overcommit with a safety net and prefix sharing, in plain Python: the scheduler admits on
+what a sequence is expected to need, preempts the lowest-priority, newest sequence when the
+cache runs short, swaps its KV out (or drops it for recompute) and resumes it; sequences of
+the same salt share cached prompt blocks. The KV pool is simulated as a dict slot -> (salt,
+token), so a property test checks not only the budgets but that every running sequence's
+cache holds exactly its own tokens, computed under its own salt, after any number of swaps,
+recomputes and shared blocks."""
 
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ class SimEngine:
             ids = seq.prompt_ids + seq.output_ids
             sample = seq.samples
             for p in range(seq.num_cached, seq.num_cached + seq.chunk):
-                self.pool[self.slot(seq, p)] = ids[p]
-            seq.num_cached += seq.chunk
+                self.pool[self.slot(seq, p)] = (seq.prefix_salt, ids[p])
+            self.sched.advance(seq)
             if sample:
                 seq.output_ids.append(seq.seq_id * 1000 + 500 + len(seq.output_ids))
                 if len(seq.output_ids) >= seq.max_tokens:
@@ -52,10 +54,17 @@ class SimEngine:
     def check(self) -> None:
         bm, sched = self.bm, self.sched
         held = [b for s in sched.running for b in bm.blocks(s.seq_id)]
-        assert len(held) == len(set(held)), "a block is held twice"
-        assert bm.used_blocks == len(held) <= bm.num_blocks
-        assert bm.reserved_blocks == sum(bm.reserved_for(s.seq_id) for s in sched.running)
-        assert bm.reserved_blocks <= bm.num_blocks
+        for b in set(held):
+            assert bm.refs(b) == held.count(b), "a reference count is off"
+        for s in sched.running:
+            tables = bm.blocks(s.seq_id)
+            assert len(tables) == len(set(tables))
+            shared = [b for b in tables if bm.refs(b) > 1]
+            assert all(b in tables[: s.num_cached // BS] for b in shared), "a shared block is written"
+        assert bm.used_blocks == len(set(held)) <= bm.num_blocks
+        assert bm.unreserved_blocks >= 0 and bm.reserved_blocks <= bm.num_blocks
+        if all(s.prefix_salt is None for s in sched.running):
+            assert bm.reserved_blocks == sum(bm.reserved_for(s.seq_id) for s in sched.running)
         assert all(not bm.holds(s.seq_id) for s in sched.queued), "a queued sequence holds blocks"
         assert sched.swap_used == BPB * sum(s.swapped_blocks for s in sched.queued)
         assert 0 <= sched.swap_used <= sched.swap_bytes
@@ -64,8 +73,7 @@ class SimEngine:
         assert st_.preemptions - st_.resumed >= len(sched.preempted)  # (cancels leave)
         for s in sched.running:
             assert s.swapped_blocks == 0 and s.swap is None
-            assert len(bm.blocks(s.seq_id)) <= bm.reserved_for(s.seq_id)
-            ids = s.prompt_ids + s.output_ids
+            ids = [(s.prefix_salt, t) for t in s.prompt_ids + s.output_ids]
             assert [self.pool[self.slot(s, p)] for p in range(s.num_cached)] == ids[: s.num_cached]
         for s in sched.queued:
             assert (s.swap is not None) == (s.swapped_blocks > 0)
@@ -95,9 +103,18 @@ def test_budgets_hold_and_caches_stay_exact_under_preemption(
     for op, a, b, c in ops:
         if op == "add":
             if sim.bm.blocks_for(a + b) <= num_blocks:  # the backend rejects what never fits
-                seq = Sequence(next_id, [next_id * 1000 + j for j in range(a)], max_tokens=b,
-                               reserve=a + 1, priority=c)  # expects one token: overcommits
+                # prompts from two templates, salts of two tenants (one never shares): blocks
+                # are shared only where template, length prefix and salt agree
+                salt = [b"t0", b"t1", None][c]
+                prompt = [(a + c) % 2 * 100 + j for j in range(a)]
+                seq = Sequence(next_id, prompt, max_tokens=b, reserve=a + 1, priority=c,
+                               prefix_salt=salt)  # expects one token: overcommits
                 sim.sched.add(seq)
+                if b % 3 == 0:  # and a second choice of the same prompt (n = 2)
+                    sim.sched.add(Sequence(next_id + 1, list(prompt), max_tokens=b,
+                                           reserve=a + 1, priority=c, prefix_salt=salt,
+                                           leader=seq))
+                    next_id += 1
                 next_id += 1
         elif op == "cancel":
             sim.sched.cancel(a)
