@@ -23,6 +23,7 @@ class Demand:
     adapter_bytes: int = 0  # to load the adapter, when it is not resident
     sequences: int = 1  # n: each sequence holds its own KV
     expected_tokens: int | None = None  # output tokens expected per sequence (policies/estimate.py)
+    long: bool = False  # the long lane (the backend's lanes: prompt + limit past short_max_tokens)
 
     @property
     def tokens(self) -> int:
@@ -85,7 +86,9 @@ def demand(backend: Backend, ctx: RequestContext, estimates: Estimates | None = 
     adapter_bytes = 0
     if ctx.adapter is not None and ctx.adapter not in cap.resident_adapters:
         adapter_bytes = (backend.adapters() or {}).get(ctx.adapter, 0)
-    return Demand(tokens, max_tokens, kv, cap.kv_bytes_total, adapter_bytes, n * prompts, expected)
+    long = cap.lanes is not None and cap.lanes.is_long(tokens + max_tokens)
+    return Demand(tokens, max_tokens, kv, cap.kv_bytes_total, adapter_bytes, n * prompts, expected,
+                  long)
 
 
 def prompt_count(ctx: RequestContext) -> int:

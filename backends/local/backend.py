@@ -30,7 +30,7 @@ from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
 from gateway.core.config import PRIORITY_RANK
 from gateway.core.context import Chunk, RequestContext
 from gateway.core.errors import BackendError, InvalidRequest
-from gateway.core.kv import KV_ADMISSION_MODES, KV_DTYPES, kv_output_tokens
+from gateway.core.kv import KV_ADMISSION_MODES, KV_DTYPES, Lanes, kv_output_tokens
 
 MiB = 1024 * 1024
 PREFIX_CACHE_MODES = ("isolated", "shared", "off")
@@ -57,6 +57,7 @@ class LocalConfig:
     swap_bytes: int = 0  # host RAM for preempted sequences' KV; 0: recompute them instead
     kv_dtype: str = "auto"  # auto (the compute dtype) | int8 (per-token per-head scales)
     prefix_cache: str = "isolated"  # isolated (per tenant) | shared (across tenants) | off
+    lanes: Lanes | None = None  # {short_max_tokens, short_share}: KV kept for short requests
     # -- fidelity (issue 14): bounds of grammar-constrained decoding (backends/local/grammar.py)
     grammar_max_schema_bytes: int = 64 * 1024  # a larger schema or tools list: 400
     grammar_compile_timeout_s: float = 2.0  # a grammar compiling longer: 400
@@ -126,6 +127,7 @@ class LocalBackend:
             max_prefill_tokens=self.cfg.max_prefill_tokens,
             swap_bytes=self.cfg.swap_bytes,
             kv_dtype=self.cfg.kv_dtype,
+            lanes=self.cfg.lanes,
         )
         engine.start()
         self._loaded, self._tokenizer, self._engine = loaded, tokenizer, engine
@@ -383,6 +385,7 @@ class LocalBackend:
             adapter_budget_bytes=self._adapters.budget_bytes,
             resident_adapters=sorted(self._adapters.resident),
             kv_admission=self.cfg.kv_admission,
+            lanes=self.cfg.lanes,
         )
 
     def stats(self) -> BackendStats:

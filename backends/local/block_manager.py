@@ -120,12 +120,16 @@ class BlockManager:
             self._refs[block] += 1
             table.blocks.append(block)
 
+    def overflow(self, seq_id: int, tokens: int) -> int:
+        """Blocks `ensure(seq_id, tokens)` would add to the reservation (0: it fits in it)."""
+        table = self._tables[seq_id]
+        new = self.blocks_for(tokens) - len(table.blocks)
+        return max(0, table.taken + new - table.reserved)
+
     def can_grow(self, seq_id: int, tokens: int) -> bool:
         """`ensure(seq_id, tokens)` would succeed: within the reservation, or the blocks it
         lacks are unreserved."""
-        table = self._tables[seq_id]
-        new = self.blocks_for(tokens) - len(table.blocks)
-        return table.taken + new - table.reserved <= self.unreserved_blocks
+        return self.overflow(seq_id, tokens) <= self.unreserved_blocks
 
     def ensure(self, seq_id: int, tokens: int) -> list[int]:
         """Grow `seq_id`'s table to hold `tokens` tokens, growing its reservation with

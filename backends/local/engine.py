@@ -28,6 +28,7 @@ from backends.local.scheduler import Scheduler, Sequence
 from backends.local.stop import StopFilter
 from backends.local.tokenizer import Detokenizer
 from backends.local.workspace import WorkspaceMeter
+from gateway.core.kv import Lanes
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Engine:
         max_prefill_tokens: int = 512,
         swap_bytes: int = 0,
         kv_dtype: str = "auto",
+        lanes: Lanes | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -88,7 +90,8 @@ class Engine:
         self.bytes_per_token = per_token
         self.block_size = block_size
         self.blocks = BlockManager(self.layout.num_blocks, block_size, self.layout.bytes_per_block)
-        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens, swap_bytes)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens, swap_bytes,
+                                   lanes)
         self.workspace = WorkspaceMeter(cfg, elem, model, block_size)
         self.runner = ModelRunner(model, self.blocks, self.device, kv_dtype)
         self.requested_threads = num_threads  # None: MEMGATE_TORCH_THREADS or the default

@@ -21,6 +21,10 @@ published prefix (at least its last token is computed: it yields the logits to s
 Sequences that `follow` a leader (the other choices of an `n > 1` request) wait until the
 leader's prompt is cached, then share its blocks.
 
+Length lanes (`lanes`): sequences whose prompt + max_tokens pass `short_max_tokens` are long
+and together hold at most `long_cap` blocks (admission and growth); each lane is FIFO on its
+own, so short sequences pass long ones that wait for their lane.
+
 Chunked prefill keeps a long prompt from stalling the others: prompt (and catch-up) tokens
 per step are capped by `max_prefill_tokens`, decode tokens are never held back.
 """
@@ -36,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.local.block_manager import BlockManager
+from gateway.core.kv import Lanes
 
 
 @dataclass
@@ -143,6 +148,7 @@ class Scheduler:
         max_batch_size: int,
         max_prefill_tokens: int = 512,
         swap_bytes: int = 0,
+        lanes: Lanes | None = None,
     ) -> None:
         if max_batch_size <= 0 or max_prefill_tokens <= 0 or swap_bytes < 0:
             raise ValueError("max_batch_size and max_prefill_tokens must be positive, "
@@ -155,6 +161,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.preempted: list[Sequence] = []  # oldest admission first
         self.running: list[Sequence] = []
+        self.lanes = lanes
+        self.long_cap = None if lanes is None else lanes.long_cap(blocks.num_blocks)
         self.stats = PreemptionStats()
         self._order = itertools.count(1)
 
@@ -232,6 +240,7 @@ class Scheduler:
         """Preempted sequences first (oldest admission first), then waiting ones, FIFO: a
         later one never overtakes one that waits for memory (a follower whose leader's prompt
         is not cached yet is passed over, keeping its place)."""
+        long_blocked = False  # the long lane's head waits: later long ones wait behind it
         for seq in [*self.preempted, *self.waiting]:
             if len(self.running) >= self.max_batch_size:
                 return
@@ -239,9 +248,18 @@ class Scheduler:
             leader = seq.leader
             if leader is not None and leader.prefilling and not leader.finished:
                 continue
+            long = self._is_long(seq)
+            if long and long_blocked:
+                continue
             prefix = self._prefix(seq)
             tokens = max(seq.reserve_tokens, len(prefix) * self.blocks.block_size + 1)
-            if not self.blocks.can_reserve(tokens, prefix):
+            fits = self.blocks.can_reserve(tokens, prefix)
+            if long and self.long_cap is not None:
+                fits = fits and self._long_blocks() + self.blocks.blocks_for(tokens) <= self.long_cap
+            if not fits:
+                if long and self.long_cap is not None:
+                    long_blocked = True
+                    continue
                 return
             if resume:
                 self.preempted.remove(seq)
@@ -281,14 +299,31 @@ class Scheduler:
         for i in range(before, after):
             self.blocks.publish(seq.seq_id, i, keys[i])
 
+    def _is_long(self, seq: Sequence) -> bool:
+        return self.lanes is not None and self.lanes.is_long(seq.max_total_tokens)
+
+    def _long_blocks(self) -> int:
+        """Blocks the long lane holds or was promised."""
+        return sum(self.blocks.reserved_for(s.seq_id) for s in self.running if self._is_long(s))
+
+    def _lane_full(self, seq: Sequence, tokens: int) -> bool:
+        """Growing long `seq` to `tokens` would take the long lane past its cap."""
+        if self.long_cap is None or not self._is_long(seq):
+            return False
+        return self._long_blocks() + self.blocks.overflow(seq.seq_id, tokens) > self.long_cap
+
     def _make_room(self, seq: Sequence, tokens: int, out: ScheduledBatch) -> bool:
-        """Preempt until `seq` can hold `tokens` tokens; False when `seq` itself was."""
-        while not self.blocks.can_grow(seq.seq_id, tokens):
-            victim = max(self.running, key=lambda s: (s.priority, s.admitted))
+        """Preempt until `seq` can hold `tokens` tokens (a long one within its lane: another
+        long one goes); False when `seq` itself was preempted."""
+        while True:
+            lane_full = self._lane_full(seq, tokens)
+            if not lane_full and self.blocks.can_grow(seq.seq_id, tokens):
+                return True
+            pool = [s for s in self.running if self._is_long(s)] if lane_full else self.running
+            victim = max(pool, key=lambda s: (s.priority, s.admitted))
             self._preempt(victim, out)
             if victim is seq:
                 return False
-        return True
 
     def _preempt(self, seq: Sequence, out: ScheduledBatch) -> None:
         """Take `seq` off the batch: its cached blocks to swap space when they fit, else

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from gateway.core.context import Chunk, RequestContext
+from gateway.core.kv import Lanes
 
 
 @dataclass(slots=True)
@@ -53,6 +54,7 @@ class Capacity:
     # What KV admission reserves for the output: the limit ("worst_case") or the estimate
     # ("estimate": the backend preempts when one was wrong); gateway/core/kv.kv_output_tokens.
     kv_admission: str = "worst_case"
+    lanes: Lanes | None = None  # long requests may hold at most lanes.long_cap(kv_bytes_total)
 
 
 @dataclass(slots=True)

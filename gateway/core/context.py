@@ -109,6 +109,7 @@ class Reservation:
     adapter: str | None = None
     adapter_bytes: int = 0
     released: bool = False
+    long: bool = False  # in the long lane of a backend with length lanes
 
 
 @dataclass(slots=True)

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 KV_ADMISSION_MODES = ("estimate", "worst_case")
 KV_DTYPES = ("auto", "int8")  # auto: the compute dtype
@@ -62,3 +65,25 @@ def kv_output_tokens(limit: int, expected: int, mode: str = "worst_case") -> int
     if mode not in KV_ADMISSION_MODES:
         raise ValueError(f"kv_admission must be one of {', '.join(KV_ADMISSION_MODES)}")
     return expected if mode == "estimate" else limit
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """Length lanes (`lanes: {short_max_tokens, short_share}`): a request whose context can
+    reach past `short_max_tokens` (prompt + output limit) is long, and long requests together
+    may hold at most (1 - short_share) of the KV budget, so a flood of long-context requests
+    never blocks short ones. The engine applies it in blocks, admission in bytes."""
+
+    short_max_tokens: int = 512
+    short_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.short_max_tokens <= 0 or not 0 < self.short_share < 1:
+            raise ValueError("lanes: short_max_tokens must be positive, short_share in (0, 1)")
+
+    def is_long(self, context_tokens: int) -> bool:
+        return context_tokens > self.short_max_tokens
+
+    def long_cap(self, total: int) -> int:
+        """What long requests may hold of `total` (blocks or bytes)."""
+        return total - math.ceil(self.short_share * total)

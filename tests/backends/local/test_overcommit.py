@@ -8,8 +8,9 @@ import asyncio
 
 import pytest
 
-from backends.local.backend import LocalBackend
+from backends.local.backend import LocalBackend, LocalConfig
 from gateway.core.context import Chunk, RequestContext
+from gateway.core.kv import Lanes
 
 from .conftest import TinyCheckpoint
 from .test_backend import PROMPTS, collect, ctx_for, run_with, wait_kv_free
@@ -96,3 +97,18 @@ def test_aborts_while_preempted_free_blocks_and_swap(tiny_checkpoint: TinyCheckp
 
     run_with(tiny_checkpoint, body, kv_cache_bytes=6 * BLOCK_BYTES, swap_bytes=64 * BLOCK_BYTES,
              kv_admission="estimate")
+
+
+def test_kv_capacity_keys_are_validated() -> None:
+    from gateway.settings import ConfigError, build
+
+    cfg = build(LocalConfig, {"model": "m", "kv_admission": "worst_case", "swap_bytes": "8MiB",
+                              "kv_dtype": "int8", "prefix_cache": "shared",
+                              "lanes": {"short_max_tokens": 256, "short_share": 0.25}}, "b")
+    assert cfg.swap_bytes == 8 << 20 and cfg.lanes == Lanes(256, 0.25)
+    assert LocalConfig(model="m").kv_admission == "estimate"  # DESIGN's default
+    for bad in ({"kv_admission": "optimistic"}, {"swap_bytes": -1}, {"kv_dtype": "int4"},
+                {"prefix_cache": "global"}, {"lanes": {"short_share": 1.5}},
+                {"lanes": {"short_max_tokens": 0}}):
+        with pytest.raises(ConfigError):
+            build(LocalConfig, {"model": "m", **bad}, "b")

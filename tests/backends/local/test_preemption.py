@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from backends.local.block_manager import BlockManager
 from backends.local.scheduler import ScheduledBatch, Scheduler, Sequence
+from gateway.core.kv import Lanes
 
 BS = 4  # tokens per block
 BPB = 10  # bytes per block
@@ -21,9 +22,10 @@ BPB = 10  # bytes per block
 class SimEngine:
     """What the engine does around a schedule, on a fake pool: swap copies, writes, samples."""
 
-    def __init__(self, num_blocks: int, swap_bytes: int, batch: int = 8, prefill: int = 16) -> None:
+    def __init__(self, num_blocks: int, swap_bytes: int, batch: int = 8, prefill: int = 16,
+                 lanes: Lanes | None = None) -> None:
         self.bm = BlockManager(num_blocks, BS, BPB)
-        self.sched = Scheduler(self.bm, batch, prefill, swap_bytes)
+        self.sched = Scheduler(self.bm, batch, prefill, swap_bytes, lanes)
         self.pool: dict[int, int] = {}
         self.finished: list[int] = []
 
@@ -62,6 +64,8 @@ class SimEngine:
             shared = [b for b in tables if bm.refs(b) > 1]
             assert all(b in tables[: s.num_cached // BS] for b in shared), "a shared block is written"
         assert bm.used_blocks == len(set(held)) <= bm.num_blocks
+        if sched.long_cap is not None:
+            assert sched._long_blocks() <= sched.long_cap
         assert bm.unreserved_blocks >= 0 and bm.reserved_blocks <= bm.num_blocks
         if all(s.prefix_salt is None for s in sched.running):
             assert bm.reserved_blocks == sum(bm.reserved_for(s.seq_id) for s in sched.running)
@@ -93,12 +97,12 @@ OPS = st.lists(
 
 @settings(max_examples=200, deadline=None)
 @given(OPS, st.integers(6, 10), st.sampled_from([0, 2 * BPB, 6 * BPB, 1000]),
-       st.integers(2, 8), st.integers(1, 20), st.integers(0, 80))
+       st.integers(2, 8), st.integers(1, 20), st.integers(0, 80), st.booleans())
 def test_budgets_hold_and_caches_stay_exact_under_preemption(
     ops: list[tuple[str, int, int, int]], num_blocks: int, swap: int, batch: int, prefill: int,
-    more_steps: int,
+    more_steps: int, lanes: bool,
 ) -> None:
-    sim = SimEngine(num_blocks, swap, batch, prefill)
+    sim = SimEngine(num_blocks, swap, batch, prefill, Lanes(12, 0.3) if lanes else None)
     next_id = 0
     for op, a, b, c in ops:
         if op == "add":
@@ -205,3 +209,21 @@ def test_swap_full_recomputes_and_worst_case_never_preempts() -> None:
         reserve_all.check()
         assert len(reserve_all.sched.running) <= 1
     assert sorted(reserve_all.finished) == [0, 1, 2] and reserve_all.sched.stats.preemptions == 0
+
+
+def test_lanes_keep_a_share_for_short_sequences() -> None:
+    sim = SimEngine(10, swap_bytes=0, batch=16, prefill=64, lanes=Lanes(12, 0.3))
+    assert sim.sched.long_cap == 7
+    for i in range(4):  # long: 20 + 8 tokens, 7 blocks each
+        sim.sched.add(Sequence(i, [i * 1000 + j for j in range(20)], max_tokens=8))
+    short = Sequence(9, [9000, 9001], max_tokens=6)  # 8 tokens: short
+    sim.sched.add(short)
+    sim.step()
+    assert [s.seq_id for s in sim.sched.running] == [0, 9]  # it passes three long ones
+    for _ in range(200):
+        if not sim.sched.has_work():
+            break
+        sim.step()
+        sim.check()
+        assert sum(s.seq_id < 9 for s in sim.sched.running) <= 1
+    assert sorted(sim.finished) == [0, 1, 2, 3, 9] and sim.finished.index(9) < 2
