@@ -43,9 +43,9 @@ from backends.local.block_manager import BlockManager
 from gateway.core.kv import Lanes
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One generation request as the engine sees it."""
+    """One generation request as the engine sees it (compared by identity)."""
 
     seq_id: int
     prompt_ids: list[int]

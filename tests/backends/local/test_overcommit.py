@@ -18,8 +18,9 @@ from .test_backend import PROMPTS, collect, ctx_for, run_with, wait_kv_free
 BLOCK_BYTES = 16 * 512  # the tiny model: 512 KV bytes per token, 16-token blocks
 
 
-def overcommitted(prompt: str, adapter: str | None, expected: int | None) -> RequestContext:
-    ctx = ctx_for(prompt, adapter=adapter, max_tokens=40, ignore_eos=True)
+def overcommitted(prompt: str, adapter: str | None, expected: int | None,
+                  max_tokens: int = 40) -> RequestContext:
+    ctx = ctx_for(prompt, adapter=adapter, max_tokens=max_tokens, ignore_eos=True)
     ctx.expected_tokens = expected  # what admission would set: an estimate far too low
     return ctx
 
@@ -83,7 +84,8 @@ def test_aborts_while_preempted_free_blocks_and_swap(tiny_checkpoint: TinyCheckp
     async def body(b: LocalBackend) -> None:
         engine = b._engine
         assert engine is not None
-        tasks = [asyncio.create_task(collect(b, overcommitted(p, None, 1))) for p in PROMPTS]
+        # up to 60 tokens each on 6 blocks: someone sits in swap space most of the run
+        tasks = [asyncio.create_task(collect(b, overcommitted(p, None, 1, 60))) for p in PROMPTS]
         for _ in range(2000):  # until someone sits in swap space
             if engine.scheduler.swap_used:
                 break
