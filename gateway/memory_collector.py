@@ -128,6 +128,8 @@ class MemoryCollector:
         gauges: dict[str, tuple[int | None, str]] = {
             "gateway_queue_depth": (st.waiting, "Requests waiting inside the backend."),
             "gateway_batch_running": (st.running, "Requests in the backend's batch."),
+            "gateway_kv_swapped_bytes": (st.kv_swapped_bytes,
+                                         "Host bytes holding preempted sequences' KV (swap)."),
         }
         for metric, (level, doc) in gauges.items():
             if level is not None:

@@ -401,6 +401,7 @@ class LocalBackend:
             adapter_hits=adapters.hits + adapters.host_hits,
             adapter_evictions=adapters.evictions,
             adapters_pinned=self._adapters.pinned(),
+            kv_swapped_bytes=self._engine.kv_bytes_swapped,
             kv_preemptions=pre.preemptions,
             kv_swap_outs=pre.swapped_out,
             kv_recomputes=pre.recomputed,
@@ -427,5 +428,6 @@ class LocalBackend:
             snap.kv_used = self._engine.kv_bytes_used
             snap.kv_free = self._engine.kv_bytes_total - snap.kv_used
             snap.workspace = self._engine.workspace.peak
-            snap.kv_swapped = self._engine.kv_bytes_swapped
+            if self._engine.device.type == "cpu":  # on CUDA the swap is host memory, not measured
+                snap.kv_swapped = self._engine.kv_bytes_swapped
         return snap

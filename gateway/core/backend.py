@@ -69,6 +69,7 @@ class BackendStats:
     adapters_pinned: dict[str, int] | None = None  # adapter -> requests holding it now
     upstream_retries: int | None = None  # cumulative: retries of calls to an upstream
     upstream_failures: int | None = None  # cumulative: upstream failures (connect errors, 5xx)
+    kv_swapped_bytes: int | None = None  # host bytes holding preempted sequences' KV now
     kv_preemptions: int | None = None  # cumulative: sequences preempted when the KV ran short
     kv_swap_outs: int | None = None  # cumulative: preemptions whose KV went to host swap space
     kv_recomputes: int | None = None  # cumulative: preemptions whose KV was dropped (recomputed)
