@@ -164,6 +164,7 @@ class Scheduler:
         self.lanes = lanes
         self.long_cap = None if lanes is None else lanes.long_cap(blocks.num_blocks)
         self.stats = PreemptionStats()
+        self._preempted_now: set[int] = set()  # preempted in the current schedule call
         self._order = itertools.count(1)
 
     def add(self, seq: Sequence) -> None:
@@ -214,21 +215,24 @@ class Scheduler:
         out = ScheduledBatch([], 0)
         self._admit(out)
         budget = self.max_prefill_tokens
-        decoding = [s for s in self.running if not s.catching_up]
+        decoding: list[Sequence] = []
+        catching: list[Sequence] = []
+        for seq in self.running:
+            (catching if seq.catching_up else decoding).append(seq)
         # shortest remaining prompt first: a short prompt is not stuck behind a long one
-        prefilling = sorted(
-            (s for s in self.running if s.catching_up), key=lambda s: len(s.pending_ids())
-        )
-        for seq in decoding + prefilling:
-            if seq not in self.running:  # preempted for an earlier one of this step
+        catching.sort(key=lambda s: s.num_tokens - s.num_cached)
+        self._preempted_now.clear()
+        for seq in decoding + catching:
+            if seq.seq_id in self._preempted_now:  # preempted for an earlier one of this step
                 continue
-            pending = len(seq.pending_ids())
-            chunk = min(pending, budget) if seq.catching_up else pending
+            pending = seq.num_tokens - seq.num_cached
+            catch = pending > 1 or seq.prefilling
+            chunk = min(pending, budget) if catch else pending
             if not chunk:
                 continue
             if not self._make_room(seq, seq.num_cached + chunk, out):
                 continue
-            if seq.catching_up:
+            if catch:
                 budget -= chunk
             seq.chunk = chunk
             self.blocks.ensure(seq.seq_id, seq.num_cached + chunk)
@@ -316,6 +320,8 @@ class Scheduler:
         """Preempt until `seq` can hold `tokens` tokens (a long one within its lane: another
         long one goes); False when `seq` itself was preempted."""
         while True:
+            if not self.blocks.overflow(seq.seq_id, tokens):  # within its reservation
+                return True
             lane_full = self._lane_full(seq, tokens)
             if not lane_full and self.blocks.can_grow(seq.seq_id, tokens):
                 return True
@@ -329,6 +335,7 @@ class Scheduler:
         """Take `seq` off the batch: its cached blocks to swap space when they fit, else
         drop them (recompute on resume)."""
         self.stats.preemptions += 1
+        self._preempted_now.add(seq.seq_id)
         self.running.remove(seq)
         if seq in out.seqs:
             out.seqs.remove(seq)
