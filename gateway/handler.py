@@ -221,6 +221,7 @@ class GenerationHandler:
             metadata=usage_metadata(body.get("metadata")),
             created=time.time(),
             inference_objective=tenant.inference_objective,
+            priority=tenant.priority,
         )
         if not state.ready:
             raise Unavailable("The gateway is starting; try again shortly.", retry_after=1)

@@ -128,6 +128,8 @@ class MemoryCollector:
         gauges: dict[str, tuple[int | None, str]] = {
             "gateway_queue_depth": (st.waiting, "Requests waiting inside the backend."),
             "gateway_batch_running": (st.running, "Requests in the backend's batch."),
+            "gateway_kv_swapped_bytes": (st.kv_swapped_bytes,
+                                         "Host bytes holding preempted sequences' KV (swap)."),
         }
         for metric, (level, doc) in gauges.items():
             if level is not None:
@@ -136,6 +138,16 @@ class MemoryCollector:
             "gateway_adapter_loads": (st.adapter_loads, "Adapters loaded from storage."),
             "gateway_adapter_hits": (st.adapter_hits, "Requests whose adapter was resident."),
             "gateway_adapter_evictions": (st.adapter_evictions, "Adapters evicted."),
+            "gateway_kv_preemptions": (st.kv_preemptions,
+                                       "Sequences preempted when the KV cache ran short."),
+            "gateway_kv_swap_outs": (st.kv_swap_outs, "Preemptions whose KV went to host swap."),
+            "gateway_kv_recomputes": (st.kv_recomputes,
+                                      "Preemptions whose KV was dropped and recomputed."),
+            "gateway_kv_resumes": (st.kv_resumes, "Preempted sequences that resumed."),
+            "gateway_prefix_cache_query_tokens": (
+                st.prefix_query_tokens, "Prompt tokens of sequences that may share cached KV."),
+            "gateway_prefix_cache_hit_tokens": (
+                st.prefix_hit_tokens, "Prompt tokens served from cached KV blocks."),
         }
         for metric, (count, doc) in counters.items():
             if count is not None:

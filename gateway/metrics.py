@@ -76,6 +76,8 @@ class RequestObservation:
     kv_bytes_peak: int = 0
     context_tokens: int = 0
     batch_size: int | None = None
+    # completion tokens minus what admission expected (its estimate x sequences), when it had one
+    estimate_error_tokens: int | None = None
     decisions: Sequence[tuple[str, str]] = ()
     # OpenTelemetry GenAI metrics: operation (chat / text_completion), the model that answered,
     # the provider of the upstream call (None: the local engine, no client call), per-token time
@@ -142,6 +144,11 @@ class GatewayMetrics:
         self.context = Histogram("gateway_request_context_tokens",
                                  "Prompt + completion tokens per request.", ("model",),
                                  buckets=TOKEN_BUCKETS, registry=reg)
+        self.estimate_error = Histogram(
+            "gateway_output_estimate_error_tokens",
+            "How far a request's completion tokens were from admission's estimate: under "
+            "(longer than expected: the engine may have preempted) or over.",
+            ("model", "direction"), buckets=TOKEN_BUCKETS, registry=reg)
         self.batch = Histogram("gateway_batch_size",
                                "Requests in the backend batch when a request got its first token.",
                                ("backend",), buckets=BATCH_BUCKETS, registry=reg)
@@ -235,6 +242,9 @@ class GatewayMetrics:
             hist(self.context, model)(o.context_tokens)
         if o.batch_size is not None:
             hist(self.batch, o.backend)(o.batch_size)
+        if o.estimate_error_tokens is not None:
+            e = o.estimate_error_tokens
+            hist(self.estimate_error, model, "under" if e > 0 else "over")(abs(e))
         self._genai(o)
 
     def _genai(self, o: RequestObservation) -> None:

@@ -148,10 +148,11 @@ def _usage(u: Usage | dict[str, Any] | None) -> dict[str, Any] | None:
     if u is None:
         return None
     if isinstance(u, Usage):
-        prompt, completion = u.prompt_tokens, u.completion_tokens
+        prompt, completion, cached = u.prompt_tokens, u.completion_tokens, u.cached_tokens
     else:
         prompt, completion = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+        cached = int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion}
 

@@ -315,6 +315,8 @@ class Telemetry:
             kv_bytes_peak=ctx.memory.kv_bytes_peak,
             context_tokens=prompt + completion if ok else 0,
             batch_size=rec.batch_size,
+            estimate_error_tokens=(completion - ctx.expected_tokens * ctx.sampling.n
+                                   if ok and ctx.expected_tokens is not None else None),
             decisions=[(d.policy, d.action) for d in ctx.decisions],
             operation=OPERATION.get(ctx.kind, ctx.kind),
             response_model=ctx.target_model,

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.core.backend import Capacity
-from gateway.core.config import TenantConfig
+from gateway.core.config import PRIORITY_RANK, TenantConfig
 from gateway.core.context import Decision, RequestContext, Reservation, Usage
 from gateway.core.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
 from gateway.core.policy import Outcome, Policy, passed
@@ -39,7 +39,6 @@ from policies.demand import Demand, demand, estimate_key
 from policies.leases import Bucket, Scope
 from policies.quotas import LocalQuotas, Quotas
 
-PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 NO_RETRY = {"x-should-retry": "false"}
 MAX_RETRY_AFTER_S = 60.0
 LEASE_RETRY_S = (0.01, 0.2)  # back-off between lease attempts while another process holds it
@@ -135,9 +134,14 @@ class Admission:
         tenant = self._tenant(self.env.tenant(ctx))
         backend = self.env.backend(ctx)
         need = demand(backend, ctx, self.env.estimates)
-        self.reservations.pool(ctx.backend, need.budget)  # (re)learns the budget
+        ctx.expected_tokens = need.expected_tokens  # what the backend's KV reservation plans for
+        cap = backend.capacity()
+        lanes = cap.lanes if cap is not None else None
+        self.reservations.pool(ctx.backend, need.budget,  # (re)learns the budget and lanes
+                               None if lanes is None or need.budget is None
+                               else lanes.long_cap(need.budget))
         self._refuse_impossible(tenant, need)
-        scopes = self._scopes(ctx, tenant, need, backend.capacity())
+        scopes = self._scopes(ctx, tenant, need, cap)
         start = self.env.clock()
         lease, held = "", not scopes
         if scopes and not self._waiters and self._fits(ctx, tenant, need):
@@ -164,7 +168,7 @@ class Admission:
 
     def _fits(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> bool:
         return self._tenant_fits(ctx, tenant, need) and self.reservations.pools[ctx.backend].fits(
-            need.kv_bytes)
+            need.kv_bytes, need.long)
 
     async def _local(self, ctx: RequestContext, tenant: TenantState, need: Demand,
                      start: float) -> Reservation:
@@ -337,20 +341,23 @@ class Admission:
 
     def _dispatch(self) -> None:
         """Grant waiters in order while they fit; the first that does not fit its backend
-        blocks the ones behind it there (no starving large requests by backfilling)."""
+        blocks the ones behind it there (no starving large requests by backfilling), in its
+        length lane only where the backend has lanes: short ones pass long ones."""
         granted = True
         while granted:
             granted = False
-            blocked: set[str] = set()
+            blocked: set[tuple[str, bool]] = set()
             for w in sorted(self._waiters, key=self._key):
-                if w.ctx.backend in blocked:
+                pool = self.reservations.pools[w.ctx.backend]
+                lane = (w.ctx.backend, w.need.long and pool.long_cap is not None)
+                if lane in blocked or (w.ctx.backend, False) in blocked:
                     continue
                 if not self._tenant_fits(w.ctx, w.tenant, w.need):
                     w.held_by = "tenant"
                     continue
-                if not self.reservations.pools[w.ctx.backend].fits(w.need.kv_bytes):
+                if not pool.fits(w.need.kv_bytes, w.need.long):
                     w.held_by = "capacity"
-                    blocked.add(w.ctx.backend)
+                    blocked.add(lane)
                     continue
                 self._grant(w)
                 granted = True
@@ -358,7 +365,7 @@ class Admission:
 
     def _reserve(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> Reservation:
         res = Reservation(ctx.backend, tenant.cfg.name, need.kv_bytes, need.tokens, ctx.adapter,
-                          need.adapter_bytes)
+                          need.adapter_bytes, long=need.long)
         self.reservations.reserve(res)
         tenant.active += 1
         return res

@@ -8,8 +8,8 @@ import orjson
 
 from gateway.core.backend import Backend, Capacity
 from gateway.core.context import RequestContext
-from gateway.core.kv import kv_bytes_for
-from policies.estimate import Estimates, kv_output_tokens
+from gateway.core.kv import kv_bytes_for, kv_output_tokens
+from policies.estimate import Estimates
 
 CHARS_PER_TOKEN = 4  # the estimate where a backend cannot count (remote upstreams)
 
@@ -23,6 +23,7 @@ class Demand:
     adapter_bytes: int = 0  # to load the adapter, when it is not resident
     sequences: int = 1  # n: each sequence holds its own KV
     expected_tokens: int | None = None  # output tokens expected per sequence (policies/estimate.py)
+    long: bool = False  # the long lane (the backend's lanes: prompt + limit past short_max_tokens)
 
     @property
     def tokens(self) -> int:
@@ -64,9 +65,10 @@ def estimate_key(ctx: RequestContext) -> tuple[str, str, str]:
 
 
 def demand(backend: Backend, ctx: RequestContext, estimates: Estimates | None = None,
-           kv_admission: str = "worst_case") -> Demand:
+           kv_admission: str | None = None) -> Demand:
     """`estimates`: the expected output length (else the limit); `kv_admission`: what the
-    KV reservation counts for the output, the limit or the estimate (kv_output_tokens)."""
+    KV reservation counts for the output, the limit or the estimate (kv_output_tokens); by
+    default the backend's own choice (Capacity.kv_admission)."""
     cap: Capacity | None = backend.capacity()
     tokens = prompt_tokens(backend, ctx)
     prompts = prompt_count(ctx)
@@ -78,13 +80,15 @@ def demand(backend: Backend, ctx: RequestContext, estimates: Estimates | None = 
     # Each sequence holds prompt + its output reservation (the limit, or the estimate with
     # kv_admission: estimate), in whole blocks: with several prompts, each is rounded up on
     # its own (at most one block more each than their sum).
-    out = kv_output_tokens(max_tokens, expected, kv_admission)
+    out = kv_output_tokens(max_tokens, expected, kv_admission or cap.kv_admission)
     kv = n * (kv_bytes_for(tokens + prompts * out, cap.block_size, cap.bytes_per_token)
               + (prompts - 1) * cap.block_size * cap.bytes_per_token)
     adapter_bytes = 0
     if ctx.adapter is not None and ctx.adapter not in cap.resident_adapters:
         adapter_bytes = (backend.adapters() or {}).get(ctx.adapter, 0)
-    return Demand(tokens, max_tokens, kv, cap.kv_bytes_total, adapter_bytes, n * prompts, expected)
+    long = cap.lanes is not None and cap.lanes.is_long(tokens + max_tokens)
+    return Demand(tokens, max_tokens, kv, cap.kv_bytes_total, adapter_bytes, n * prompts, expected,
+                  long)
 
 
 def prompt_count(ctx: RequestContext) -> int:

@@ -4,7 +4,7 @@ seen for the same tenant, model and adapter, bounded by the request's own output
 DESIGN "Output length, reservations and quotas: one rule": tokens-per-minute quotas charge
 prompt + this estimate at admission and settle to the answer's usage at the end; KV admission
 reserves prompt + the estimate where a backend says `kv_admission: estimate` (else the limit,
-"worst_case": see `kv_output_tokens`). Until `min_samples` answers were seen for a key the
+"worst_case": see `gateway.core.kv.kv_output_tokens`). Until `min_samples` answers were seen for a key the
 estimate is the limit itself (worst case).
 
 Plain Python and per process: each gateway process learns from the answers it served. The
@@ -18,7 +18,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-KV_ADMISSION_MODES = ("estimate", "worst_case")
+from gateway.core.kv import KV_ADMISSION_MODES, kv_output_tokens
+
+__all__ = ["KV_ADMISSION_MODES", "Estimates", "kv_output_tokens"]
 
 Key = tuple[str, str, str]  # tenant, model, adapter ("" for the base model)
 
@@ -74,12 +76,3 @@ class Estimates:
         by the limit, or the limit itself until enough answers were seen."""
         p90 = self.p90(key)
         return limit if p90 is None else min(limit, p90)
-
-
-def kv_output_tokens(limit: int, expected: int, mode: str = "worst_case") -> int:
-    """Output tokens whose KV a request reserves at admission: the limit ("worst_case",
-    reserve-all: nothing is ever preempted) or the estimate ("estimate": the engine preempts
-    when an estimate was wrong). The one seam where a backend's `kv_admission` applies."""
-    if mode not in KV_ADMISSION_MODES:
-        raise ValueError(f"kv_admission must be one of {', '.join(KV_ADMISSION_MODES)}")
-    return expected if mode == "estimate" else limit

@@ -24,8 +24,12 @@ class Pool:
     queued: int = 0  # bytes asked by requests waiting for admission
     by_tenant: dict[str, int] = field(default_factory=dict)
     drained: deque[tuple[float, int]] = field(default_factory=deque)  # (time, bytes released)
+    long_cap: int | None = None  # with length lanes: what long requests may hold together
+    long_reserved: int = 0
 
-    def fits(self, kv_bytes: int) -> bool:
+    def fits(self, kv_bytes: int, long: bool = False) -> bool:
+        if long and self.long_cap is not None and self.long_reserved + kv_bytes > self.long_cap:
+            return False
         return self.budget is None or self.reserved + kv_bytes <= self.budget
 
     def tenant_bytes(self, tenant: str) -> int:
@@ -39,20 +43,23 @@ class Reservations:
         self.pools: dict[str, Pool] = {}
         self._started = clock()
 
-    def pool(self, backend: str, budget: int | None) -> Pool:
-        """The backend's pool, (re)learning its budget from the latest capacity()."""
+    def pool(self, backend: str, budget: int | None, long_cap: int | None = None) -> Pool:
+        """The backend's pool, (re)learning its budget (and long lane) from the latest
+        capacity()."""
         pool = self.pools.get(backend)
         if pool is None:
             pool = self.pools[backend] = Pool(budget)
         elif budget is not None:
             pool.budget = budget
+        pool.long_cap = long_cap
         return pool
 
     def reserve(self, res: Reservation) -> None:
         pool = self.pools[res.backend]
-        if not pool.fits(res.kv_bytes):
+        if not pool.fits(res.kv_bytes, res.long):
             raise ValueError(f"{res.kv_bytes} bytes do not fit backend {res.backend}'s budget")
         pool.reserved += res.kv_bytes
+        pool.long_reserved += res.kv_bytes if res.long else 0
         pool.by_tenant[res.tenant] = pool.tenant_bytes(res.tenant) + res.kv_bytes
 
     def release(self, res: Reservation) -> None:
@@ -61,6 +68,7 @@ class Reservations:
         res.released = True
         pool = self.pools[res.backend]
         pool.reserved -= res.kv_bytes
+        pool.long_reserved -= res.kv_bytes if res.long else 0
         left = pool.tenant_bytes(res.tenant) - res.kv_bytes
         if left:
             pool.by_tenant[res.tenant] = left

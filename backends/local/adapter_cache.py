@@ -34,7 +34,7 @@ def moved(adapter: LoraAdapter, device: torch.device) -> LoraAdapter:
     if all(a.device == device and b.device == device for a, b in adapter.weights.values()):
         return adapter
     weights = {m: (a.to(device), b.to(device)) for m, (a, b) in adapter.weights.items()}
-    return LoraAdapter(adapter.name, adapter.config, weights)
+    return LoraAdapter(adapter.name, adapter.config, weights, adapter.digest)
 
 
 @dataclass

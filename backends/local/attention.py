@@ -17,6 +17,10 @@ expansion and no causal mask are needed, and torch's fused CPU kernel takes it.
 Prefill (a chunk of n tokens of one sequence whose context is c >= n positions): causal SDPA
 over its c gathered positions, the mask offset by c - n.
 
+An int8 pool (`kv_dtype: int8`) stores each token's K and V per head as int8 with one float32
+scale: x ~ q x s, s = max|x| / 127 (`quantize`); gathers dequantize what they read
+(`gather`), so attention itself is the same.
+
 The batched decode adds the same products as the per-sequence attention, but in another
 order (padded length, grouped heads), so logits agree to rounding, not bit for bit; the tests
 compare greedy tokens of solo and batched runs, and logits against transformers.
@@ -85,15 +89,34 @@ class DecodeBatch:
         )
 
 
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], float32 scale [..., 1]): x ~ q * scale per row."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+    return (xf / scale).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def gather(cache: torch.Tensor, scale: torch.Tensor | None, slots: torch.Tensor,
+           dtype: torch.dtype) -> torch.Tensor:
+    """cache[:, slots] [KVH, n, D] in `dtype` (dequantized when the pool is int8)."""
+    part = cache.index_select(1, slots)
+    if scale is None:
+        return part
+    return (part.float() * scale.index_select(1, slots)).to(dtype)
+
+
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """q [B, H, D] (one token per sequence) -> [B, H, D]; caches [KVH, slots, D]."""
+    """q [B, H, D] (one token per sequence) -> [B, H, D]; caches [KVH, slots, D] (with their
+    [KVH, slots, 1] scales when int8)."""
     b, heads, dim = q.shape
     kv_heads = k_cache.shape[0]
     group = heads // kv_heads
-    k = k_cache.index_select(1, batch.slots).view(kv_heads, b, batch.length, dim)
-    v = v_cache.index_select(1, batch.slots).view(kv_heads, b, batch.length, dim)
+    ks, vs = scales if scales is not None else (None, None)
+    k = gather(k_cache, ks, batch.slots, q.dtype).view(kv_heads, b, batch.length, dim)
+    v = gather(v_cache, vs, batch.slots, q.dtype).view(kv_heads, b, batch.length, dim)
     out = F.scaled_dot_product_attention(
         q.view(b, kv_heads, group, dim), k.transpose(0, 1), v.transpose(0, 1), attn_mask=batch.mask
     )  # [B, KVH, G, D]
@@ -101,12 +124,14 @@ def decode_attention(
 
 
 def prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q [n, H, D], the last n of the c positions at `slots` [c] -> [n, H, D] (causal)."""
     n, ctx = q.shape[0], slots.numel()
-    ks = k_cache.index_select(1, slots)[None]  # [1, KVH, c, D]
-    vs = v_cache.index_select(1, slots)[None]
+    k_scale, v_scale = scales if scales is not None else (None, None)
+    ks = gather(k_cache, k_scale, slots, q.dtype)[None]  # [1, KVH, c, D]
+    vs = gather(v_cache, v_scale, slots, q.dtype)[None]
     qs = q.transpose(0, 1)[None]  # [1, H, n, D]: 4-D inputs take the fused CPU kernel
     mask: torch.Tensor | None = None
     if 1 < n < ctx:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -26,10 +27,13 @@ from backends.local.runtime_memory import (
 from backends.local.sampler import Sampler
 from backends.local.toolcalls import ToolCallParser
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
+from gateway.core.config import PRIORITY_RANK
 from gateway.core.context import Chunk, RequestContext
 from gateway.core.errors import BackendError, InvalidRequest
+from gateway.core.kv import KV_ADMISSION_MODES, KV_DTYPES, Lanes, kv_output_tokens
 
 MiB = 1024 * 1024
+PREFIX_CACHE_MODES = ("isolated", "shared", "off")
 QUANTIZE_MODES = ("none", "int8")  # int8 at load: heap copy; `gateway quantize` for mmapped int8
 
 
@@ -48,6 +52,12 @@ class LocalConfig:
     block_size: int = 16
     max_prefill_tokens: int = 512  # prompt tokens per step (chunked prefill)
     max_loras: int = 8  # LoRA slots (the device tier of the adapter cache)
+    # -- KV capacity (issue 17): what a sequence reserves for its output, the host swap space
+    kv_admission: str = "estimate"  # estimate (preempt when wrong) | worst_case (reserve-all)
+    swap_bytes: int = 0  # host RAM for preempted sequences' KV; 0: recompute them instead
+    kv_dtype: str = "auto"  # auto (the compute dtype) | int8 (per-token per-head scales)
+    prefix_cache: str = "isolated"  # isolated (per tenant) | shared (across tenants) | off
+    lanes: Lanes | None = None  # {short_max_tokens, short_share}: KV kept for short requests
     # -- fidelity (issue 14): bounds of grammar-constrained decoding (backends/local/grammar.py)
     grammar_max_schema_bytes: int = 64 * 1024  # a larger schema or tools list: 400
     grammar_compile_timeout_s: float = 2.0  # a grammar compiling longer: 400
@@ -62,8 +72,17 @@ class LocalConfig:
             raise ValueError(
                 f"quantize={self.quantize!r} is not supported; expected one of {QUANTIZE_MODES}"
             )
-        if self.kv_cache_bytes <= 0 or self.adapter_cache_bytes < 0:
-            raise ValueError("kv_cache_bytes must be positive and adapter_cache_bytes >= 0")
+        if self.kv_cache_bytes <= 0 or self.adapter_cache_bytes < 0 or self.swap_bytes < 0:
+            raise ValueError("kv_cache_bytes must be positive, adapter_cache_bytes and "
+                             "swap_bytes >= 0")
+        if self.prefix_cache not in PREFIX_CACHE_MODES:
+            raise ValueError(f"prefix_cache={self.prefix_cache!r}; expected one of "
+                             f"{', '.join(PREFIX_CACHE_MODES)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype={self.kv_dtype!r}; expected one of {', '.join(KV_DTYPES)}")
+        if self.kv_admission not in KV_ADMISSION_MODES:
+            raise ValueError(f"kv_admission={self.kv_admission!r}; expected one of "
+                             f"{', '.join(KV_ADMISSION_MODES)}")
         if re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
             raise ValueError(f"device={self.device!r}; expected cpu, cuda or cuda:N")
         if min(self.max_batch_size, self.block_size, self.max_prefill_tokens, self.max_loras) <= 0:
@@ -106,6 +125,9 @@ class LocalBackend:
             block_size=self.cfg.block_size,
             device=self.cfg.device,
             max_prefill_tokens=self.cfg.max_prefill_tokens,
+            swap_bytes=self.cfg.swap_bytes,
+            kv_dtype=self.cfg.kv_dtype,
+            lanes=self.cfg.lanes,
         )
         engine.start()
         self._loaded, self._tokenizer, self._engine = loaded, tokenizer, engine
@@ -229,8 +251,8 @@ class LocalBackend:
             raise BackendError("the prompt is empty", 400, "invalid_request")
         ctx.prompt_tokens = sum(len(ids) for ids in prompts)
         window = loaded.config.context_window
-        reserve = 0
-        limits = []
+        worst = reserve = 0
+        limits, reserves = [], []
         for ids in prompts:
             limit = req.max_tokens if req.max_tokens is not None else window - len(ids)
             if len(ids) + max(limit, 1) > window:
@@ -240,12 +262,18 @@ class LocalBackend:
                     f"this model's context window is {window} tokens; the prompt has {len(ids)} "
                     f"tokens and {asked}", 400, "context_length_exceeded")
             limits.append(limit)
-            reserve += req.n * engine.kv_bytes_for(len(ids) + limit)
-        if reserve > engine.kv_bytes_total:
+            expected = limit if ctx.expected_tokens is None else min(limit, ctx.expected_tokens)
+            out = kv_output_tokens(limit, expected, self.cfg.kv_admission)
+            reserves.append(len(ids) + out)
+            worst += req.n * engine.kv_bytes_for(len(ids) + limit)
+            reserve += req.n * engine.kv_bytes_for(len(ids) + out)
+        if worst > engine.kv_bytes_total:
             raise BackendError(
-                f"prompt + max_tokens needs {reserve} bytes of KV cache; the whole cache is "
+                f"prompt + max_tokens needs {worst} bytes of KV cache; the whole cache is "
                 f"{engine.kv_bytes_total} bytes", 400, "context_length_exceeded")
         choices = await self._choices(ctx, tok, req, prompts, limits, loaded.config.vocab_size)
+        for c in choices:
+            c.reserve = reserves[c.index // req.n]
         resident: Resident | None = None
         if ctx.adapter is not None:
             resident = await adapters.acquire(ctx.adapter)
@@ -257,7 +285,8 @@ class LocalBackend:
             ctx.memory.kv_bytes_reserved = reserve
             stream = generation.run(ctx, engine, tok, req, choices,
                                     resident.device_slot if resident is not None else 0,
-                                    self._mailbox.post)
+                                    self._mailbox.post, PRIORITY_RANK.get(ctx.priority, 1),
+                                    self._prefix_salt(ctx, req, resident))
             try:
                 async for chunk in stream:
                     yield chunk
@@ -266,6 +295,19 @@ class LocalBackend:
         finally:
             if resident is not None and ctx.adapter is not None:
                 adapters.release(ctx.adapter)
+
+    def _prefix_salt(self, ctx: RequestContext, req: LocalRequest,
+                     resident: Resident | None) -> bytes | None:
+        """What cached KV blocks this request may share: those of the same adapter (by name
+        and content, so a reloaded adapter never meets stale blocks) and, with `isolated`,
+        the same tenant (a cache hit is a timing signal). None: no sharing (`off`, or an
+        echo, which reads the prompt back)."""
+        mode = self.cfg.prefix_cache
+        if mode == "off" or req.echo:
+            return None
+        adapter = "" if resident is None else f"{resident.adapter.name}:{resident.adapter.digest}"
+        tenant = ctx.tenant if mode == "isolated" else ""
+        return hashlib.blake2b(f"{tenant}\0{adapter}".encode(), digest_size=16).digest()
 
     async def _choices(self, ctx: RequestContext, tok: ChatTokenizer, req: LocalRequest,
                        prompts: list[list[int]], limits: list[int], vocab: int
@@ -342,6 +384,8 @@ class LocalBackend:
             context_window=self._loaded.config.context_window,
             adapter_budget_bytes=self._adapters.budget_bytes,
             resident_adapters=sorted(self._adapters.resident),
+            kv_admission=self.cfg.kv_admission,
+            lanes=self.cfg.lanes,
         )
 
     def stats(self) -> BackendStats:
@@ -349,13 +393,21 @@ class LocalBackend:
         if self._engine is None or self._adapters is None:
             return BackendStats()
         sched, adapters = self._engine.scheduler, self._adapters.stats
+        pre = sched.stats
         return BackendStats(
-            waiting=len(sched.waiting),
+            waiting=len(sched.waiting) + len(sched.preempted),
             running=len(sched.running),
             adapter_loads=adapters.loads,
             adapter_hits=adapters.hits + adapters.host_hits,
             adapter_evictions=adapters.evictions,
             adapters_pinned=self._adapters.pinned(),
+            kv_swapped_bytes=self._engine.kv_bytes_swapped,
+            kv_preemptions=pre.preemptions,
+            kv_swap_outs=pre.swapped_out,
+            kv_recomputes=pre.recomputed,
+            kv_resumes=pre.resumed,
+            prefix_query_tokens=pre.prefix_query_tokens,
+            prefix_hit_tokens=pre.prefix_hit_tokens,
         )
 
     def adapter_stats(self) -> dict[str, int]:
@@ -376,4 +428,6 @@ class LocalBackend:
             snap.kv_used = self._engine.kv_bytes_used
             snap.kv_free = self._engine.kv_bytes_total - snap.kv_used
             snap.workspace = self._engine.workspace.peak
+            if self._engine.device.type == "cpu":  # on CUDA the swap is host memory, not measured
+                snap.kv_swapped = self._engine.kv_bytes_swapped
         return snap

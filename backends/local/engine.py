@@ -28,7 +28,7 @@ from backends.local.sampler import Sampler
 from backends.local.scheduler import Scheduler, Sequence
 from backends.local.stop import StopFilter
 from backends.local.workspace import WorkspaceMeter
-from gateway.core.kv import kv_bytes_per_token
+from gateway.core.kv import Lanes, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0  # tokens generated so far (all of them, on the last event)
     kv_peak_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (on the last event)
+    kv_peak_share_bytes: int = 0  # kv_peak_bytes with a block k sequences share counted 1/k
     queue_seconds: float = 0.0
     workspace_bytes: int = 0  # the request's largest share of a step's workspace
     error: BaseException | None = None
@@ -72,6 +74,9 @@ class Engine:
         device: str = "cpu",
         num_threads: int | None = None,
         max_prefill_tokens: int = 512,
+        swap_bytes: int = 0,
+        kv_dtype: str = "auto",
+        lanes: Lanes | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -79,15 +84,16 @@ class Engine:
         self.dtype = model.compute_dtype
         elem = torch.empty((), dtype=self.dtype).element_size()
         per_token = kv_bytes_per_token(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, elem
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, elem, kv_dtype
         )
         self.layout = KVLayout.from_budget(per_token, block_size, kv_cache_bytes)
         self.bytes_per_token = per_token
         self.block_size = block_size
         self.blocks = BlockManager(self.layout.num_blocks, block_size, self.layout.bytes_per_block)
-        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens, swap_bytes,
+                                   lanes)
         self.workspace = WorkspaceMeter(cfg, elem, model, block_size)
-        self.runner = ModelRunner(model, self.blocks, self.device)
+        self.runner = ModelRunner(model, self.blocks, self.device, kv_dtype)
         self.requested_threads = num_threads  # None: MEMGATE_TORCH_THREADS or the default
         self.num_threads = 0  # set by start (placement.apply)
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
@@ -110,6 +116,11 @@ class Engine:
     @property
     def kv_bytes_reserved(self) -> int:
         return self.blocks.reserved_blocks * self.blocks.bytes_per_block
+
+    @property
+    def kv_bytes_swapped(self) -> int:
+        """Host bytes holding the KV of preempted sequences (within swap_bytes)."""
+        return self.scheduler.swap_used
 
     def kv_bytes_for(self, tokens: int) -> int:
         return self.layout.kv_bytes_for(tokens)
@@ -143,7 +154,17 @@ class Engine:
         stop: list[str] | None = None,
         eos_ids: frozenset[int] = frozenset(),
         adapter_slot: int = 0,
+        reserve_tokens: int | None = None,
+        priority: int = 1,
+        prefix_salt: bytes | None = None,
+        follows: int | None = None,
     ) -> int:
+        """Queue a sequence. `reserve_tokens`: KV tokens reserved at admission (prompt + the
+        expected output; None: prompt + max_tokens, nothing is ever preempted for it);
+        `priority`: 0 high .. 2 low, who is preempted first when the cache runs short;
+        `prefix_salt`: shares cached prompt blocks with sequences of the same salt (None:
+        never); `follows`: a sequence submitted before with the same prompt (n > 1) whose
+        prompt blocks this one waits for and shares."""
         if not self.alive:
             raise EngineClosed("engine is not running")
         if not prompt_ids:
@@ -151,8 +172,9 @@ class Engine:
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         state = SeqState(sampler, detok, StopFilter(stop or []), eos_ids, emit)
-        seq = Sequence(next(self._ids), list(prompt_ids), max_tokens, adapter_slot, state=state)
-        self._inbox.put(("add", seq))
+        seq = Sequence(next(self._ids), list(prompt_ids), max_tokens, adapter_slot, state=state,
+                       reserve=reserve_tokens, priority=priority, prefix_salt=prefix_salt)
+        self._inbox.put(("add", (seq, follows)))
         return seq.seq_id
 
     def abort(self, seq_id: int) -> None:
@@ -182,8 +204,11 @@ class Engine:
         while True:
             if cmd == "stop":
                 return False
-            if cmd == "add" and isinstance(arg, Sequence):
-                self.scheduler.add(arg)
+            if cmd == "add" and isinstance(arg, tuple):
+                seq, follows = arg
+                if follows is not None:
+                    seq.leader = self.scheduler.find(follows)
+                self.scheduler.add(seq)
             elif cmd == "abort" and isinstance(arg, int):
                 self.scheduler.cancel(arg)
             try:
@@ -192,10 +217,9 @@ class Engine:
                 return True
 
     def _fail_all(self, error: BaseException) -> None:
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+        for seq in [*self.scheduler.running, *self.scheduler.queued]:
             self.scheduler.finish(seq)
             self._send(seq, Event(error=error))
-        self.scheduler.waiting.clear()
 
     def _send(self, seq: Sequence, event: Event) -> None:
         try:
@@ -205,6 +229,11 @@ class Engine:
 
     def _step(self) -> None:
         batch = self.scheduler.schedule()
+        for seq, blocks in batch.swap_out:  # before anything writes the blocks they freed
+            seq.swap = self.runner.copy_out(blocks)
+        for seq, blocks in batch.swap_in:
+            self.runner.copy_in(blocks, seq.swap)
+            self.scheduler.release_swap(seq)
         if not batch.seqs:
             return
         now = time.monotonic()
@@ -225,7 +254,7 @@ class Engine:
             return
         self.steps += 1
         for seq in batch.seqs:
-            seq.num_cached += seq.chunk
+            self.scheduler.advance(seq)
             if seq.cancelled:
                 self.scheduler.finish(seq)
         for i, seq in enumerate(sampled):  # a chunk that ends the prompt yields the first token
@@ -263,7 +292,9 @@ class Engine:
                 self._send(seq, Event(text=text, completion_tokens=len(seq.output_ids)))
             return
         text += st.stop.flush()
-        peak = len(self.blocks.blocks(seq.seq_id)) * self.blocks.bytes_per_block
+        held = self.blocks.blocks(seq.seq_id)
+        peak = len(held) * self.blocks.bytes_per_block
+        share = round(sum(self.blocks.bytes_per_block / self.blocks.refs(b) for b in held))
         self.scheduler.finish(seq)
         admitted = st.admitted_at if st.admitted_at is not None else st.submitted_at
         self._send(
@@ -273,6 +304,8 @@ class Engine:
                 finish_reason=reason,
                 completion_tokens=len(seq.output_ids),
                 kv_peak_bytes=peak,
+                cached_tokens=seq.cached_tokens,
+                kv_peak_share_bytes=share,
                 queue_seconds=admitted - st.submitted_at,
                 workspace_bytes=st.workspace_peak,
             ),

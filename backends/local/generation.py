@@ -36,6 +36,8 @@ class Choice:
     sent: int = 0  # logprob entries sent
     finish: str | None = None
     completion_tokens: int = 0
+    reserve: int | None = None  # KV tokens reserved at admission (None: prompt + limit)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 def sampler_for(req: LocalRequest, vocab: int, index: int, ids: list[int],
@@ -57,10 +59,14 @@ Post = Callable[["asyncio.Queue[tuple[int, Event]]", tuple[int, Event]], None]
 
 
 async def run(ctx: RequestContext, engine: Engine, tok: ChatTokenizer, req: LocalRequest,
-              choices: list[Choice], adapter_slot: int, post: Post) -> AsyncGenerator[Chunk, None]:
+              choices: list[Choice], adapter_slot: int, post: Post,
+              priority: int = 1, prefix_salt: bytes | None = None
+              ) -> AsyncGenerator[Chunk, None]:
     """Submit every choice, then turn the engine's events into chunks until all have ended;
     closing the generator early aborts what is still running. `post` (the backend's Mailbox)
-    moves an event from the engine thread onto `events` in this loop, one wake-up per step."""
+    moves an event from the engine thread onto `events` in this loop, one wake-up per step.
+    `prefix_salt`: what cached KV blocks the sequences may share (None: none); the choices
+    of one prompt follow its first, sharing its prompt blocks."""
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     eos = frozenset() if req.ignore_eos else tok.eos_token_ids
     prompt_tokens = sum(len(c.ids) for c in choices) // max(1, req.n)
@@ -68,16 +74,20 @@ async def run(ctx: RequestContext, engine: Engine, tok: ChatTokenizer, req: Loca
         for c in choices:
             def emit(ev: Event, i: int = c.index) -> None:
                 post(events, (i, ev))
+            first = choices[c.index - c.index % req.n]
             try:
                 c.seq_id = engine.submit(c.ids, c.limit, c.sampler, tok.detokenizer(c.ids), emit,
-                                         stop=list(req.stop), eos_ids=eos, adapter_slot=adapter_slot)
+                                         stop=list(req.stop), eos_ids=eos, adapter_slot=adapter_slot,
+                                         reserve_tokens=c.reserve, priority=priority,
+                                         prefix_salt=prefix_salt,
+                                         follows=first.seq_id if first is not c else None)
             except EngineClosed as e:
                 raise BackendError(str(e), 503, "backend_closed") from None
         for c in choices:
             if c.echo:
                 yield Chunk(text=c.echo, index=c.index)
         running = len(choices)
-        peak = workspace = 0
+        peak = share = workspace = 0
         queued = 0.0
         held: tuple[int, Event] | None = None  # taken early: another choice's, handled next
         while running:
@@ -105,7 +115,9 @@ async def run(ctx: RequestContext, engine: Engine, tok: ChatTokenizer, req: Loca
             c.finish = "tool_calls" if c.parser is not None and c.parser.called and \
                 ev.finish_reason == "stop" else ev.finish_reason
             c.completion_tokens = ev.completion_tokens
+            c.cached_tokens = ev.cached_tokens
             peak += ev.kv_peak_bytes
+            share += ev.kv_peak_share_bytes
             workspace = max(workspace, ev.workspace_bytes)
             queued = max(queued, ev.queue_seconds)
             if chunk is not None:
@@ -114,11 +126,14 @@ async def run(ctx: RequestContext, engine: Engine, tok: ChatTokenizer, req: Loca
                 yield Chunk(index=i, ended=c.finish)
                 continue
             ctx.memory.kv_bytes_peak = peak
+            ctx.memory.kv_bytes_peak_share = share
             ctx.memory.workspace_bytes = workspace
             ctx.memory.queue_seconds = queued
             completion = sum(x.completion_tokens for x in choices)
+            cached = sum(x.cached_tokens for x in choices if x.index % req.n == 0)  # once a prompt
             yield Chunk(index=i, finish_reason=c.finish,
-                        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion))
+                        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                                    cached_tokens=cached))
     finally:
         for c in choices:
             if c.seq_id is not None and c.finish is None:

@@ -7,6 +7,7 @@ The model applies it from a per-token slot index (`model.LoraBatch`); slot 0 is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -69,6 +70,7 @@ class LoraAdapter:
     name: str
     config: AdapterConfig
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A [r,in], B [out,r])
+    digest: str = ""  # of its files: cached KV blocks are keyed by it (a reload never meets stale ones)
 
     @property
     def nbytes(self) -> int:
@@ -128,7 +130,10 @@ def load_adapter(path: str | Path, model: Llama, name: str | None = None) -> Lor
         )
     if not weights:
         raise AdapterError(f"{d}: adapter has no LoRA weights")
-    return LoraAdapter(name or d.name, config, weights)
+    digest = hashlib.blake2b(cfg_path.read_bytes(), digest_size=16)
+    with open(weights_path, "rb") as f:
+        digest.update(hashlib.file_digest(f, "blake2b").digest())
+    return LoraAdapter(name or d.name, config, weights, digest.hexdigest())
 
 
 def install(model: Llama, adapter: LoraAdapter, slot: int) -> None:

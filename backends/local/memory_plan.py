@@ -156,6 +156,9 @@ class MemoryPlan:
     adapter_budget: int
     adapters: dict[str, int] = field(default_factory=dict)
     pruned: PrunedFrom | None = None
+    kv_dtype: str = "auto"  # int8: per-token per-head float32 scales, counted per token
+    swap_bytes: int = 0  # host RAM for preempted sequences' KV
+    kv_admission: str = "worst_case"
 
     def concurrency(self) -> dict[int, int]:
         """Largest KV-safe concurrency at each context length (capped at the window)."""
@@ -172,8 +175,12 @@ class MemoryPlan:
             f"weights              {self.weights:>14,d} B  ({self.weights / mib:.1f} MiB)",
             f"kv cache             {kv.total_bytes:>14,d} B  ({kv.num_blocks} blocks x "
             f"{kv.block_size} tokens)",
-            f"kv bytes per token   {kv.bytes_per_token:>14,d} B",
+            f"kv bytes per token   {kv.bytes_per_token:>14,d} B  (kv_dtype {self.kv_dtype})",
             f"kv capacity          {kv.capacity_tokens:>14,d} tokens",
+            f"kv swap space        {self.swap_bytes:>14,d} B  (host; "
+            f"{self.swap_bytes // kv.bytes_per_block} blocks)",
+            f"kv admission         {self.kv_admission:>14}  (reserves prompt + "
+            f"{'the estimate' if self.kv_admission == 'estimate' else 'max_tokens'})",
             f"adapter budget       {self.adapter_budget:>14,d} B",
         ]
         for name, nbytes in sorted(self.adapters.items()):
@@ -206,6 +213,9 @@ def plan_checkpoint(
     adapter_cache_bytes: int,
     adapters_dir: Path | None = None,
     quantize: str = "none",
+    kv_dtype: str = "auto",
+    swap_bytes: int = 0,
+    kv_admission: str = "worst_case",
 ) -> MemoryPlan:
     """The plan for one local backend, reading config.json and safetensors headers only."""
     cfg_path = model_dir / "config.json"
@@ -221,7 +231,7 @@ def plan_checkpoint(
     if sliding and d.get("use_sliding_window", True):
         window = min(window, int(sliding))
     layers = int(d["num_hidden_layers"])
-    per_token = kv_bytes_per_token(layers, kv_heads, head_dim, elem)
+    per_token = kv_bytes_per_token(layers, kv_heads, head_dim, elem, kv_dtype)
     tied = bool(d.get("tie_word_embeddings", False))
     record = d.get("memgate_pruned")
     pruned = None
@@ -244,6 +254,9 @@ def plan_checkpoint(
         adapter_budget=adapter_cache_bytes,
         adapters=adapters,
         pruned=pruned,
+        kv_dtype=kv_dtype,
+        swap_bytes=swap_bytes,
+        kv_admission=kv_admission,
     )
 
 
@@ -258,4 +271,7 @@ def plan_for_config(cfg: Any) -> MemoryPlan:
         cfg.adapter_cache_bytes,
         Path(cfg.adapters_dir) if cfg.adapters_dir else None,
         cfg.quantize,
+        cfg.kv_dtype,
+        cfg.swap_bytes,
+        cfg.kv_admission,
     )

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.hf.config import ArchConfig
-from backends.local.attention import DecodeBatch, decode_attention, prefill_attention
+from backends.local.attention import DecodeBatch, decode_attention, prefill_attention, quantize
 
 
 def rope_inv_freq(cfg: ArchConfig) -> torch.Tensor:
@@ -236,25 +236,49 @@ class StepInput:
 
 @dataclass
 class KVPool:
-    """Flat paged KV storage: per layer k, v [kv_heads, num_slots, head_dim]."""
+    """Flat paged KV storage: per layer k, v [kv_heads, num_slots, head_dim], in the compute
+    dtype, or int8 with float32 scales [kv_heads, num_slots, 1] (`kv_dtype: int8`)."""
 
     k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
+    k_scale: list[torch.Tensor] = field(default_factory=list)  # int8 pools only
+    v_scale: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def allocate(
-        cls, cfg: ArchConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str
+        cls, cfg: ArchConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str,
+        kv_dtype: str = "auto",
     ) -> KVPool:
         shape = (cfg.num_key_value_heads, num_slots, cfg.head_dim)
         n = cfg.num_hidden_layers
+        int8 = kv_dtype == "int8"
+        store = torch.int8 if int8 else dtype
+        scale = (cfg.num_key_value_heads, num_slots, 1)
+
+        def scales() -> list[torch.Tensor]:
+            return [torch.ones(scale, dtype=torch.float32, device=device) for _ in range(n)] \
+                if int8 else []
+
         return cls(
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            [torch.zeros(shape, dtype=store, device=device) for _ in range(n)],
+            [torch.zeros(shape, dtype=store, device=device) for _ in range(n)],
+            scales(),
+            scales(),
         )
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every pool tensor; each indexes slots on its dimension 1."""
+        return [*self.k, *self.v, *self.k_scale, *self.v_scale]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor,
+                                     tuple[torch.Tensor, torch.Tensor] | None]:
+        """Layer i's k and v (and their scales, int8 pools only)."""
+        scales = (self.k_scale[i], self.v_scale[i]) if self.k_scale else None
+        return self.k[i], self.v[i], scales
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 class Attention(nn.Module):
@@ -300,22 +324,31 @@ class Attention(nn.Module):
         step: StepInput,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         q, k, v = self._qkv(x, cos, sin, step.lora)  # [N, H, D]
-        k_cache.index_copy_(1, step.write_slots, k.transpose(0, 1))
-        v_cache.index_copy_(1, step.write_slots, v.transpose(0, 1))
+        slots = step.write_slots
+        if scales is None:
+            k_cache.index_copy_(1, slots, k.transpose(0, 1))
+            v_cache.index_copy_(1, slots, v.transpose(0, 1))
+        else:  # int8: each token's head stored with its own scale
+            for cache, scale, x_ in ((k_cache, scales[0], k), (v_cache, scales[1], v)):
+                xq, xs = quantize(x_)
+                cache.index_copy_(1, slots, xq.transpose(0, 1))
+                scale.index_copy_(1, slots, xs.transpose(0, 1))
         decode = step.decode_batch()
         prefill = step.prefill
         if decode is not None and decode.leading and decode.size == q.shape[0]:
-            out = decode_attention(q, k_cache, v_cache, decode)  # rows 0..B-1, all decoding
+            out = decode_attention(q, k_cache, v_cache, decode, scales)  # rows 0..B-1: all decode
         else:
             out = torch.empty_like(q)
             if decode is not None:
                 qd = q.index_select(0, decode.rows)
-                out.index_copy_(0, decode.rows, decode_attention(qd, k_cache, v_cache, decode))
+                out.index_copy_(0, decode.rows,
+                                decode_attention(qd, k_cache, v_cache, decode, scales))
             for s in prefill:
                 rows = slice(s.start, s.start + s.length)
-                out[rows] = prefill_attention(q[rows], k_cache, v_cache, s.kv_slots)
+                out[rows] = prefill_attention(q[rows], k_cache, v_cache, s.kv_slots, scales)
         return self.o_proj.forward(out.reshape(out.shape[0], -1), step.lora)
 
 
@@ -422,7 +455,7 @@ class Llama(nn.Module):
         cos, sin = self._rope(step.positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = x + layer.self_attn.forward_step(
-                layer.input_layernorm(x), cos, sin, step, kv.k[i], kv.v[i]
+                layer.input_layernorm(x), cos, sin, step, *kv.layer(i)
             )
             x = x + layer.mlp(layer.post_attention_layernorm(x), step.lora)
         h = self.model.norm(x.index_select(0, step.logits_rows))

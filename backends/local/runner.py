@@ -17,17 +17,20 @@ from backends.local.scheduler import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, blocks: BlockManager, device: torch.device) -> None:
+    def __init__(self, model: Llama, blocks: BlockManager, device: torch.device,
+                 kv_dtype: str = "auto") -> None:
         self.model = model
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.device = device
         self.dtype = model.compute_dtype
+        self.kv_dtype = kv_dtype
         self.kv: KVPool | None = None
 
     def allocate(self) -> KVPool:
         self.kv = KVPool.allocate(
-            self.model.config, self.blocks.num_blocks * self.block_size, self.dtype, self.device
+            self.model.config, self.blocks.num_blocks * self.block_size, self.dtype, self.device,
+            self.kv_dtype,
         )
         return self.kv
 
@@ -61,7 +64,7 @@ class ModelRunner:
             else:
                 slots = torch.tensor(self._slots(table, 0, start + n), dtype=torch.long)
                 spans.append(SeqSpan(row, n, slots.to(dev)))
-        sampled = [s for s in seqs if s.num_cached + s.chunk >= len(s.prompt_ids)]
+        sampled = [s for s in seqs if s.samples]
         decode = None
         if decoding:
             decode = DecodeBatch.from_tables(
@@ -81,6 +84,35 @@ class ModelRunner:
             decode=decode,
         )
         return step, sampled
+
+    def _block_slots(self, blocks: list[int]) -> torch.Tensor:
+        bs = self.block_size
+        ids = torch.tensor(blocks, dtype=torch.long)
+        return (ids[:, None] * bs + torch.arange(bs)).reshape(-1).to(self.device)
+
+    def copy_out(self, blocks: list[int]) -> list[torch.Tensor]:
+        """A host copy of `blocks` of every pool tensor (pinned on CUDA: the copy back is async
+        with respect to the host)."""
+        if self.kv is None:
+            raise RuntimeError("the KV pool is not allocated")
+        slots = self._block_slots(blocks)
+        out = []
+        for t in self.kv.tensors():
+            part = t.index_select(1, slots)
+            if self.device.type == "cuda":
+                host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+                host.copy_(part)
+                part = host
+            out.append(part)
+        return out
+
+    def copy_in(self, blocks: list[int], data: list[torch.Tensor]) -> None:
+        """Write a `copy_out` back into `blocks` (the same bytes, perhaps other blocks)."""
+        if self.kv is None:
+            raise RuntimeError("the KV pool is not allocated")
+        slots = self._block_slots(blocks)
+        for t, host in zip(self.kv.tensors(), data, strict=True):
+            t.index_copy_(1, slots, host.to(self.device, non_blocking=True))
 
     def run(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; logits [S, V] float32 (on the device) for the returned sequences."""

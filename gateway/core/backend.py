@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from gateway.core.context import Chunk, RequestContext
+from gateway.core.kv import Lanes
 
 
 @dataclass(slots=True)
@@ -20,6 +21,7 @@ class MemorySnapshot:
     kv_free: int = 0
     workspace: int = 0
     runtime: int = 0  # measured before weights load (interpreter, libraries); local only
+    kv_swapped: int = 0  # host copies of preempted sequences' KV (within swap_bytes); local only
     measured: int | None = None
 
     @property
@@ -33,6 +35,7 @@ class MemorySnapshot:
             + self.kv_free
             + self.workspace
             + self.runtime
+            + self.kv_swapped
         )
 
 
@@ -48,6 +51,10 @@ class Capacity:
     # The KV cache is another server's that every gateway process sends to (vLLM): admission
     # leases it fleet-wide with shared_state, and its gauges are exported once, not summed.
     shared: bool = False
+    # What KV admission reserves for the output: the limit ("worst_case") or the estimate
+    # ("estimate": the backend preempts when one was wrong); gateway/core/kv.kv_output_tokens.
+    kv_admission: str = "worst_case"
+    lanes: Lanes | None = None  # long requests may hold at most lanes.long_cap(kv_bytes_total)
 
 
 @dataclass(slots=True)
@@ -62,6 +69,13 @@ class BackendStats:
     adapters_pinned: dict[str, int] | None = None  # adapter -> requests holding it now
     upstream_retries: int | None = None  # cumulative: retries of calls to an upstream
     upstream_failures: int | None = None  # cumulative: upstream failures (connect errors, 5xx)
+    kv_swapped_bytes: int | None = None  # host bytes holding preempted sequences' KV now
+    kv_preemptions: int | None = None  # cumulative: sequences preempted when the KV ran short
+    kv_swap_outs: int | None = None  # cumulative: preemptions whose KV went to host swap space
+    kv_recomputes: int | None = None  # cumulative: preemptions whose KV was dropped (recomputed)
+    kv_resumes: int | None = None  # cumulative: preempted sequences that resumed
+    prefix_query_tokens: int | None = None  # cumulative: prompt tokens that could hit the cache
+    prefix_hit_tokens: int | None = None  # cumulative: prompt tokens served from cached KV blocks
 
 
 class Backend(Protocol):

@@ -91,6 +91,9 @@ class TrimConfig:
             raise ValueError(f"trim.strategy must be one of {', '.join(TRIM_STRATEGIES)}")
 
 
+PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}  # admission queues, engine preemption
+
+
 @dataclass(frozen=True)
 class TenantConfig:
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("api_keys_file",)  # relative to the config file

@@ -39,17 +39,21 @@ class SamplingParams:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache (prompt_tokens_details)
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def as_dict(self) -> dict[str, int]:
-        return {
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+        if self.cached_tokens:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return out
 
 
 @dataclass(slots=True)
@@ -77,6 +81,7 @@ class RequestMemory:
 
     kv_bytes_reserved: int = 0
     kv_bytes_peak: int = 0
+    kv_bytes_peak_share: int = 0  # its share of the peak: a block k sequences share counts 1/k
     adapter: str | None = None
     adapter_bytes: int = 0
     workspace_bytes: int = 0  # the request's largest share of one step's activations
@@ -104,6 +109,7 @@ class Reservation:
     adapter: str | None = None
     adapter_bytes: int = 0
     released: bool = False
+    long: bool = False  # in the long lane of a backend with length lanes
 
 
 @dataclass(slots=True)
@@ -147,6 +153,8 @@ class RequestContext:
     reservation: Reservation | None = None  # the admission policy's, while one is held
     usage: Usage | None = None  # what the backend reported on its last chunk
     inference_objective: str | None = None  # the tenant's, for a Gateway API Inference Extension
+    priority: str = "normal"  # the tenant's: high | normal | low (who a backend preempts first)
+    expected_tokens: int | None = None  # output tokens expected per sequence (admission's estimate)
 
     @property
     def usage_injected(self) -> bool:

@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from gateway.core.backend import Capacity
 from gateway.core.context import RequestContext, SamplingParams
+from gateway.core.kv import Lanes
 from gateway.settings import Settings, parse_settings
 from policies.base import PolicyEnv
 from policies.reservations import Reservations
@@ -27,8 +28,10 @@ class FakeBackend:
     """Tokens = words of every message + 2 per message (a stand-in for a chat template)."""
 
     def __init__(self, name: str, kv_bytes: int | None = 64 * 2048 * 16, window: int = 256,
-                 adapters: dict[str, int] | None = None, resident: tuple[str, ...] = ()) -> None:
+                 adapters: dict[str, int] | None = None, resident: tuple[str, ...] = (),
+                 lanes: Lanes | None = None) -> None:
         self.name = name
+        self.lanes = lanes
         self.kv_bytes = kv_bytes
         self.window = window
         self._adapters = adapters
@@ -46,7 +49,7 @@ class FakeBackend:
             return None
         return Capacity(kv_bytes_total=self.kv_bytes, kv_bytes_free=self.kv_bytes,
                         bytes_per_token=2048, block_size=16, context_window=self.window,
-                        resident_adapters=self.resident)
+                        resident_adapters=self.resident, lanes=self.lanes)
 
     def available(self) -> bool:
         return True

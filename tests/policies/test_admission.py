@@ -9,6 +9,7 @@ import pytest
 
 from gateway.core.context import Usage
 from gateway.core.errors import ContextLengthExceeded, RateLimited, Unavailable
+from gateway.core.kv import Lanes
 from policies.admission import Admission
 from tests.policies.fakes import FakeBackend, FakeClock, ctx, make, settings
 
@@ -276,3 +277,30 @@ async def test_a_rate_limited_request_holds_nothing() -> None:
     with pytest.raises(RateLimited):
         await a.apply(ctx())
     assert a.reservations.total_reserved() == 0 and a._tenants["acme"].active == 0
+
+
+async def test_length_lanes_let_short_requests_pass_a_flood_of_long_ones() -> None:
+    s = settings(None, policy_options={"admission": {"queue_timeout_s": 5.0}})
+    lanes = Lanes(short_max_tokens=64, short_share=0.25)
+    a = make(Admission, s, {"big": FakeBackend("big", 8 * BLOCK, lanes=lanes),
+                            "small": FakeBackend("small")})
+    longs = [ctx(words=40, max_tokens=40) for _ in range(4)]  # 82 tokens: long, 6 blocks
+    first = longs[0]
+    await a.apply(first)  # 6 of the long lane's 6 blocks
+    waiting = [asyncio.ensure_future(a.apply(c)) for c in longs[1:]]
+    await asyncio.sleep(0.01)
+    assert a.waiting == 3 and a.reservations.pools["big"].long_reserved == 6 * BLOCK
+    short = ctx(words=10, max_tokens=16)  # 28 tokens: short, 2 blocks of the short share
+    await asyncio.wait_for(a.apply(short), 1)  # passes the long ones queued before it
+    assert short.reservation is not None and not short.reservation.long
+    assert a.waiting == 3 and a.reservations.total_reserved() == 8 * BLOCK
+    await a.on_finish(first, "ok")
+    await asyncio.wait_for(waiting[0], 1)  # the next long one, in its lane's order
+    assert [t.done() for t in waiting] == [True, False, False]
+    for t in waiting[1:]:
+        t.cancel()
+    await asyncio.gather(*waiting[1:], return_exceptions=True)
+    await a.on_finish(short, "ok")
+    await a.on_finish(longs[1], "ok")
+    pool = a.reservations.pools["big"]
+    assert pool.reserved == pool.long_reserved == pool.queued == 0 and a.waiting == 0

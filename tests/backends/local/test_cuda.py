@@ -13,6 +13,7 @@ from backends.local.backend import LocalBackend, LocalConfig
 from backends.local.loader import load_checkpoint
 from backends.local.lora import install, load_adapter
 from backends.local.model import Llama
+from gateway.core.context import RequestContext
 
 from .conftest import TinyCheckpoint
 from .helpers import prefill_logits
@@ -77,6 +78,35 @@ def test_cuda_backend_serves_and_its_ledger_matches_torch_cuda(tiny_checkpoint: 
             assert explained <= allocated <= torch.cuda.memory_reserved()
             assert mem.measured is not None and mem.measured >= allocated
             assert mem.other is not None and abs(mem.other) < 0.1 * mem.measured
+        finally:
+            await b.aclose()
+
+    asyncio.run(main())
+
+
+def test_cuda_swap_and_int8_keep_greedy_answers(tiny_checkpoint: TinyCheckpoint) -> None:
+    """Preempted sequences swap their int8 KV (and scales) out to pinned host memory and back:
+    the same answers as alone."""
+    block = 16 * 2 * 2 * 2 * (16 + 4)
+
+    async def main() -> None:
+        cfg = LocalConfig(model=str(tiny_checkpoint.model_dir), device="cuda",
+                          adapters_dir=str(tiny_checkpoint.adapters_dir), kv_cache_bytes=6 * block,
+                          swap_bytes=64 * block, kv_dtype="int8", prefix_cache="off")
+        b = LocalBackend("gpu", cfg)
+        await b.start()
+        try:
+            def ask(p: str, expected: int | None) -> RequestContext:
+                ctx = ctx_for(p, max_tokens=40, ignore_eos=True)
+                ctx.expected_tokens = expected
+                return ctx
+
+            alone = [await collect(b, ask(p, None)) for p in PROMPTS]
+            together = await asyncio.gather(*[collect(b, ask(p, 1)) for p in PROMPTS])
+            assert [t for t, _ in together] == [t for t, _ in alone]
+            stats = b.stats()
+            assert stats.kv_swap_outs and stats.kv_resumes == stats.kv_preemptions
+            assert stats.kv_swapped_bytes == 0
         finally:
             await b.aclose()
 

@@ -40,9 +40,14 @@ def test_block_manager_reserves_and_frees() -> None:
     assert not bm.can_reserve(21) and bm.can_reserve(20)
     with pytest.raises(KVCapacityError):
         bm.reserve(2, 21)
+    assert bm.can_grow(1, 21) and len(bm.ensure(1, 21)) == 6  # outgrows: an unreserved block
+    assert bm.reserved_for(1) == 6 and bm.unreserved_blocks == 4
+    bm.reserve(2, 16)  # the rest
+    assert not bm.can_grow(1, 25)
     with pytest.raises(KVCapacityError):
-        bm.ensure(1, 21)
+        bm.ensure(1, 25)
     bm.release(1)
+    bm.release(2)
     assert bm.reserved_blocks == 0 and bm.used_blocks == 0
 
 
