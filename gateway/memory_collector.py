@@ -122,6 +122,9 @@ class MemoryCollector:
                          (*b, ("pool", "kv")), cap.kv_bytes_total, shared=shared)
             yield Sample("gateway_memory_budget_bytes", "Configured memory budgets.",
                          (*b, ("pool", "adapters")), cap.adapter_budget_bytes, shared=shared)
+            if cap.swap_bytes_total:
+                yield Sample("gateway_memory_budget_bytes", "Configured memory budgets.",
+                             (*b, ("pool", "kv_swap")), cap.swap_bytes_total, shared=shared)
             yield Sample("gateway_kv_reserved_bytes", "KV cache bytes reserved by requests.", b,
                          cap.kv_bytes_total - cap.kv_bytes_free, shared=shared)
         st = backend.stats()

@@ -55,6 +55,7 @@ class Capacity:
     # ("estimate": the backend preempts when one was wrong); gateway/core/kv.kv_output_tokens.
     kv_admission: str = "worst_case"
     lanes: Lanes | None = None  # long requests may hold at most lanes.long_cap(kv_bytes_total)
+    swap_bytes_total: int = 0  # host bytes for preempted sequences' KV (swap_bytes); 0: none
 
 
 @dataclass(slots=True)
