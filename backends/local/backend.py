@@ -128,7 +128,6 @@ class LocalBackend:
             swap_bytes=self.cfg.swap_bytes,
             kv_dtype=self.cfg.kv_dtype,
             lanes=self.cfg.lanes,
-            swap_bytes_total=self.cfg.swap_bytes,
         )
         engine.start()
         self._loaded, self._tokenizer, self._engine = loaded, tokenizer, engine
@@ -387,6 +386,7 @@ class LocalBackend:
             resident_adapters=sorted(self._adapters.resident),
             kv_admission=self.cfg.kv_admission,
             lanes=self.cfg.lanes,
+            swap_bytes_total=self.cfg.swap_bytes,
         )
 
     def stats(self) -> BackendStats:
