@@ -44,4 +44,5 @@ def test_estimate_admission_preempts_and_every_answer_completes(
     assert swapped + metric(scraped, "gateway_kv_recomputes_total", backend="local") == preempted
     assert 'gateway_memory_bytes{backend="local",component="kv_swapped"} 0.0' in scraped
     assert 'gateway_kv_swapped_bytes{backend="local"} 0.0' in scraped  # all resumed
+    assert metric(scraped, "gateway_memory_budget_bytes", pool="kv_swap") == 64 * BLOCK
     assert metric(scraped, "gateway_output_estimate_error_tokens_count", direction="under") == 6
