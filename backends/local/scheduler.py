@@ -223,6 +223,7 @@ class Scheduler:
         catching.sort(key=lambda s: s.num_tokens - s.num_cached)
         self._preempted_now.clear()
         for seq in decoding + catching:
+            seq.chunk = 0
             if seq.seq_id in self._preempted_now:  # preempted for an earlier one of this step
                 continue
             pending = seq.num_tokens - seq.num_cached
