@@ -120,4 +120,8 @@ class Pipeline:
             headers["x-gateway-degraded-from"] = ctx.degraded_from
         if ctx.output_cap is not None:
             headers["x-gateway-max-output-tokens"] = str(ctx.output_cap)
+        if ctx.memory.kv_bytes_peak:  # known once the answer is whole (not on a stream's head)
+            headers["x-gateway-kv-peak-bytes"] = str(ctx.memory.kv_bytes_peak)
+            # its share: a KV block k sequences share (prefix cache, n > 1) counts 1/k
+            headers["x-gateway-kv-peak-share-bytes"] = str(ctx.memory.kv_bytes_peak_share)
         return headers
