@@ -29,7 +29,7 @@ from tests.server import demo_config, gateway_process, metric
 
 ADMIN = "sk-reload-admin"
 OLD, NEW, INITECH, UMBRELLA = "sk-acme-old", "sk-acme-new", "sk-initech", "sk-umbrella"
-LONG = 400  # tokens of each long stream (ignore_eos): seconds of decode on this machine
+LONG = 1800  # tokens of each long stream (ignore_eos): seconds of decode while the reload lands
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
