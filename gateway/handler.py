@@ -184,11 +184,11 @@ class GenerationHandler:
         await out.stream({**pipeline.headers(ctx), **extra}, events)
 
     def context(self, kind: str, tenant: TenantConfig, body: dict[str, Any],
-                request_id: str, state: GatewayState | None = None) -> RequestContext:
-        """A validated body -> the request's context. Only what the gateway itself needs is
-        read here (the model, streaming, the output limit, n, the messages or prompt for
-        counting); the backend reads the rest (remote kinds forward the body as sent)."""
-        state = state or self.state  # the config the request started under (reload)
+                request_id: str, state: GatewayState) -> RequestContext:
+        """A validated body -> the request's context, under `state` (the config the request
+        started under: a reload may swap self.state meanwhile). Only what the gateway itself
+        needs is read here (the model, streaming, the output limit, n, the messages or prompt
+        for counting); the backend reads the rest (remote kinds forward the body as sent)."""
         model, adapter = resolve_model(state, tenant, validation.model_name(body))
         validation.check_user(body)
         stream, include_usage = validation.stream_flags(body)
