@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def adapter_dirs(model: Path) -> list[Path]:
     root = model / "adapters"
@@ -78,6 +76,7 @@ class Transformers:
 
     def __init__(self, model: Path, dtype: str, threads: int | None, device: str) -> None:
         import peft
+        import torch
         import transformers
 
         if threads is not None:
@@ -94,6 +93,8 @@ class Transformers:
         self.peft.to(self.device)
 
     def run(self, prompts: list[list[int]], adapters: int, new: int) -> float:
+        import torch
+
         ids = torch.tensor(prompts, device=self.device)
         kw: dict[str, Any] = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
                               "pad_token_id": 1, "eos_token_id": None}
@@ -121,6 +122,10 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    if args.target == "memgate":  # as `gateway serve` does, before torch loads
+        from backends.local.placement import prepare_process
+
+        prepare_process()
     target: Memgate | Transformers = (
         Memgate(args.model, args.dtype, args.threads, args.max_batch, args.device)
         if args.target == "memgate"

@@ -44,7 +44,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from backends.local import placement
 
-    placement.apply(args.threads)
+    torch.set_num_threads(placement.resolve_threads(args.threads))
+    placement.tune_malloc()
     g = torch.Generator().manual_seed(0)
     w32 = [torch.randn(o, i, generator=g) * 0.02 for _ in range(LAYERS) for o, i in SHAPES]
     w16 = [w.bfloat16() for w in w32]

@@ -27,6 +27,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ["MEMGATE_TORCH_THREADS"] = str(settings.server.torch_threads)  # read by engines
+    os.environ[WORKERS_ENV] = str(args.workers)  # the process count until Redis tells one
+    from backends.local.placement import prepare_process
+
+    prepare_process()  # before torch loads: one thread for every thread but the engines'
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     server_cfg = settings.server
@@ -39,7 +43,6 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn's access log: one INFO line per request, off unless asked (README "Performance")
     common["access_log"] = args.access_log
     common["http"] = HTTP_PROTOCOL  # bounded request heads; the generation fast path
-    os.environ[WORKERS_ENV] = str(args.workers)  # the process count until Redis tells one
     if args.workers > 1:
         from gateway.reload import SUPERVISOR_ENV
 

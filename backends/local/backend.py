@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from backends.hf.tokenizer import ChatTokenizer, TokenizerError
-from backends.local import generation, grammar, request
+from backends.local import generation, grammar, placement, request
 from backends.local.adapter_cache import AdapterCache, Resident
 from backends.local.engine import Engine, Event
 from backends.local.grammar import GrammarLimits, Grammars
@@ -114,6 +114,7 @@ class LocalBackend:
         if self.cfg.device.startswith("cuda") and not cuda_available():
             raise BackendError(f"{self.name}: device {self.cfg.device} asked for, but torch sees "
                                "no CUDA device here", 500)
+        placement.prepare_process()  # the loading thread computes on one thread (placement.py)
         try:
             loaded, tokenizer = await asyncio.to_thread(self._load)
         except (CheckpointError, TokenizerError, ValueError, OSError) as e:

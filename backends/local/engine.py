@@ -95,7 +95,8 @@ class Engine:
         self.workspace = WorkspaceMeter(cfg, elem, model, block_size)
         self.runner = ModelRunner(model, self.blocks, self.device, kv_dtype)
         self.requested_threads = num_threads  # None: MEMGATE_TORCH_THREADS or the default
-        self.num_threads = 0  # set by start (placement.apply)
+        self.num_threads = 0  # set by start: torch threads of the engine thread (placement.py)
+        self._claimed = 0  # what placement.claim granted, released when the thread has ended
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -132,10 +133,20 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("engine already started")
-        self.num_threads = placement.apply(self.requested_threads)
-        self.runner.allocate()
-        self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
+        threads = placement.claim(self.requested_threads)
+        placement.tune_malloc()
+        try:
+            self.runner.allocate()
+        except BaseException:
+            placement.release(threads)
+            raise
+        self._claimed = threads
+        entered = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(threads, entered),
+                                        name="local-engine", daemon=True)
         self._thread.start()
+        entered.wait()
+        placement.restore_default()  # threads started from now on compute on one thread
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop the loop; requests still in flight get an EngineClosed error event."""
@@ -143,6 +154,9 @@ class Engine:
             return
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
+        if not self._thread.is_alive() and self._claimed:
+            placement.release(self._claimed)  # its OpenMP team ended with it
+            self._claimed = 0
 
     def submit(
         self,
@@ -182,8 +196,11 @@ class Engine:
 
     # ---- engine thread -------------------------------------------------------------------
 
-    def _run(self) -> None:
-        torch.set_num_threads(self.num_threads)
+    def _run(self, threads: int, entered: threading.Event) -> None:
+        try:
+            self.num_threads = placement.enter_engine_thread(threads)
+        finally:
+            entered.set()
         try:
             with torch.inference_mode():
                 while self._drain(block=not self.scheduler.has_work()):

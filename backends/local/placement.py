@@ -1,17 +1,30 @@
-"""Where the engine's CPU work runs, set once per process when an engine starts.
+"""Where the engine's CPU work runs, decided per process and per engine thread.
 
-- torch intra-op threads. torch's pool is process-wide, so this is a server setting:
-  `server.torch_threads` (`gateway serve` passes it on as MEMGATE_TORCH_THREADS, which worker
-  processes inherit); `auto` or unset takes `default_threads(cores)`. The rule is measured
-  (README "Engine speed"): the engine thread's torch work, the event loop (HTTP, tokenizing,
-  streaming) and, on a development machine, the load generator share the cores; an intra-op
-  thread preempted by any of them stalls every parallel region it belongs to. With up to 2
-  cores torch gets 1 thread; beyond, all but one core, which is left to the event loop.
+- OpenMP teams. torch on CPU computes through libgomp (MKL and oneDNN too). Every thread that
+  runs a parallel region owns a team whose worker threads live as long as it does, and libgomp
+  counts the workers of every team in the process: once they outnumber the cores, every barrier
+  of every team gives up spinning after ~100 rounds and sleeps in the kernel, so each parallel
+  region pays a futex wake-up. One idle team of two (left by the thread that loaded the model)
+  made a two-thread decode step of the mid model 19 ms instead of 5 (one thread: 15) on the
+  2-vCPU VM (README "Engine speed"). Hence:
+  - every thread but an engine's computes on one thread: `prepare_process` sets
+    OMP_NUM_THREADS=1 and MKL_NUM_THREADS=1 before torch loads (`gateway serve` does it first)
+    and torch's own default to 1;
+  - an engine thread takes its team for itself (`enter_engine_thread`), sized by `claim` from
+    the process's budget of cores - 1 workers (cores: this process's share when `--workers N`
+    processes share them), so two engines (degrade tiers) never oversubscribe it; the caller
+    then puts torch's default for new threads back to 1.
+- `server.torch_threads` (`gateway serve` passes it on as MEMGATE_TORCH_THREADS, which worker
+  processes inherit) asks for an engine's threads; `auto` or unset takes `default_threads`,
+  measured (README "Engine speed"): the whole share on up to 2 cores, else all but one core,
+  which is left to the event loop (HTTP, tokenizing, streaming).
 - glibc malloc. Step tensors above malloc's mmap threshold (128 KiB, raised as blocks are
   freed) came from fresh mappings every step and page-faulted on first touch; freed heap was
   trimmed back and faulted in again. Raising both thresholds keeps a step's workspace in the
   heap between steps: the memory a step needs stays resident (the ledger counts its peak as
   `workspace`), and larger allocations (the KV pool, weights) are still mapped.
+
+This module imports torch only inside functions, so `prepare_process` can run before it loads.
 """
 
 from __future__ import annotations
@@ -20,20 +33,33 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import sys
+import threading
 
-import torch
+from gateway.core.worker import local_workers
 
 log = logging.getLogger(__name__)
 
 ENV = "MEMGATE_TORCH_THREADS"
+RUNTIME_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # every other thread's default: 1
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's ceiling for this parameter on 64-bit
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 
+_lock = threading.Lock()
+_workers_claimed = 0  # OpenMP workers (threads - 1) held by this process's engine threads
+
+
+def cores() -> int:
+    """The cores this process may run on, divided among `gateway serve --workers N`."""
+    online = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count() or 1)
+    return max(1, online // local_workers())
+
 
 def default_threads(cores: int) -> int:
-    """The measured default: one core for the event loop once there are more than two."""
-    return 1 if cores <= 2 else cores - 1
+    """The measured default: every core on up to two, else one core left to the event loop."""
+    return cores if cores <= 2 else cores - 1
 
 
 def parse_threads(value: object) -> int | None:
@@ -54,7 +80,7 @@ def parse_threads(value: object) -> int | None:
 
 
 def resolve_threads(explicit: int | None = None) -> int:
-    """explicit, else MEMGATE_TORCH_THREADS, else the default for this machine's cores."""
+    """explicit, else MEMGATE_TORCH_THREADS, else the default for this process's cores."""
     if explicit is not None:
         if explicit < 1:
             raise ValueError(f"torch threads must be positive, got {explicit}")
@@ -62,8 +88,62 @@ def resolve_threads(explicit: int | None = None) -> int:
     configured = parse_threads(os.environ.get(ENV))
     if configured is not None:
         return configured
-    return default_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                           else os.cpu_count() or 1)
+    return default_threads(cores())
+
+
+def prepare_process() -> None:
+    """Before any torch work of a process that runs engines: one thread for every thread that
+    does not say otherwise. Sets OMP_NUM_THREADS / MKL_NUM_THREADS when torch has not loaded
+    yet (later they change nothing) and torch's default when it has."""
+    if "torch" not in sys.modules:
+        for name in RUNTIME_ENV:
+            if os.environ.get(name) not in (None, "1"):
+                log.info("%s=%s replaced by 1: server.torch_threads sizes the engine's threads",
+                         name, os.environ[name])
+            os.environ[name] = "1"
+        return
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def claim(explicit: int | None = None) -> int:
+    """An engine's threads: what it asks for (`resolve_threads`), capped so that the workers of
+    every engine in this process stay within cores - 1. Give them back with `release`."""
+    global _workers_claimed
+    wanted = resolve_threads(explicit)
+    with _lock:
+        free = max(0, cores() - 1 - _workers_claimed)
+        granted = min(wanted, 1 + free)
+        _workers_claimed += granted - 1
+    if granted < wanted:
+        log.warning("engine threads: %d asked, %d granted (more OpenMP workers than cores make "
+                    "every barrier sleep)", wanted, granted)
+    return granted
+
+
+def release(threads: int) -> None:
+    """Give back what `claim` granted, once the engine thread (and so its team) has ended."""
+    global _workers_claimed
+    with _lock:
+        _workers_claimed = max(0, _workers_claimed - (threads - 1))
+
+
+def enter_engine_thread(threads: int) -> int:
+    """In the engine thread, before its first torch op: this thread's team of `threads`.
+    Returns the threads torch now gives this thread."""
+    import torch
+
+    torch.set_num_threads(threads)  # this thread's OpenMP and MKL threads (and torch's default)
+    return int(torch.get_num_threads())  # initializes this thread: a later default won't reset it
+
+
+def restore_default() -> None:
+    """In the thread that started an engine, once the engine thread has entered: torch's
+    default for threads yet to start goes back to one (and this thread's too)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def tune_malloc() -> bool:
@@ -79,12 +159,3 @@ def tune_malloc() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
-
-
-def apply(explicit: int | None = None) -> int:
-    """Set torch's intra-op threads (process-wide) and malloc's thresholds; returns threads."""
-    threads = resolve_threads(explicit)
-    torch.set_num_threads(threads)
-    if not tune_malloc():
-        log.info("glibc mallopt unavailable: malloc thresholds left as they are")
-    return threads

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
 import torch
 
+from backends.hf.tokenizer import ChatTokenizer
 from backends.local import placement
+from backends.local.engine import Engine, Event
+from backends.local.loader import load_checkpoint
 from backends.local.mailbox import Mailbox
+from backends.local.sampler import Sampler
+
+from .conftest import TinyCheckpoint
 
 
-def test_default_threads_leave_a_core_to_the_event_loop() -> None:
-    assert [placement.default_threads(n) for n in (1, 2, 3, 4, 16)] == [1, 1, 2, 3, 15]
+def test_default_threads_take_two_cores_and_leave_one_of_more() -> None:
+    assert [placement.default_threads(n) for n in (1, 2, 3, 4, 16)] == [1, 2, 2, 3, 15]
+
+
+def test_cores_are_shared_among_worker_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    online = len(placement.os.sched_getaffinity(0))
+    monkeypatch.setenv("GATEWAY_WORKERS", "1")
+    assert placement.cores() == online
+    monkeypatch.setenv("GATEWAY_WORKERS", str(online * 2))
+    assert placement.cores() == 1
 
 
 @pytest.mark.parametrize(("value", "expected"), [("auto", None), (None, None), ("", None),
@@ -39,17 +54,81 @@ def test_resolve_prefers_explicit_then_environment(monkeypatch: pytest.MonkeyPat
         placement.resolve_threads(0)
 
 
-def test_apply_sets_torch_threads_process_wide() -> None:
-    before = torch.get_num_threads()
+def test_claims_keep_every_engine_team_within_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(placement, "cores", lambda: 4)
+    monkeypatch.setattr(placement, "_workers_claimed", 0)
+    monkeypatch.delenv(placement.ENV, raising=False)
+    assert placement.claim() == 3  # the default for 4 cores: 2 workers
+    assert placement.claim(2) == 2  # the last worker
+    assert placement.claim(4) == 1  # none left: a second tier's engine computes on its thread
+    placement.release(1)
+    placement.release(3)
+    assert placement.claim(8) == 3  # capped: 4 cores hold 3 workers beside the initial thread
+    placement.release(3)
+    placement.release(2)
+    assert placement._workers_claimed == 0
+
+
+def tasks() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_engine_thread_takes_its_team_and_other_threads_compute_on_one(
+    tiny_checkpoint: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine thread computes with the threads it claimed; every thread started after it,
+    which lazily takes torch's default, gets one, so no second OpenMP team joins the process
+    (libgomp's barriers stop spinning once workers outnumber the cores: placement.py)."""
+    monkeypatch.setattr(placement, "cores", lambda: 2)
+    monkeypatch.setattr(placement, "_workers_claimed", 0)
+    monkeypatch.delenv(placement.ENV, raising=False)
+    loaded = load_checkpoint(tiny_checkpoint.model_dir, "float32", "cpu")
+    second = Engine(loaded.model, 1 << 20, max_batch_size=2, num_threads=1)
+    engine = Engine(loaded.model, 1 << 20, max_batch_size=2)  # the default: 2 on 2 cores
+    second.start()
+    engine.start()  # last: torch's default would be its 2 had start not put it back to 1
     try:
-        assert placement.apply(1) == 1
+        assert (engine.num_threads, second.num_threads) == (2, 1)
+        done = threading.Semaphore(0)
+        tokens: list[int] = []
+
+        def emit(ev: Event) -> None:
+            assert ev.error is None
+            if ev.finish_reason is not None:
+                tokens.append(ev.completion_tokens)
+                done.release()
+
+        tok = ChatTokenizer.from_dir(tiny_checkpoint.model_dir, loaded.config.eos_token_ids)
+        for e in (engine, second):
+            ids = tok.encode("Hello world")
+            e.submit(ids, 3, Sampler(loaded.config.vocab_size, 0.0), tok.detokenizer(ids), emit)
+        done.acquire()
+        done.acquire()
+        assert tokens == [3, 3]  # the engine's team exists now
+
+        before = tasks()
         seen: list[int] = []
-        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        counted, go_on = threading.Event(), threading.Event()
+
+        def other() -> None:
+            torch.ones(1 << 22).mul_(2.0)  # a parallel op: a team if this thread had threads
+            seen.append(torch.get_num_threads())
+            counted.set()
+            go_on.wait()
+
+        t = threading.Thread(target=other, daemon=True)
         t.start()
-        t.join()
-        assert torch.get_num_threads() == 1 and seen == [1]  # a new thread sees it too
+        counted.wait()
+        try:
+            assert seen == [1] and tasks() == before + 1  # the thread itself, no OpenMP worker
+        finally:
+            go_on.set()
+            t.join()
+        assert torch.get_num_threads() == 1  # and the thread that started the engine
     finally:
-        torch.set_num_threads(before)
+        engine.stop()
+        second.stop()
+    assert placement._workers_claimed == 0  # released with the threads that held them
 
 
 def test_mailbox_delivers_in_order_with_one_wake_up_per_batch() -> None:
