@@ -62,7 +62,7 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests get this long, then end
     metrics_api_key_env: str | None = None  # set: /metrics needs this bearer key
     # -- end reliability
-    torch_threads: Any = "auto"  # process-wide torch intra-op threads: "auto" or an integer
+    torch_threads: Any = "auto"  # each engine thread's torch threads: "auto" or an integer
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); none: off
     # -- operations (issue #18): hot reload, logs, usage records
     reload: str = "signal"  # signal: SIGHUP (forwarded to workers) | watch: the files polled

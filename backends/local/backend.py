@@ -129,6 +129,7 @@ class LocalBackend:
             swap_bytes=self.cfg.swap_bytes,
             kv_dtype=self.cfg.kv_dtype,
             lanes=self.cfg.lanes,
+            owner=self.name,
         )
         engine.start()
         self._loaded, self._tokenizer, self._engine = loaded, tokenizer, engine

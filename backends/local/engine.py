@@ -77,6 +77,7 @@ class Engine:
         swap_bytes: int = 0,
         kv_dtype: str = "auto",
         lanes: Lanes | None = None,
+        owner: str | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -95,8 +96,9 @@ class Engine:
         self.workspace = WorkspaceMeter(cfg, elem, model, block_size)
         self.runner = ModelRunner(model, self.blocks, self.device, kv_dtype)
         self.requested_threads = num_threads  # None: MEMGATE_TORCH_THREADS or the default
+        self.owner = owner  # the backend: its replacement on a reload shares its threads
         self.num_threads = 0  # set by start: torch threads of the engine thread (placement.py)
-        self._claimed = 0  # what placement.claim granted, released when the thread has ended
+        self._claim: placement.Claim | None = None  # released once the thread has ended
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -133,16 +135,16 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("engine already started")
-        threads = placement.claim(self.requested_threads)
+        claim = placement.claim(self.requested_threads, self.owner)
         placement.tune_malloc()
         try:
             self.runner.allocate()
         except BaseException:
-            placement.release(threads)
+            placement.release(claim)
             raise
-        self._claimed = threads
+        self._claim = claim
         entered = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(threads, entered),
+        self._thread = threading.Thread(target=self._run, args=(claim.threads, entered),
                                         name="local-engine", daemon=True)
         self._thread.start()
         entered.wait()
@@ -154,9 +156,9 @@ class Engine:
             return
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
-        if not self._thread.is_alive() and self._claimed:
-            placement.release(self._claimed)  # its OpenMP team ended with it
-            self._claimed = 0
+        if not self._thread.is_alive() and self._claim is not None:
+            placement.release(self._claim)  # its OpenMP team ended with it
+            self._claim = None
 
     def submit(
         self,

@@ -12,8 +12,9 @@
     and torch's own default to 1;
   - an engine thread takes its team for itself (`enter_engine_thread`), sized by `claim` from
     the process's budget of cores - 1 workers (cores: this process's share when `--workers N`
-    processes share them), so two engines (degrade tiers) never oversubscribe it; the caller
-    then puts torch's default for new threads back to 1.
+    processes share them), so two engines (degrade tiers) never oversubscribe it (a reload's
+    replacement engine shares its backend's claim while the old one drains); the caller then
+    puts torch's default for new threads back to 1.
 - `server.torch_threads` (`gateway serve` passes it on as MEMGATE_TORCH_THREADS, which worker
   processes inherit) asks for an engine's threads; `auto` or unset takes `default_threads`,
   measured (README "Engine speed"): the whole share on up to 2 cores, else all but one core,
@@ -35,6 +36,7 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 
 from gateway.core.worker import local_workers
 
@@ -47,7 +49,8 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's ceiling for this parameter on 64-bi
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 
 _lock = threading.Lock()
-_workers_claimed = 0  # OpenMP workers (threads - 1) held by this process's engine threads
+_claims: dict[str, list[int]] = {}  # owner -> [threads granted, engines holding them]
+_anonymous = 0  # engines that name no owner get one each
 
 
 def cores() -> int:
@@ -107,26 +110,54 @@ def prepare_process() -> None:
     torch.set_num_threads(1)
 
 
-def claim(explicit: int | None = None) -> int:
+@dataclass(frozen=True)
+class Claim:
+    """An engine's threads, granted by `claim`; give them back with `release`."""
+
+    owner: str
+    threads: int
+
+
+def claim(explicit: int | None = None, owner: str | None = None) -> Claim:
     """An engine's threads: what it asks for (`resolve_threads`), capped so that the workers of
-    every engine in this process stay within cores - 1. Give them back with `release`."""
-    global _workers_claimed
+    every engine in this process stay within cores - 1. An `owner` that holds a claim already
+    (a backend whose engine a reload replaces: the old one drains while the new one serves)
+    gets the same threads again and takes no more of the budget; the overlap ends when the old
+    engine's thread does."""
+    global _anonymous
     wanted = resolve_threads(explicit)
     with _lock:
-        free = max(0, cores() - 1 - _workers_claimed)
-        granted = min(wanted, 1 + free)
-        _workers_claimed += granted - 1
+        if owner is None:
+            _anonymous += 1
+            owner = f"engine-{_anonymous}"
+        held = _claims.get(owner)
+        if held is not None:
+            held[1] += 1
+            return Claim(owner, held[0])
+        used = sum(threads - 1 for threads, _ in _claims.values())
+        granted = min(wanted, 1 + max(0, cores() - 1 - used))
+        _claims[owner] = [granted, 1]
     if granted < wanted:
-        log.warning("engine threads: %d asked, %d granted (more OpenMP workers than cores make "
-                    "every barrier sleep)", wanted, granted)
-    return granted
+        log.warning("engine threads for %s: %d asked, %d granted (more OpenMP workers than cores "
+                    "make every barrier sleep)", owner, wanted, granted)
+    return Claim(owner, granted)
 
 
-def release(threads: int) -> None:
-    """Give back what `claim` granted, once the engine thread (and so its team) has ended."""
-    global _workers_claimed
+def release(granted: Claim) -> None:
+    """Give back a claim once the engine thread (and so its team) has ended."""
     with _lock:
-        _workers_claimed = max(0, _workers_claimed - (threads - 1))
+        held = _claims.get(granted.owner)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del _claims[granted.owner]
+
+
+def workers_claimed() -> int:
+    """OpenMP workers (threads - 1) that this process's engines hold."""
+    with _lock:
+        return sum(threads - 1 for threads, _ in _claims.values())
 
 
 def enter_engine_thread(threads: int) -> int:

@@ -56,17 +56,22 @@ def test_resolve_prefers_explicit_then_environment(monkeypatch: pytest.MonkeyPat
 
 def test_claims_keep_every_engine_team_within_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(placement, "cores", lambda: 4)
-    monkeypatch.setattr(placement, "_workers_claimed", 0)
+    monkeypatch.setattr(placement, "_claims", {})
     monkeypatch.delenv(placement.ENV, raising=False)
-    assert placement.claim() == 3  # the default for 4 cores: 2 workers
-    assert placement.claim(2) == 2  # the last worker
-    assert placement.claim(4) == 1  # none left: a second tier's engine computes on its thread
-    placement.release(1)
-    placement.release(3)
-    assert placement.claim(8) == 3  # capped: 4 cores hold 3 workers beside the initial thread
-    placement.release(3)
-    placement.release(2)
-    assert placement._workers_claimed == 0
+    big = placement.claim(owner="big")
+    assert big.threads == 3  # the default for 4 cores: 2 workers
+    again = placement.claim(owner="big")  # its replacement on a reload: the same, no more
+    assert again.threads == 3 and placement.workers_claimed() == 2
+    small = placement.claim(2, owner="small")
+    assert small.threads == 2  # the last worker
+    assert placement.claim(4).threads == 1  # none left: an engine that computes on its thread
+    placement.release(big)
+    assert placement.workers_claimed() == 3  # the replacement still holds big's threads
+    placement.release(again)
+    placement.release(small)
+    assert placement.claim(8, owner="x").threads == 4  # capped: 3 workers beside the first
+    placement.release(placement.Claim("x", 4))
+    assert placement.workers_claimed() == 0
 
 
 def tasks() -> int:
@@ -80,7 +85,7 @@ def test_engine_thread_takes_its_team_and_other_threads_compute_on_one(
     which lazily takes torch's default, gets one, so no second OpenMP team joins the process
     (libgomp's barriers stop spinning once workers outnumber the cores: placement.py)."""
     monkeypatch.setattr(placement, "cores", lambda: 2)
-    monkeypatch.setattr(placement, "_workers_claimed", 0)
+    monkeypatch.setattr(placement, "_claims", {})
     monkeypatch.delenv(placement.ENV, raising=False)
     loaded = load_checkpoint(tiny_checkpoint.model_dir, "float32", "cpu")
     second = Engine(loaded.model, 1 << 20, max_batch_size=2, num_threads=1)
@@ -128,7 +133,7 @@ def test_engine_thread_takes_its_team_and_other_threads_compute_on_one(
     finally:
         engine.stop()
         second.stop()
-    assert placement._workers_claimed == 0  # released with the threads that held them
+    assert placement.workers_claimed() == 0  # released with the threads that held them
 
 
 def test_mailbox_delivers_in_order_with_one_wake_up_per_batch() -> None:
