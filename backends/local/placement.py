@@ -4,9 +4,10 @@
   runs a parallel region owns a team whose worker threads live as long as it does, and libgomp
   counts the workers of every team in the process: once they outnumber the cores, every barrier
   of every team gives up spinning after ~100 rounds and sleeps in the kernel, so each parallel
-  region pays a futex wake-up. One idle team of two (left by the thread that loaded the model)
-  made a two-thread decode step of the mid model 19 ms instead of 5 (one thread: 15) on the
-  2-vCPU VM (README "Engine speed"). Hence:
+  region pays a futex wake-up. One idle team of two (what the thread that loaded the model
+  left) made a two-thread batch-1 decode step of the mid model 18.4 ms instead of 9.6 (one
+  thread: 10.8) on the 2-vCPU VM (`python -m bench.step_ab --idle-team 2`, README "Engine
+  speed"). Hence:
   - every thread but an engine's computes on one thread: `prepare_process` sets
     OMP_NUM_THREADS=1 and MKL_NUM_THREADS=1 before torch loads (`gateway serve` does it first)
     and torch's own default to 1;
