@@ -99,6 +99,7 @@ class Engine:
         self.owner = owner  # the backend: its replacement on a reload shares its threads
         self.num_threads = 0  # set by start: torch threads of the engine thread (placement.py)
         self._claim: placement.Claim | None = None  # released once the thread has ended
+        self.thread_changes = 0  # team resizes under contention (placement.Contention)
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -203,16 +204,33 @@ class Engine:
             self.num_threads = placement.enter_engine_thread(threads)
         finally:
             entered.set()
+        contention = (placement.Contention() if self.device.type == "cpu" and threads > 1
+                      else None)
         try:
             with torch.inference_mode():
                 while self._drain(block=not self.scheduler.has_work()):
                     if self.scheduler.has_work():
                         self._step()
+                        if contention is not None:
+                            self._place(contention, threads)
         except BaseException as e:  # the loop itself broke: fail everyone below
             self.last_error = e
             log.exception("local engine loop failed")
         finally:
             self._fail_all(EngineClosed("engine stopped"))
+
+    def _place(self, contention: placement.Contention, granted: int) -> None:
+        """Between steps: fewer threads while other processes hold part of the cores, the
+        granted ones again once they leave them (placement.decide)."""
+        others = contention.others()
+        if others is None:
+            return
+        want = placement.decide(self.num_threads, granted, len(contention.cpus), others)
+        if want != self.num_threads:
+            log.info("local engine threads %d -> %d: other processes used %.2f of %d cores",
+                     self.num_threads, want, others, len(contention.cpus))
+            self.num_threads = placement.resize_engine_thread(want)
+            self.thread_changes += 1
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; False when asked to stop."""

@@ -37,6 +37,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from gateway.core.worker import local_workers
@@ -176,6 +177,80 @@ def restore_default() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def resize_engine_thread(threads: int) -> int:
+    """In the engine thread, between steps: its team becomes `threads`. Returns what torch
+    gives this thread. torch's default for new threads goes back to one before it returns."""
+    n = enter_engine_thread(threads)
+    if threads > 1:  # set_num_threads also made `threads` every new thread's default
+        t = threading.Thread(target=restore_default, name="placement-default")
+        t.start()
+        t.join()
+    return n
+
+
+def decide(current: int, granted: int, cores: int, others: float) -> int:
+    """An engine team's size given the cores other processes used lately (`others`, in cores):
+    as many as the cores they leave, rounded, within 1..granted. It shrinks as soon as they
+    take half a core of its share and grows back only once a whole core is free again less a
+    quarter, so a neighbour hovering at the edge does not flip it every window."""
+    free = cores - others
+    if free < current - 0.5:
+        return max(1, min(granted, int(free + 0.5)))
+    if current < granted and free >= current + 0.75:
+        return min(granted, int(free + 0.25))
+    return current
+
+
+class Contention:
+    """How much of the cores this process may run on other processes use: /proc/stat's busy
+    time (user, nice, system, irq, softirq, steal) on those cores less this process's own CPU
+    time, per `interval` seconds. A team of two on two cores stalls at every barrier while a
+    neighbour holds one of them (README "Engine speed": vLLM CPU's process, busy for a while
+    after its own requests, took memgate's batch-1 speed from 330 to 70-90 tokens/s), so the
+    engine thread polls this between steps and resizes its team (`decide`). Disabled (always
+    None) where /proc is not there."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.cpus = (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else list(range(os.cpu_count() or 1)))
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._last = self._sample()
+        self.window = 0.0  # seconds the last value of `others` spans
+
+    def _sample(self) -> tuple[float, int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                stat = f.read()
+            with open("/proc/self/stat", encoding="ascii") as f:
+                own = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        wanted = {f"cpu{i}" for i in self.cpus}
+        busy = 0
+        for line in stat.splitlines():
+            name, _, rest = line.partition(" ")
+            if name in wanted:
+                v = [int(x) for x in rest.split()]
+                busy += v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+        return time.monotonic(), busy, int(own[11]) + int(own[12])
+
+    def others(self) -> float | None:
+        """Cores other processes used since the last call that returned a value; None until
+        `interval` has passed (or without /proc)."""
+        if self._last is None:
+            return None
+        if time.monotonic() - self._last[0] < self.interval:
+            return None
+        now = self._sample()
+        if now is None:
+            return None
+        (t0, busy0, own0), (t1, busy1, own1) = self._last, now
+        self._last = now
+        self.window = t1 - t0
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / self.tick / (t1 - t0))
 
 
 def tune_malloc() -> bool:

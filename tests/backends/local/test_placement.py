@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -134,6 +137,85 @@ def test_engine_thread_takes_its_team_and_other_threads_compute_on_one(
         engine.stop()
         second.stop()
     assert placement.workers_claimed() == 0  # released with the threads that held them
+
+
+@pytest.mark.parametrize(("current", "granted", "cores", "others", "expected"), [
+    (2, 2, 2, 0.0, 2), (2, 2, 2, 0.3, 2), (2, 2, 2, 0.6, 1), (2, 2, 2, 2.5, 1),
+    (1, 2, 2, 0.5, 1), (1, 2, 2, 0.2, 2), (1, 2, 2, 1.0, 1),  # hysteresis: back at <= 0.25
+    (15, 15, 16, 0.2, 15), (15, 15, 16, 4.0, 12), (12, 15, 16, 0.5, 15), (12, 15, 16, 3.8, 12),
+])
+def test_decide_gives_the_cores_others_leave(
+    current: int, granted: int, cores: int, others: float, expected: int
+) -> None:
+    assert placement.decide(current, granted, cores, others) == expected
+
+
+def test_contention_counts_another_process_cpu_not_ours() -> None:
+    c = placement.Contention(interval=0.0)
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)  # 0.5 s of another process's CPU
+    t = time.process_time()
+    while time.process_time() - t < 1.0:  # and 1 s of ours, which must not count
+        pass
+    others = c.others()
+    assert others is not None
+    assert 0.4 <= others * c.window < 1.3  # CPU-seconds (counts, not durations); ours: >= 1.4
+
+
+def test_resize_keeps_new_threads_on_one() -> None:
+    seen: dict[str, int] = {}
+
+    def engine_thread() -> None:
+        placement.enter_engine_thread(1)
+        seen["grown"] = placement.resize_engine_thread(2)
+        t = threading.Thread(target=lambda: seen.setdefault("new", torch.get_num_threads()))
+        t.start()
+        t.join()
+        seen["still"] = torch.get_num_threads()
+        seen["shrunk"] = placement.resize_engine_thread(1)
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert seen == {"grown": 2, "new": 1, "still": 2, "shrunk": 1}
+
+
+def test_engine_shrinks_its_team_while_others_hold_cores(
+    tiny_checkpoint: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readings = [1.5, None, 0.1]  # a neighbour takes 1.5 cores, then leaves them
+
+    class Scripted:
+        def __init__(self) -> None:
+            self.cpus = [0, 1]
+
+        def others(self) -> float | None:
+            return readings.pop(0) if readings else None
+
+    monkeypatch.setattr(placement, "cores", lambda: 2)
+    monkeypatch.setattr(placement, "_claims", {})
+    monkeypatch.setattr(placement, "Contention", Scripted)
+    loaded = load_checkpoint(tiny_checkpoint.model_dir, "float32", "cpu")
+    engine = Engine(loaded.model, 1 << 20, max_batch_size=2, num_threads=2)
+    engine.start()
+    try:
+        done = threading.Semaphore(0)
+        threads: list[int] = []
+
+        def emit(ev: Event) -> None:
+            threads.append(engine.num_threads)
+            if ev.finish_reason is not None or ev.error is not None:
+                done.release()
+
+        tok = ChatTokenizer.from_dir(tiny_checkpoint.model_dir, loaded.config.eos_token_ids)
+        ids = tok.encode("Hello world")
+        engine.submit(ids, 6, Sampler(loaded.config.vocab_size, 0.0), tok.detokenizer(ids), emit)
+        done.acquire()
+        assert engine.thread_changes == 2 and engine.num_threads == 2  # 2 -> 1 -> 2
+        assert 1 in threads  # some steps ran on one thread
+        assert torch.get_num_threads() == 1
+    finally:
+        engine.stop()
 
 
 def test_mailbox_delivers_in_order_with_one_wake_up_per_batch() -> None:
