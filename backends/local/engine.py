@@ -208,11 +208,17 @@ class Engine:
                       else None)
         try:
             with torch.inference_mode():
+                idle = True
                 while self._drain(block=not self.scheduler.has_work()):
                     if self.scheduler.has_work():
+                        if idle and contention is not None:
+                            contention.restart()  # what others did while it idled is past
+                        idle = False
                         self._step()
                         if contention is not None:
                             self._place(contention, threads)
+                    else:
+                        idle = True
         except BaseException as e:  # the loop itself broke: fail everyone below
             self.last_error = e
             log.exception("local engine loop failed")

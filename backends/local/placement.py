@@ -15,7 +15,9 @@
     the process's budget of cores - 1 workers (cores: this process's share when `--workers N`
     processes share them), so two engines (degrade tiers) never oversubscribe it (a reload's
     replacement engine shares its backend's claim while the old one drains); the caller then
-    puts torch's default for new threads back to 1.
+    puts torch's default for new threads back to 1;
+  - while other processes hold part of the cores, the engine thread's team shrinks to what
+    they leave and grows back when they go (`Contention`, `decide`, `resize_engine_thread`).
 - `server.torch_threads` (`gateway serve` passes it on as MEMGATE_TORCH_THREADS, which worker
   processes inherit) asks for an engine's threads; `auto` or unset takes `default_threads`,
   measured (README "Engine speed"): the whole share on up to 2 cores, else all but one core,
@@ -220,6 +222,10 @@ class Contention:
         self._last = self._sample()
         self.window = 0.0  # seconds the last value of `others` spans
 
+    def restart(self) -> None:
+        """Start the next window now (the engine was idle: what others did then is past)."""
+        self._last = self._sample()
+
     def _sample(self) -> tuple[float, int, int] | None:
         try:
             with open("/proc/stat", encoding="ascii") as f:
@@ -248,6 +254,8 @@ class Contention:
         if now is None:
             return None
         (t0, busy0, own0), (t1, busy1, own1) = self._last, now
+        if t1 <= t0:
+            return None
         self._last = now
         self.window = t1 - t0
         return max(0.0, ((busy1 - busy0) - (own1 - own0)) / self.tick / (t1 - t0))

@@ -160,6 +160,10 @@ def test_contention_counts_another_process_cpu_not_ours() -> None:
     others = c.others()
     assert others is not None
     assert 0.4 <= others * c.window < 1.3  # CPU-seconds (counts, not durations); ours: >= 1.4
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    c.restart()  # what another process did before now is not counted
+    others = c.others()
+    assert others is not None and others * c.window < 0.4
 
 
 def test_resize_keeps_new_threads_on_one() -> None:
@@ -184,6 +188,7 @@ def test_engine_shrinks_its_team_while_others_hold_cores(
     tiny_checkpoint: TinyCheckpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     readings = [1.5, None, 0.1]  # a neighbour takes 1.5 cores, then leaves them
+    restarts: list[int] = []
 
     class Scripted:
         def __init__(self) -> None:
@@ -191,6 +196,9 @@ def test_engine_shrinks_its_team_while_others_hold_cores(
 
         def others(self) -> float | None:
             return readings.pop(0) if readings else None
+
+        def restart(self) -> None:
+            restarts.append(len(readings))
 
     monkeypatch.setattr(placement, "cores", lambda: 2)
     monkeypatch.setattr(placement, "_claims", {})
@@ -212,6 +220,7 @@ def test_engine_shrinks_its_team_while_others_hold_cores(
         engine.submit(ids, 6, Sampler(loaded.config.vocab_size, 0.0), tok.detokenizer(ids), emit)
         done.acquire()
         assert engine.thread_changes == 2 and engine.num_threads == 2  # 2 -> 1 -> 2
+        assert restarts == [3]  # a window restarts when work arrives after idling
         assert 1 in threads  # some steps ran on one thread
         assert torch.get_num_threads() == 1
     finally:
