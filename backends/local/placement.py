@@ -57,11 +57,16 @@ _claims: dict[str, list[int]] = {}  # owner -> [threads granted, engines holding
 _anonymous = 0  # engines that name no owner get one each
 
 
+def affinity() -> list[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def cores() -> int:
     """The cores this process may run on, divided among `gateway serve --workers N`."""
-    online = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-              else os.cpu_count() or 1)
-    return max(1, online // local_workers())
+    return max(1, len(affinity()) // local_workers())
 
 
 def default_threads(cores: int) -> int:
@@ -138,8 +143,7 @@ def claim(explicit: int | None = None, owner: str | None = None) -> Claim:
         if held is not None:
             held[1] += 1
             return Claim(owner, held[0])
-        used = sum(threads - 1 for threads, _ in _claims.values())
-        granted = min(wanted, 1 + max(0, cores() - 1 - used))
+        granted = min(wanted, 1 + max(0, cores() - 1 - _workers()))
         _claims[owner] = [granted, 1]
     if granted < wanted:
         log.warning("engine threads for %s: %d asked, %d granted (more OpenMP workers than cores "
@@ -158,10 +162,14 @@ def release(granted: Claim) -> None:
             del _claims[granted.owner]
 
 
+def _workers() -> int:
+    return sum(threads - 1 for threads, _ in _claims.values())  # callers hold _lock
+
+
 def workers_claimed() -> int:
     """OpenMP workers (threads - 1) that this process's engines hold."""
     with _lock:
-        return sum(threads - 1 for threads, _ in _claims.values())
+        return _workers()
 
 
 def enter_engine_thread(threads: int) -> int:
@@ -192,12 +200,12 @@ def resize_engine_thread(threads: int) -> int:
     return n
 
 
-def decide(current: int, granted: int, cores: int, others: float) -> int:
+def decide(current: int, granted: int, cpus: int, others: float) -> int:
     """An engine team's size given the cores other processes used lately (`others`, in cores):
     as many as the cores they leave, rounded, within 1..granted. It shrinks as soon as they
     take half a core of its share and grows back only once a whole core is free again less a
     quarter, so a neighbour hovering at the edge does not flip it every window."""
-    free = cores - others
+    free = cpus - others
     if free < current - 0.5:
         return max(1, min(granted, int(free + 0.5)))
     if current < granted and free >= current + 0.75:
@@ -216,8 +224,7 @@ class Contention:
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
-        self.cpus = (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                     else list(range(os.cpu_count() or 1)))
+        self.cpus = affinity()
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._last = self._sample()
         self.window = 0.0  # seconds the last value of `others` spans
