@@ -25,7 +25,7 @@ import torch
 from backends.hf.safetensors import SafetensorsError, adapter_bytes
 from backends.local.loader import CheckpointError
 from backends.local.lora import AdapterError, LoraAdapter, install, load_adapter, uninstall
-from backends.local.model import Llama
+from backends.local.model import Llama, lora_dtype
 from gateway.core.errors import BackendError
 
 
@@ -87,7 +87,7 @@ class AdapterCache:
         self.max_slots = max_slots
         self.entries: dict[str, Resident] = {}
         self.stats = AdapterStats()
-        self._elem = torch.empty((), dtype=model.compute_dtype).element_size()
+        self._elem = torch.empty((), dtype=lora_dtype(model.compute_dtype)).element_size()
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._reserved = 0  # bytes of loads in flight
         self._waiters: list[asyncio.Future[None]] = []

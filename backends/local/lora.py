@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from backends.local.loader import map_safetensors
-from backends.local.model import Llama, LoraWeights, Proj
+from backends.local.model import Llama, LoraWeights, Proj, lora_dtype
 
 PREFIX = "base_model.model."
 
@@ -100,7 +100,7 @@ def load_adapter(path: str | Path, model: Llama, name: str | None = None) -> Lor
             f" an adapter for it must be made for {pruned!r} (base_model_name_or_path)"
         )
     mapped = map_safetensors(weights_path)
-    dtype, device = model.compute_dtype, model.device
+    dtype, device = lora_dtype(model.compute_dtype), model.device
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in mapped.tensors.items():
         module, which = _module_name(key)

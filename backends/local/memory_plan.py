@@ -245,7 +245,7 @@ def plan_checkpoint(
     if adapters_dir is not None and adapters_dir.is_dir():
         for p in sorted(adapters_dir.iterdir()):
             if (p / "adapter_model.safetensors").exists():
-                adapters[p.name] = adapter_bytes(p, elem)
+                adapters[p.name] = adapter_bytes(p, max(elem, 4))  # lora_dtype: float32
     return MemoryPlan(
         weights=weight_bytes(model_dir, elem, quantize, tied),
         kv=KVLayout.from_budget(per_token, block_size, kv_cache_bytes),

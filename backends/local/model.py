@@ -61,6 +61,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+def lora_dtype(compute: torch.dtype) -> torch.dtype:
+    """The dtype adapters are kept and applied in: float32 for a half-precision model.
+
+    peft does the same by default (`autocast_adapter_dtype`: bfloat16/float16 adapter weights
+    upcast to float32, the input cast up, the sum cast back), so outputs stay close to it; and
+    on CPU a bfloat16 GEMM of LoRA's shapes (a few rows by rank) costs 2-3x a float32 one
+    (`bench/step_ab.py --adapters 8`, README "Engine speed").
+    """
+    return torch.float32 if compute in (torch.bfloat16, torch.float16) else compute
+
+
 @dataclass
 class LoraWeights:
     """One adapter on one projection: y += scale * (x @ a.T) @ b.T."""
@@ -106,6 +117,7 @@ class LoraBatch:
 
 
 Stack = tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, float], ...]]
+FusedStack = tuple[torch.Tensor, list[torch.Tensor | None], list[int], tuple[tuple[int, int, float], ...]]
 UPCAST_ROWS = 256  # packed bfloat16 projections of this many rows or more run in float32
 
 
@@ -123,8 +135,10 @@ class Proj(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.adapters: dict[int, LoraWeights] = {}
         self.packed: torch.Tensor | None = None  # oneDNN-blocked weight (packing.py)
+        self.fused = False  # its weight is part of its layer's `Fused` one (packing.py)
         self._stacks: dict[tuple[int, ...], Stack] = {}
         self._lock = threading.Lock()
+        self.version = 0  # bumped by every change of `adapters` (Fused's stacks follow it)
 
     def pack(self, packed: torch.Tensor) -> None:
         """Serve `base` from `packed` (packing.py); the plain weight is dropped."""
@@ -135,20 +149,25 @@ class Proj(nn.Module):
         with self._lock:
             self.adapters[slot] = weights
             self._stacks.clear()
+            self.version += 1
 
     def drop_adapter(self, slot: int) -> None:
         with self._lock:
             if self.adapters.pop(slot, None) is not None:
                 self._stacks.clear()
+                self.version += 1
+
+    def fuse(self) -> None:
+        """Its layer serves `base` from one GEMM with its siblings (`Fused`); the weight is dropped."""
+        self.fused = True
+        self.weight = nn.Parameter(self.weight.new_empty((0, self.in_features)), requires_grad=False)
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """y = x @ weight.T + bias (quantized projections override this one method)."""
         if self.packed is not None:
-            if x.numel() >= UPCAST_ROWS * self.in_features:  # a prefill chunk: see packing.py
-                bias = None if self.bias is None else self.bias.float()
-                return F.linear(x.float(), self.packed.to_dense(torch.float32), bias).to(x.dtype)
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
-            return cast(torch.Tensor, y)
+            return packed_linear(x, self.packed, self.bias)
+        if self.fused:
+            raise RuntimeError("this projection is served by its layer's fused projection")
         return F.linear(x, self.weight, self.bias)
 
     def _stack(self, slots: list[int]) -> Stack | None:
@@ -167,22 +186,84 @@ class Proj(nn.Module):
         return stack
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
-        """y = base(x) + scale_i * (x A_i^T) B_i^T, i = the token's adapter slot (0: none).
+        return self.add_lora(self.base(x), x, lora)
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """y += scale_i * (x A_i^T) B_i^T in place, i = the token's adapter slot (0: none).
 
         All adapters of the step at once: x @ [A_1; ...; A_n]^T gives every token its rank
         columns for every adapter, the step's column weights keep only its own (times its
         scale), and one more matmul with [B_1 ... B_n] adds the delta: two matmuls per
-        projection however many adapters the batch mixes.
+        projection however many adapters the batch mixes. The stacks are in `lora_dtype`
+        (float32 for a bfloat16 model: x is cast up, the sum cast back).
         """
-        y = self.base(x)
         if lora is None or not self.adapters:
             return y
         stack = self._stack(lora.slots)
         if stack is None:
             return y
         a, b, layout = stack
-        xa = F.linear(x, a) * lora.column_weights(layout, x.dtype)
+        xa = F.linear(x.to(a.dtype), a) * lora.column_weights(layout, a.dtype)
         return y.add_(F.linear(xa, b))
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + bias with W in oneDNN's blocked layout (packing.py)."""
+    if x.numel() >= UPCAST_ROWS * x.shape[-1]:  # a prefill chunk: see packing.py
+        b32 = None if bias is None else bias.float()
+        return F.linear(x.float(), packed.to_dense(torch.float32), b32).to(x.dtype)
+    return cast(torch.Tensor, torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], ""))
+
+
+class Fused:
+    """Projections of one input served by one packed GEMM: a layer's [q; k; v] or [gate; up].
+
+    One oneDNN call instead of three (or two) is the gain: at a few rows a bfloat16 call costs
+    about as much for a 128-wide output as for a 768-wide one (packing.py). The fused weight is
+    the members' only copy. Their adapters share the input too: one x @ [A of every member]^T
+    (one cast, one matmul, one column weighting), then each member's own B on its slice.
+    """
+
+    def __init__(self, projs: list[Proj], packed: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.projs, self.packed, self.bias = projs, packed, bias
+        self.sizes = [p.out_features for p in projs]
+        self._versions: tuple[int, ...] = ()
+        self._stacks: dict[tuple[int, ...], FusedStack | None] = {}
+
+    def _stack(self, slots: list[int]) -> FusedStack | None:
+        """Members' A stacked in one, each member's B, the column layout; cached per slot set
+        while no member's adapters change."""
+        versions = tuple(p.version for p in self.projs)
+        if versions != self._versions:
+            self._stacks, self._versions = {}, versions
+        key = tuple(slots)
+        if key in self._stacks:
+            return self._stacks[key]
+        parts = []
+        for p in self.projs:
+            with p._lock:
+                parts.append([(s, p.adapters[s]) for s in slots if s in p.adapters])
+        stack = None
+        if any(parts):
+            layout = tuple((s, int(w.a.shape[0]), float(w.scale)) for part in parts for s, w in part)
+            a = torch.cat([w.a for part in parts for _, w in part])
+            bs = [torch.cat([w.b for _, w in part], dim=1) if part else None for part in parts]
+            ranks = [sum(int(w.a.shape[0]) for _, w in part) for part in parts]
+            stack = (a, bs, ranks, layout)
+        self._stacks[key] = stack
+        return stack
+
+    def __call__(self, x: torch.Tensor, lora: LoraBatch | None) -> list[torch.Tensor]:
+        outs = list(torch.split(packed_linear(x, self.packed, self.bias), self.sizes, -1))
+        stack = self._stack(lora.slots) if lora is not None else None
+        if lora is None or stack is None:
+            return outs
+        a, bs, ranks, layout = stack
+        xa = F.linear(x.to(a.dtype), a) * lora.column_weights(layout, a.dtype)
+        for out, b, part in zip(outs, bs, torch.split(xa, ranks, -1), strict=True):
+            if b is not None:
+                out.add_(F.linear(part, b))
+        return outs
 
 
 class RMSNorm(nn.Module):
@@ -298,14 +379,19 @@ class Attention(nn.Module):
         self.k_proj = Proj(h, kvd, cfg.attention_bias)
         self.v_proj = Proj(h, kvd, cfg.attention_bias)
         self.o_proj = Proj(qd, h, cfg.attention_out_bias)
+        self.fused: Fused | None = None  # [q; k; v] in one packed GEMM (packing.py)
 
     def _qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora: LoraBatch | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lead = x.shape[:-1]
-        q = self.q_proj(x, lora).view(*lead, self.heads, self.head_dim)
-        k = self.k_proj(x, lora).view(*lead, self.kv_heads, self.head_dim)
-        v = self.v_proj(x, lora).view(*lead, self.kv_heads, self.head_dim)
+        if self.fused is not None:
+            q, k, v = self.fused(x, lora)
+        else:
+            q, k, v = (p(x, lora) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(*lead, self.heads, self.head_dim)
+        k = k.view(*lead, self.kv_heads, self.head_dim)
+        v = v.view(*lead, self.kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward_full(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -358,9 +444,18 @@ class MLP(nn.Module):
         self.gate_proj = Proj(cfg.hidden_size, cfg.intermediate_size)
         self.up_proj = Proj(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = Proj(cfg.intermediate_size, cfg.hidden_size)
+        self.fused: Fused | None = None  # [gate; up] in one packed GEMM (packing.py)
+
+    def hidden(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        """silu(gate(x)) * up(x): the down projection's input."""
+        if self.fused is not None:
+            gate, up = self.fused(x, lora)
+        else:
+            gate, up = self.gate_proj(x, lora), self.up_proj(x, lora)
+        return F.silu(gate) * up
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
-        return self.down_proj.forward(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+        return self.down_proj.forward(self.hidden(x, lora), lora)
 
 
 class DecoderLayer(nn.Module):

@@ -13,18 +13,24 @@ Without AMX, oneDNN's AVX512-BF16 kernel beats MKL's float32 one only where the 
 dominate (a few rows); with hundreds of rows (prefill chunks) a per-call upcast of the packed
 weight to float32 is faster than the bfloat16 kernel (`python -m bench.gemm`).
 
+A layer's projections of one input are packed as one weight, [q; k; v] and [gate; up]
+(`model.Fused`): at a few rows a oneDNN call costs nearly as much for k's 128 outputs as for
+q's 512, so one call for all three is what makes a bfloat16 step beat a float32 one with
+adapters mixed in (README "Engine speed"). The members keep their adapters.
+
 Only for bfloat16 on CPU where torch has the oneDNN ops; everything else keeps `F.linear`.
-The packed weight is the projection's only copy: its state_dict entry is gone (the checkpoint
-on disk is the source of truth for tools), and its bytes are counted as weights.
+The packed weight is the projections' only copy: their state_dict entries are gone (the
+checkpoint on disk is the source of truth for tools), and their bytes are counted as weights.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 
-from backends.local.model import Llama, Proj
+from backends.local.model import MLP, Attention, Fused, Llama, Proj
 
 log = logging.getLogger(__name__)
 BATCH_HINT = 8  # the batch size oneDNN picks the blocked layout for; any batch runs
@@ -66,6 +72,24 @@ def pack(model: Llama) -> int:
     if not ok:
         log.info("oneDNN packed linear differs from F.linear: bfloat16 uses F.linear")
         return 0
-    for proj in projs:
-        proj.pack(torch.ops.mkldnn._reorder_linear_weight(proj.weight.detach(), BATCH_HINT))
+    def reorder(w: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, torch.ops.mkldnn._reorder_linear_weight(w.detach(), BATCH_HINT))
+
+    plain = set(projs)
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups: list[tuple[Attention | MLP, list[Proj]]] = [
+            (attn, [attn.q_proj, attn.k_proj, attn.v_proj]), (mlp, [mlp.gate_proj, mlp.up_proj])
+        ]
+        for parent, members in groups:
+            biases = [m.bias.detach() for m in members if m.bias is not None]
+            if not all(m in plain for m in members) or 0 < len(biases) < len(members):
+                continue  # an int8 member, or biases on some only: each on its own
+            bias = torch.cat(biases) if biases else None
+            parent.fused = Fused(members, reorder(torch.cat([m.weight for m in members])), bias)
+            for m in members:
+                m.fuse()
+                plain.discard(m)
+    for proj in plain:
+        proj.pack(reorder(proj.weight))
     return len(projs)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from backends.hf.safetensors import checkpoint_files
 from backends.local.loader import load_checkpoint, map_safetensors
@@ -91,7 +90,7 @@ def measure(model: Llama, ids: torch.Tensor) -> Importance:
         for i, layer in enumerate(layers):
             h = x + layer.self_attn.forward_full(layer.input_layernorm(x), cos, sin)
             n = layer.post_attention_layernorm(h)
-            act = F.silu(layer.mlp.gate_proj(n)) * layer.mlp.up_proj(n)
+            act = layer.mlp.hidden(n)
             out = h + layer.mlp.down_proj(act)
             rel = (out - x).float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-12)
             scores[i] = rel.mean().item()

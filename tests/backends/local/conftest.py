@@ -72,12 +72,15 @@ def random_hf_model(vocab_size: int, seed: int = 0, **overrides: object) -> obje
     return model
 
 
-def add_lora(model: object, adapter_dir: Path, r: int = 4, seed: int = 1, **kw: object) -> object:
+def add_lora(
+    model: object, adapter_dir: Path, r: int = 4, seed: int = 1,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj"), **kw: object,
+) -> object:
     torch.manual_seed(seed)
     lcfg = peft.LoraConfig(
         r=r,
         lora_alpha=2 * r,
-        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        target_modules=list(targets),
         init_lora_weights=False,  # random, non-zero lora_B
         lora_dropout=0.0,
         **kw,

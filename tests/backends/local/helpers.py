@@ -12,7 +12,7 @@ def prefill_logits(model: Llama, prompts: list[list[int]], slots: list[int]) -> 
     logits [S, T, V] per token, on the CPU."""
     dev = model.device
     total = sum(len(p) for p in prompts)
-    kv = KVPool.allocate(model.config, total, torch.float32, dev)
+    kv = KVPool.allocate(model.config, total, model.compute_dtype, dev)
     ids: list[int] = []
     spans: list[SeqSpan] = []
     pos: list[torch.Tensor] = []

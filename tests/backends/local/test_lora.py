@@ -10,6 +10,8 @@ import pytest
 import torch
 import transformers
 
+from backends.hf.safetensors import adapter_bytes
+from backends.local import packing
 from backends.local.loader import load_checkpoint
 from backends.local.lora import AdapterConfig, AdapterError, install, load_adapter, uninstall
 
@@ -36,6 +38,56 @@ def test_lora_matches_peft_in_a_mixed_batch(tiny_checkpoint: TinyCheckpoint) -> 
     uninstall(loaded.model, 3)
     out = prefill_logits(loaded.model, [ids], [3])
     assert (out[0] - ref_base).abs().max().item() < 1e-4
+
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_bfloat16_adapters_match_peft_on_fused_projections(tmp_path: Path) -> None:
+    """bfloat16 packs [q; k; v] and [gate; up] as one weight each (packing.py) and applies the
+    members' adapters together (`Fused`), in float32 as peft keeps them by default
+    (autocast_adapter_dtype): a batch mixing an adapter on every projection, one on some
+    members only, and the base model answers like peft on the same bfloat16 model."""
+    shape = {"hidden_size": 128, "intermediate_size": 256}
+    random_hf_model(97, seed=5, **shape).save_pretrained(str(tmp_path / "m"))
+    add_lora(random_hf_model(97, seed=5, **shape), tmp_path / "all", r=8, seed=7,
+             targets=ALL_PROJECTIONS)
+    add_lora(random_hf_model(97, seed=5, **shape), tmp_path / "some", r=4, seed=8,
+             targets=("k_proj", "up_proj", "o_proj"))
+    ids = [(7 * i + 3) % 97 for i in range(24)]
+
+    def reference(adapter: str | None) -> torch.Tensor:
+        model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.bfloat16)
+        if adapter is not None:
+            model = peft.PeftModel.from_pretrained(model, str(tmp_path / adapter))
+            lora_a = model.base_model.model.model.layers[0].self_attn.o_proj.lora_A["default"]
+            assert lora_a.weight.dtype == torch.float32  # peft's default: adapters upcast
+        with torch.no_grad():
+            return model.eval()(torch.tensor([ids])).logits[0].float()
+
+    refs = {name: reference(name) for name in ("all", "some", None)}
+    assert (refs["all"] - refs[None]).abs().max().item() > 0.1, "adapters must change the output"
+    assert (refs["some"] - refs[None]).abs().max().item() > 0.1
+
+    loaded = load_checkpoint(tmp_path / "m", dtype="bfloat16")
+    if packing.available(torch.bfloat16, torch.device("cpu")):
+        assert all(layer.self_attn.fused and layer.mlp.fused for layer in loaded.model.layers)
+    for slot, name in ((2, "all"), (5, "some")):
+        adapter = load_adapter(tmp_path / name, loaded.model)
+        assert {t.dtype for ab in adapter.weights.values() for t in ab} == {torch.float32}
+        assert adapter.nbytes == adapter_bytes(tmp_path / name, 4)
+        install(loaded.model, adapter, slot)
+
+    def check(slots: list[int], names: list[str | None]) -> None:
+        out = prefill_logits(loaded.model, [ids] * len(slots), slots)
+        for ours, name in zip(out, names, strict=True):
+            theirs = refs[name]
+            assert (ours - theirs).abs().max().item() < 0.05 * theirs.abs().max().item()
+            assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9
+
+    check([2, 0, 5], ["all", None, "some"])
+    uninstall(loaded.model, 2)  # the fused stacks follow: slot 2 is the base model now
+    check([2, 5], [None, "some"])
 
 
 def test_rslora_scale_and_bytes(tmp_path: Path) -> None:

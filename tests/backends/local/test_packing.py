@@ -22,7 +22,14 @@ def test_bfloat16_load_packs_and_answers_like_plain_weights(
     packed = load_checkpoint(tiny_checkpoint.model_dir, dtype="bfloat16")
     projs = [m for m in packed.model.modules() if type(m) is Proj]
     assert packed.packed == len(projs) > 0
-    assert all(p.packed is not None and p.weight.numel() == 0 for p in projs)  # one copy only
+    assert all(p.weight.numel() == 0 for p in projs)  # one copy only
+    for layer in packed.model.layers:  # q, k, v and gate, up: one weight each; the rest alone
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.fused is not None and mlp.fused is not None
+        assert attn.fused.projs == [attn.q_proj, attn.k_proj, attn.v_proj]
+        assert attn.fused.sizes == [p.out_features for p in attn.fused.projs]
+        assert all(p.fused and p.packed is None for p in [*attn.fused.projs, *mlp.fused.projs])
+        assert attn.o_proj.packed is not None and mlp.down_proj.packed is not None
     monkeypatch.setattr(packing, "available", lambda dtype, device: False)
     plain = load_checkpoint(tiny_checkpoint.model_dir, dtype="bfloat16")
     assert plain.packed == 0 and plain.weight_bytes == packed.weight_bytes
