@@ -430,7 +430,7 @@ class LocalBackend:
         if self._engine is not None:
             snap.kv_used = self._engine.kv_bytes_used
             snap.kv_free = self._engine.kv_bytes_total - snap.kv_used
-            snap.workspace = self._engine.workspace.peak
+            snap.workspace = self._engine.workspace.peak + self._engine.model.lora_stack_bytes()
             if self._engine.device.type == "cpu":  # on CUDA the swap is host memory, not measured
                 snap.kv_swapped = self._engine.kv_bytes_swapped
         return snap

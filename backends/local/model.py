@@ -119,6 +119,14 @@ class LoraBatch:
 Stack = tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, float], ...]]
 FusedStack = tuple[torch.Tensor, list[torch.Tensor | None], list[int], tuple[tuple[int, int, float], ...]]
 UPCAST_ROWS = 256  # packed bfloat16 projections of this many rows or more run in float32
+STACK_SETS = 4  # adapter sets whose concatenated stacks a projection keeps (oldest dropped)
+
+
+def stack_bytes(stack: Stack | FusedStack | None) -> int:
+    if stack is None:
+        return 0
+    parts = [stack[0], *(stack[1] if isinstance(stack[1], list) else [stack[1]])]
+    return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 class Proj(nn.Module):
@@ -139,6 +147,7 @@ class Proj(nn.Module):
         self._stacks: dict[tuple[int, ...], Stack] = {}
         self._lock = threading.Lock()
         self.version = 0  # bumped by every change of `adapters` (Fused's stacks follow it)
+        self.group: Fused | None = None  # the fused projection it belongs to (packing.py)
 
     def pack(self, packed: torch.Tensor) -> None:
         """Serve `base` from `packed` (packing.py); the plain weight is dropped."""
@@ -148,14 +157,19 @@ class Proj(nn.Module):
     def set_adapter(self, slot: int, weights: LoraWeights) -> None:
         with self._lock:
             self.adapters[slot] = weights
-            self._stacks.clear()
-            self.version += 1
+            self._changed()
 
     def drop_adapter(self, slot: int) -> None:
         with self._lock:
             if self.adapters.pop(slot, None) is not None:
-                self._stacks.clear()
-                self.version += 1
+                self._changed()
+
+    def _changed(self) -> None:
+        """Drop the stacks built from the old adapters (its group's too: no stale copies)."""
+        self._stacks.clear()
+        self.version += 1
+        if self.group is not None:
+            self.group._stacks = {}
 
     def fuse(self) -> None:
         """Its layer serves `base` from one GEMM with its siblings (`Fused`); the weight is dropped."""
@@ -182,6 +196,8 @@ class Proj(nn.Module):
                 layout = tuple((s, int(w.a.shape[0]), float(w.scale)) for s, w in present)
                 a = torch.cat([w.a for _, w in present])
                 b = torch.cat([w.b for _, w in present], dim=1)
+                if len(self._stacks) >= STACK_SETS:
+                    del self._stacks[next(iter(self._stacks))]  # the oldest set
                 stack = self._stacks[key] = (a, b, layout)
         return stack
 
@@ -227,6 +243,8 @@ class Fused:
     def __init__(self, projs: list[Proj], packed: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.projs, self.packed, self.bias = projs, packed, bias
         self.sizes = [p.out_features for p in projs]
+        for p in projs:
+            p.group = self
         self._versions: tuple[int, ...] = ()
         self._stacks: dict[tuple[int, ...], FusedStack | None] = {}
 
@@ -250,6 +268,8 @@ class Fused:
             bs = [torch.cat([w.b for _, w in part], dim=1) if part else None for part in parts]
             ranks = [sum(int(w.a.shape[0]) for _, w in part) for part in parts]
             stack = (a, bs, ranks, layout)
+        if len(self._stacks) >= STACK_SETS:
+            del self._stacks[next(iter(self._stacks))]  # the oldest set
         self._stacks[key] = stack
         return stack
 
@@ -513,6 +533,17 @@ class Llama(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
+
+    def lora_stack_bytes(self) -> int:
+        """Bytes of the adapters' concatenated stacks the projections keep (`STACK_SETS` sets
+        each): copies of resident adapters, counted in the snapshot's workspace."""
+        total = 0
+        for m in self.modules():
+            if isinstance(m, Proj):
+                total += sum(stack_bytes(st) for st in list(m._stacks.values()))
+            elif isinstance(m, (Attention, MLP)) and m.fused is not None:
+                total += sum(stack_bytes(st) for st in list(m.fused._stacks.values()))
+        return total
 
     @property
     def layers(self) -> list[DecoderLayer]:

@@ -24,6 +24,8 @@ def test_ledger_explains_rss_after_warm_up(tiny_checkpoint: TinyCheckpoint) -> N
         assert abs(mem.other) < 0.10 * mem.measured, mem
         engine = b._engine
         assert engine is not None and engine.workspace.peak >= engine.workspace.last > 0
+        stacks = engine.model.lora_stack_bytes()  # acme's concatenated stacks, kept per set
+        assert stacks > 0 and mem.workspace == engine.workspace.peak + stacks
 
     run_with(tiny_checkpoint, body, kv_cache_bytes=32 * 1024 * 1024)
 

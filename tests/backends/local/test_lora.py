@@ -14,6 +14,7 @@ from backends.hf.safetensors import adapter_bytes
 from backends.local import packing
 from backends.local.loader import load_checkpoint
 from backends.local.lora import AdapterConfig, AdapterError, install, load_adapter, uninstall
+from backends.local.model import STACK_SETS, Proj
 
 from .conftest import TinyCheckpoint, add_lora, random_hf_model
 from .helpers import prefill_logits
@@ -88,6 +89,31 @@ def test_bfloat16_adapters_match_peft_on_fused_projections(tmp_path: Path) -> No
     check([2, 0, 5], ["all", None, "some"])
     uninstall(loaded.model, 2)  # the fused stacks follow: slot 2 is the base model now
     check([2, 5], [None, "some"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adapter_stacks_are_bounded_and_counted(tiny_checkpoint: TinyCheckpoint, dtype: str) -> None:
+    """Every adapter set a step mixes gets its concatenated stacks; a projection (or a fused
+    group) keeps those of the last STACK_SETS sets only, and their bytes are reported."""
+    loaded = load_checkpoint(tiny_checkpoint.model_dir, dtype=dtype)
+    model = loaded.model
+    adapter = load_adapter(tiny_checkpoint.adapters_dir / "acme", model)
+    for slot in range(1, 7):
+        install(model, adapter, slot)
+    assert model.lora_stack_bytes() == 0
+    ids = list(range(5, 15))
+    want = prefill_logits(model, [ids], [1])[0]
+    for first in range(1, 7):  # six different sets of two adapters
+        out = prefill_logits(model, [ids, ids], [first, first % 6 + 1])
+        assert (out[0] - want).abs().max().item() < 0.05  # the same adapter in every slot
+    holders = [m._stacks for m in model.modules() if isinstance(m, Proj)]
+    holders += [g.fused._stacks for layer in model.layers for g in (layer.self_attn, layer.mlp)
+                if g.fused is not None]
+    assert max(len(h) for h in holders) == STACK_SETS
+    two = 2 * adapter.nbytes  # a set of two: each stack holds both adapters' A and B once
+    assert STACK_SETS * two * 0.9 <= model.lora_stack_bytes() <= STACK_SETS * two
+    uninstall(model, 1)
+    assert model.lora_stack_bytes() == 0  # a change drops the stacks built before it
 
 
 def test_rslora_scale_and_bytes(tmp_path: Path) -> None:
