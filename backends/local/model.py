@@ -116,24 +116,71 @@ class LoraBatch:
         return w
 
 
-Stack = tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, float], ...]]
-FusedStack = tuple[torch.Tensor, list[torch.Tensor | None], list[int], tuple[tuple[int, int, float], ...]]
+# [A of every member's adapters], each member's [B] (None: none of the set), its rank
+# columns, and the (slot, rank, scale) column layout
+Stack = tuple[torch.Tensor, list[torch.Tensor | None], list[int], tuple[tuple[int, int, float], ...]]
 UPCAST_ROWS = 256  # packed bfloat16 projections of this many rows or more run in float32
 STACK_SETS = 4  # adapter sets whose concatenated stacks a projection keeps (oldest dropped)
 
 
-def stack_bytes(stack: Stack | FusedStack | None) -> int:
-    if stack is None:
-        return 0
-    parts = [stack[0], *(stack[1] if isinstance(stack[1], list) else [stack[1]])]
-    return sum(t.numel() * t.element_size() for t in parts if t is not None)
+class Stacks:
+    """The concatenated adapters of projections that share an input (one `Proj`, or a `Fused`
+    group), for the last `STACK_SETS` slot sets a step mixed. A member's adapter change drops
+    them all (`Proj._changed`); one built meanwhile goes into the dropped dict, never reused."""
+
+    def __init__(self, projs: list[Proj]) -> None:
+        self.projs = projs
+        self.sets: dict[tuple[int, ...], Stack | None] = {}
+
+    def get(self, slots: list[int]) -> Stack | None:
+        sets, key = self.sets, tuple(slots)
+        if key in sets:
+            return sets[key]
+        parts = []
+        for p in self.projs:
+            with p._lock:
+                parts.append([(s, p.adapters[s]) for s in slots if s in p.adapters])
+        stack = None
+        if any(parts):
+            layout = tuple((s, int(w.a.shape[0]), float(w.scale)) for part in parts for s, w in part)
+            a = torch.cat([w.a for part in parts for _, w in part])
+            bs = [torch.cat([w.b for _, w in part], dim=1) if part else None for part in parts]
+            ranks = [sum(int(w.a.shape[0]) for _, w in part) for part in parts]
+            stack = (a, bs, ranks, layout)
+        if len(sets) >= STACK_SETS:
+            del sets[next(iter(sets))]  # the oldest set
+        sets[key] = stack
+        return stack
+
+    def clear(self) -> None:
+        self.sets = {}
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for st in list(self.sets.values()) if st is not None for t in (st[0], *st[1])]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def apply_lora(stack: Stack, outs: list[torch.Tensor], x: torch.Tensor, lora: LoraBatch) -> None:
+    """outs[m] += scale_i * (x A_i^T) B_i^T in place for member m, i = the token's slot.
+
+    All adapters of the step at once: x @ [A_1; ...; A_n]^T gives every token its rank
+    columns for every adapter of every member, the step's column weights keep only its own
+    (times its scale), and one more matmul per member with [B_1 ... B_n] adds the delta. The
+    stacks are in `lora_dtype` (float32 for a bfloat16 model: x is cast up, the sum cast back).
+    """
+    a, bs, ranks, layout = stack
+    xa = F.linear(x.to(a.dtype), a) * lora.column_weights(layout, a.dtype)
+    for out, b, part in zip(outs, bs, torch.split(xa, ranks, -1), strict=True):
+        if b is not None:
+            out.add_(F.linear(part, b))
 
 
 class Proj(nn.Module):
     """A linear projection (HF keys `weight`, `bias`) plus adapters by slot, kept out of state.
 
     Adapters change from the event loop's thread while the engine thread runs forwards: they
-    are set and dropped under `_lock`, which also guards the cache of concatenated weights.
+    are set and dropped, and read for `Stacks`, under `_lock`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -143,15 +190,21 @@ class Proj(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.adapters: dict[int, LoraWeights] = {}
         self.packed: torch.Tensor | None = None  # oneDNN-blocked weight (packing.py)
-        self.fused = False  # its weight is part of its layer's `Fused` one (packing.py)
-        self._stacks: dict[tuple[int, ...], Stack] = {}
+        self.group: Fused | None = None  # the fused projection its weight is part of (packing.py)
+        self.stacks = Stacks([self])
         self._lock = threading.Lock()
-        self.version = 0  # bumped by every change of `adapters` (Fused's stacks follow it)
-        self.group: Fused | None = None  # the fused projection it belongs to (packing.py)
 
     def pack(self, packed: torch.Tensor) -> None:
         """Serve `base` from `packed` (packing.py); the plain weight is dropped."""
         self.packed = packed
+        self._drop_weight()
+
+    def fuse(self, group: Fused) -> None:
+        """`group` serves its `base` with its siblings' in one GEMM; the plain weight is dropped."""
+        self.group = group
+        self._drop_weight()
+
+    def _drop_weight(self) -> None:
         self.weight = nn.Parameter(self.weight.new_empty((0, self.in_features)), requires_grad=False)
 
     def set_adapter(self, slot: int, weights: LoraWeights) -> None:
@@ -166,61 +219,26 @@ class Proj(nn.Module):
 
     def _changed(self) -> None:
         """Drop the stacks built from the old adapters (its group's too: no stale copies)."""
-        self._stacks.clear()
-        self.version += 1
+        self.stacks.clear()
         if self.group is not None:
-            self.group._stacks = {}
-
-    def fuse(self) -> None:
-        """Its layer serves `base` from one GEMM with its siblings (`Fused`); the weight is dropped."""
-        self.fused = True
-        self.weight = nn.Parameter(self.weight.new_empty((0, self.in_features)), requires_grad=False)
+            self.group.stacks.clear()
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """y = x @ weight.T + bias (quantized projections override this one method)."""
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
-        if self.fused:
+        if self.group is not None:
             raise RuntimeError("this projection is served by its layer's fused projection")
         return F.linear(x, self.weight, self.bias)
 
-    def _stack(self, slots: list[int]) -> Stack | None:
-        """[A_1; ...; A_n], [B_1 ... B_n] and their (slot, rank, scale) layout, cached per set."""
-        key = tuple(slots)
-        stack = self._stacks.get(key)
-        if stack is None:
-            with self._lock:
-                present = [(s, self.adapters[s]) for s in slots if s in self.adapters]
-                if not present:
-                    return None
-                layout = tuple((s, int(w.a.shape[0]), float(w.scale)) for s, w in present)
-                a = torch.cat([w.a for _, w in present])
-                b = torch.cat([w.b for _, w in present], dim=1)
-                if len(self._stacks) >= STACK_SETS:
-                    del self._stacks[next(iter(self._stacks))]  # the oldest set
-                stack = self._stacks[key] = (a, b, layout)
-        return stack
-
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
-        return self.add_lora(self.base(x), x, lora)
-
-    def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        """y += scale_i * (x A_i^T) B_i^T in place, i = the token's adapter slot (0: none).
-
-        All adapters of the step at once: x @ [A_1; ...; A_n]^T gives every token its rank
-        columns for every adapter, the step's column weights keep only its own (times its
-        scale), and one more matmul with [B_1 ... B_n] adds the delta: two matmuls per
-        projection however many adapters the batch mixes. The stacks are in `lora_dtype`
-        (float32 for a bfloat16 model: x is cast up, the sum cast back).
-        """
-        if lora is None or not self.adapters:
-            return y
-        stack = self._stack(lora.slots)
-        if stack is None:
-            return y
-        a, b, layout = stack
-        xa = F.linear(x.to(a.dtype), a) * lora.column_weights(layout, a.dtype)
-        return y.add_(F.linear(xa, b))
+        """y = base(x) + its adapters' deltas (`apply_lora`)."""
+        y = self.base(x)
+        if lora is not None and self.adapters:
+            stack = self.stacks.get(lora.slots)
+            if stack is not None:
+                apply_lora(stack, [y], x, lora)
+        return y
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -243,46 +261,15 @@ class Fused:
     def __init__(self, projs: list[Proj], packed: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.projs, self.packed, self.bias = projs, packed, bias
         self.sizes = [p.out_features for p in projs]
+        self.stacks = Stacks(projs)
         for p in projs:
-            p.group = self
-        self._versions: tuple[int, ...] = ()
-        self._stacks: dict[tuple[int, ...], FusedStack | None] = {}
-
-    def _stack(self, slots: list[int]) -> FusedStack | None:
-        """Members' A stacked in one, each member's B, the column layout; cached per slot set
-        while no member's adapters change."""
-        versions = tuple(p.version for p in self.projs)
-        if versions != self._versions:
-            self._stacks, self._versions = {}, versions
-        key = tuple(slots)
-        if key in self._stacks:
-            return self._stacks[key]
-        parts = []
-        for p in self.projs:
-            with p._lock:
-                parts.append([(s, p.adapters[s]) for s in slots if s in p.adapters])
-        stack = None
-        if any(parts):
-            layout = tuple((s, int(w.a.shape[0]), float(w.scale)) for part in parts for s, w in part)
-            a = torch.cat([w.a for part in parts for _, w in part])
-            bs = [torch.cat([w.b for _, w in part], dim=1) if part else None for part in parts]
-            ranks = [sum(int(w.a.shape[0]) for _, w in part) for part in parts]
-            stack = (a, bs, ranks, layout)
-        if len(self._stacks) >= STACK_SETS:
-            del self._stacks[next(iter(self._stacks))]  # the oldest set
-        self._stacks[key] = stack
-        return stack
+            p.fuse(self)
 
     def __call__(self, x: torch.Tensor, lora: LoraBatch | None) -> list[torch.Tensor]:
         outs = list(torch.split(packed_linear(x, self.packed, self.bias), self.sizes, -1))
-        stack = self._stack(lora.slots) if lora is not None else None
-        if lora is None or stack is None:
-            return outs
-        a, bs, ranks, layout = stack
-        xa = F.linear(x.to(a.dtype), a) * lora.column_weights(layout, a.dtype)
-        for out, b, part in zip(outs, bs, torch.split(xa, ranks, -1), strict=True):
-            if b is not None:
-                out.add_(F.linear(part, b))
+        stack = self.stacks.get(lora.slots) if lora is not None else None
+        if lora is not None and stack is not None:
+            apply_lora(stack, outs, x, lora)
         return outs
 
 
@@ -537,13 +524,10 @@ class Llama(nn.Module):
     def lora_stack_bytes(self) -> int:
         """Bytes of the adapters' concatenated stacks the projections keep (`STACK_SETS` sets
         each): copies of resident adapters, counted in the snapshot's workspace."""
-        total = 0
-        for m in self.modules():
-            if isinstance(m, Proj):
-                total += sum(stack_bytes(st) for st in list(m._stacks.values()))
-            elif isinstance(m, (Attention, MLP)) and m.fused is not None:
-                total += sum(stack_bytes(st) for st in list(m.fused._stacks.values()))
-        return total
+        stacks = [m.stacks for m in self.modules() if isinstance(m, Proj)]
+        stacks += [g.fused.stacks for layer in self.layers for g in (layer.self_attn, layer.mlp)
+                   if g.fused is not None]
+        return sum(st.nbytes for st in stacks)
 
     @property
     def layers(self) -> list[DecoderLayer]:

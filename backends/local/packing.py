@@ -48,6 +48,11 @@ def available(dtype: torch.dtype, device: torch.device) -> bool:
     )
 
 
+def reorder(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [out, in] in oneDNN's blocked layout for `BATCH_HINT` rows."""
+    return cast(torch.Tensor, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT))
+
+
 def pack(model: Llama) -> int:
     """Pack every plain bfloat16 projection of `model` (int8 ones keep their own path).
 
@@ -64,7 +69,7 @@ def pack(model: Llama) -> int:
         probe.weight.normal_(0.0, 0.02)
         want = probe.base(x)
         try:
-            probe.pack(torch.ops.mkldnn._reorder_linear_weight(probe.weight.detach(), BATCH_HINT))
+            probe.pack(reorder(probe.weight))
             ok = torch.allclose(probe.base(x), want, rtol=1e-2, atol=1e-2)
         except RuntimeError as e:
             log.info("oneDNN weight packing unavailable (%s): bfloat16 uses F.linear", e)
@@ -72,9 +77,6 @@ def pack(model: Llama) -> int:
     if not ok:
         log.info("oneDNN packed linear differs from F.linear: bfloat16 uses F.linear")
         return 0
-    def reorder(w: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, torch.ops.mkldnn._reorder_linear_weight(w.detach(), BATCH_HINT))
-
     plain = set(projs)
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -87,9 +89,7 @@ def pack(model: Llama) -> int:
                 continue  # an int8 member, or biases on some only: each on its own
             bias = torch.cat(biases) if biases else None
             parent.fused = Fused(members, reorder(torch.cat([m.weight for m in members])), bias)
-            for m in members:
-                m.fuse()
-                plain.discard(m)
+            plain.difference_update(members)
     for proj in plain:
         proj.pack(reorder(proj.weight))
     return len(projs)

@@ -106,8 +106,8 @@ def test_adapter_stacks_are_bounded_and_counted(tiny_checkpoint: TinyCheckpoint,
     for first in range(1, 7):  # six different sets of two adapters
         out = prefill_logits(model, [ids, ids], [first, first % 6 + 1])
         assert (out[0] - want).abs().max().item() < 0.05  # the same adapter in every slot
-    holders = [m._stacks for m in model.modules() if isinstance(m, Proj)]
-    holders += [g.fused._stacks for layer in model.layers for g in (layer.self_attn, layer.mlp)
+    holders = [m.stacks.sets for m in model.modules() if isinstance(m, Proj)]
+    holders += [g.fused.stacks.sets for layer in model.layers for g in (layer.self_attn, layer.mlp)
                 if g.fused is not None]
     assert max(len(h) for h in holders) == STACK_SETS
     two = 2 * adapter.nbytes  # a set of two: each stack holds both adapters' A and B once

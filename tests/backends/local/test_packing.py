@@ -28,7 +28,8 @@ def test_bfloat16_load_packs_and_answers_like_plain_weights(
         assert attn.fused is not None and mlp.fused is not None
         assert attn.fused.projs == [attn.q_proj, attn.k_proj, attn.v_proj]
         assert attn.fused.sizes == [p.out_features for p in attn.fused.projs]
-        assert all(p.fused and p.packed is None for p in [*attn.fused.projs, *mlp.fused.projs])
+        assert all(p.group is attn.fused and p.packed is None for p in attn.fused.projs)
+        assert all(p.group is mlp.fused and p.packed is None for p in mlp.fused.projs)
         assert attn.o_proj.packed is not None and mlp.down_proj.packed is not None
     monkeypatch.setattr(packing, "available", lambda dtype, device: False)
     plain = load_checkpoint(tiny_checkpoint.model_dir, dtype="bfloat16")
