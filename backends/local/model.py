@@ -324,8 +324,8 @@ class StepInput:
 
 @dataclass
 class KVPool:
-    """Flat paged KV storage: per layer k, v [kv_heads, num_slots, head_dim], in the compute
-    dtype, or int8 with float32 scales [kv_heads, num_slots, 1] (`kv_dtype: int8`)."""
+    """Flat paged KV storage: per layer k, v [num_slots, kv_heads, head_dim], in the compute
+    dtype, or int8 with float32 scales [num_slots, kv_heads, 1] (`kv_dtype: int8`)."""
 
     k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
@@ -337,11 +337,11 @@ class KVPool:
         cls, cfg: ArchConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str,
         kv_dtype: str = "auto",
     ) -> KVPool:
-        shape = (cfg.num_key_value_heads, num_slots, cfg.head_dim)
+        shape = (num_slots, cfg.num_key_value_heads, cfg.head_dim)
         n = cfg.num_hidden_layers
         int8 = kv_dtype == "int8"
         store = torch.int8 if int8 else dtype
-        scale = (cfg.num_key_value_heads, num_slots, 1)
+        scale = (num_slots, cfg.num_key_value_heads, 1)
 
         def scales() -> list[torch.Tensor]:
             return [torch.ones(scale, dtype=torch.float32, device=device) for _ in range(n)] \
@@ -355,7 +355,7 @@ class KVPool:
         )
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every pool tensor; each indexes slots on its dimension 1."""
+        """Every pool tensor; each indexes slots on its dimension 0."""
         return [*self.k, *self.v, *self.k_scale, *self.v_scale]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -422,13 +422,13 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin, step.lora)  # [N, H, D]
         slots = step.write_slots
         if scales is None:
-            k_cache.index_copy_(1, slots, k.transpose(0, 1))
-            v_cache.index_copy_(1, slots, v.transpose(0, 1))
+            k_cache.index_copy_(0, slots, k)
+            v_cache.index_copy_(0, slots, v)
         else:  # int8: each token's head stored with its own scale
             for cache, scale, x_ in ((k_cache, scales[0], k), (v_cache, scales[1], v)):
                 xq, xs = quantize(x_)
-                cache.index_copy_(1, slots, xq.transpose(0, 1))
-                scale.index_copy_(1, slots, xs.transpose(0, 1))
+                cache.index_copy_(0, slots, xq)
+                scale.index_copy_(0, slots, xs)
         decode = step.decode_batch()
         prefill = step.prefill
         if decode is not None and decode.leading and decode.size == q.shape[0]:

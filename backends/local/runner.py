@@ -98,7 +98,7 @@ class ModelRunner:
         slots = self._block_slots(blocks)
         out = []
         for t in self.kv.tensors():
-            part = t.index_select(1, slots)
+            part = t.index_select(0, slots)
             if self.device.type == "cuda":
                 host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
                 host.copy_(part)
@@ -112,7 +112,7 @@ class ModelRunner:
             raise RuntimeError("the KV pool is not allocated")
         slots = self._block_slots(blocks)
         for t, host in zip(self.kv.tensors(), data, strict=True):
-            t.index_copy_(1, slots, host.to(self.device, non_blocking=True))
+            t.index_copy_(0, slots, host.to(self.device, non_blocking=True))
 
     def run(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; logits [S, V] float32 (on the device) for the returned sequences."""

@@ -7,9 +7,10 @@ vocab V and element size e,
     resident = 2 N H e                                         (residual + normed input)
     attn     = N (2Q + 3K) e + N Q e + max(prefill, decode)    (q,k,v, roped, out, and:)
     prefill  = max over chunks of 2 c_s K e + heads n_s c_s e  (one chunk's gathered K/V + scores)
-    decode   = B L (2 K e + heads e)                           (the B decoding sequences' K/V
+    decode   = B L (2 K e + (heads + 1) e)                     (the B decoding sequences' K/V
                                                                gathered to L = longest context in
-                                                               whole blocks, and their scores)
+                                                               whole blocks, once for all layers;
+                                                               their scores and additive mask)
     mlp      = 3 N I e                                         (gate, up, product)
     logits   = S V (e + 4)                                     (logits + float32 copy)
     dequant  = largest int8 matrix x e                         (QuantProj's transient float weight)
@@ -56,7 +57,7 @@ class WorkspaceMeter:
         )
         decoding = [ctx for t, ctx in spans if t == 1]
         width = blocks_for(max(decoding, default=0), self.block_size) * self.block_size
-        decode = len(decoding) * width * (2 * k * e + heads * e)
+        decode = len(decoding) * width * (2 * k * e + (heads + 1) * e)
         attn = n * (3 * q + 3 * k) * e + max(prefill, decode)
         mlp = 3 * n * c.intermediate_size * e
         logits = len(spans) * c.vocab_size * (e + 4)

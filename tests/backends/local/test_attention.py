@@ -25,7 +25,7 @@ def per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: list[
     """The engine's former decode: one SDPA call per sequence over its own gathered keys."""
     out = []
     for b, s in enumerate(slots):
-        ks, vs = k.index_select(1, s), v.index_select(1, s)  # [KVH, n, D]
+        ks, vs = k.index_select(0, s).transpose(0, 1), v.index_select(0, s).transpose(0, 1)
         out.append(F.scaled_dot_product_attention(q[b][:, None], ks, vs, enable_gqa=True)[:, 0])
     return torch.stack(out)
 
@@ -34,8 +34,8 @@ def per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: list[
 def test_batched_decode_equals_per_sequence(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
     kv_heads, heads, dim, blocks = 2, 8, 16, 64
-    k = torch.randn(kv_heads, blocks * BS, dim, generator=g).to(dtype)
-    v = torch.randn(kv_heads, blocks * BS, dim, generator=g).to(dtype)
+    k = torch.randn(blocks * BS, kv_heads, dim, generator=g).to(dtype)  # [slots, KVH, D]
+    v = torch.randn(blocks * BS, kv_heads, dim, generator=g).to(dtype)
     lengths = [1, 5, 17, 32, 9]
     order = torch.randperm(blocks, generator=g).tolist()  # scattered, interleaved blocks
     tables, at = [], 0
@@ -57,7 +57,7 @@ def test_batched_decode_equals_per_sequence(dtype: torch.dtype) -> None:
 
 def test_prefill_chunk_is_causal_from_its_offset() -> None:
     g = torch.Generator().manual_seed(1)
-    k, v = torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 16, generator=g)
+    k, v = torch.randn(40, 2, 16, generator=g), torch.randn(40, 2, 16, generator=g)
     slots = torch.randperm(40, generator=g)[:23]
     q = torch.randn(23, 8, 16, generator=g)
     full = prefill_attention(q, k, v, slots)  # the whole prompt at once
