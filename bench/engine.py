@@ -8,11 +8,13 @@ corpus, exactly --new tokens each, EOS ignored) submitted at once; tok/s = B x n
 time from submission to the last token (prefill included). "8 adapters" serves request i with
 adapter rand-(i mod 8) of MODEL/adapters (`gateway demo-model --size mid` writes them; peft
 mixes them through `adapter_names`). Targets run in their own processes and are interleaved:
-every repeat runs every cell on every target, the order rotating per repeat; the table gives
-medians and ratios of medians, of tok/s and (steadier on a shared machine) of tokens per
-CPU-second of the target's process (every thread; for HTTP the gateway's, not the load
-generator's); "best hf" is the faster of the transformers configurations
-run (`--hf-threads default,1`: torch's default threads and one thread). The HTTP target is a
+every repeat runs every cell on every target, back to back, the order rotating per repeat.
+The tables give medians of tok/s and (steadier on a shared machine) of tokens per CPU-second
+of the target's process (every thread; for HTTP the gateway's, not the load generator's), and
+ratios as the median over repeats of each repeat's ratio (samples of one cell and repeat are
+taken seconds apart, so the machine's drift over minutes cancels; a ratio of medians pairs
+samples from different minutes); "best hf" is, per repeat, the faster of the transformers
+configurations run (`--hf-threads default,1`: torch's default threads and one thread). The HTTP target is a
 real `gateway serve` (default policy chain) driven by an httpx load generator in this
 process, on the same machine. With two dtypes, a last table divides bfloat16 by float32.
 Writes bench/results/engine-<model>.json (or --out).
@@ -179,10 +181,16 @@ def medians(results: Results) -> dict[str, dict[Cell, float]]:
     return {n: {c: statistics.median(v) for c, v in cells.items()} for n, cells in results.items()}
 
 
-def table(
-    cells: list[Cell], med: dict[str, dict[Cell, float]], dtype: str, unit: str = "tok/s"
-) -> str:
+def ratio(results: Results, num: str, dens: list[str], cell: Cell) -> float:
+    """The median over repeats of num / (the best of dens) in that repeat: a cell's targets
+    run back to back within a repeat, so each ratio pairs samples taken under the same load."""
+    return statistics.median(
+        x / max(results[d][cell][i] for d in dens) for i, x in enumerate(results[num][cell]))
+
+
+def table(cells: list[Cell], results: Results, dtype: str, unit: str = "tok/s") -> str:
     """One dtype's table: tok/s per target, memgate / best hf, memgate / each hf, http ratio."""
+    med = medians(results)
     names = [n for n in med if n.endswith(f"/{dtype}")]
     hfs = [n for n in names if n.startswith("hf")]
     http, mine = f"http/{dtype}", f"memgate/{dtype}"
@@ -195,21 +203,21 @@ def table(
         row = f"| {cell[0]} | {cell[1] or 'none'} | " + " | ".join(
             f"{med[n][cell]:,.1f}" for n in names)
         if hfs:
-            row += f" | **{med[mine][cell] / max(med[n][cell] for n in hfs):.2f}x**"
-            row += "".join(f" | {med[mine][cell] / med[n][cell]:.2f}x" for n in hfs)
+            row += f" | **{ratio(results, mine, hfs, cell):.2f}x**"
+            row += "".join(f" | {ratio(results, mine, [n], cell):.2f}x" for n in hfs)
         if http in med:
-            row += f" | {med[http][cell] / med[mine][cell]:.2f}"
+            row += f" | {ratio(results, http, [mine], cell):.2f}"
         lines.append(row + " |")
     return "\n".join(lines)
 
 
-def dtype_table(cells: list[Cell], med: dict[str, dict[Cell, float]], dtypes: list[str]) -> str:
-    kinds = [k for k in ("memgate", "http") if all(f"{k}/{d}" in med for d in dtypes)]
+def dtype_table(cells: list[Cell], results: Results, dtypes: list[str]) -> str:
+    kinds = [k for k in ("memgate", "http") if all(f"{k}/{d}" in results for d in dtypes)]
     lines = ["| batch | adapters | " + " | ".join(f"{k} {dtypes[1]} / {dtypes[0]}" for k in kinds)
              + " |", "|---|---|" + "---|" * len(kinds)]
     for cell in cells:
         lines.append(f"| {cell[0]} | {cell[1] or 'none'} | " + " | ".join(
-            f"{med[f'{k}/{dtypes[1]}'][cell] / med[f'{k}/{dtypes[0]}'][cell]:.2f}x"
+            f"{ratio(results, f'{k}/{dtypes[1]}', [f'{k}/{dtypes[0]}'], cell):.2f}x"
             for k in kinds) + " |")
     return "\n".join(lines)
 
@@ -271,15 +279,15 @@ def main() -> None:
                     print(f"repeat {rep + 1} batch {batch:>2} adapters {adapters or 'none':>4} "
                           f"{name:<18} {batch * args.new / seconds:8.1f} tok/s "
                           f"{batch * args.new / max(cpu, 1e-9):8.1f} tok/CPU-s", flush=True)
-        threads = {n: t.threads for n, t in targets.items()}
+        teams = {n: t.threads for n, t in targets.items()}
     med, med_cpu = medians(results), medians(per_cpu)
     print(f"\n{args.model} on {args.device}, prompts {len(prompts[0])} tokens, {args.new} new, "
-          f"greedy, medians of {args.repeats}; torch threads {threads}")
-    tables = {d: table(cells, med, d) for d in dtypes}
+          f"greedy, medians of {args.repeats}; torch threads {teams}")
+    tables = {d: table(cells, results, d) for d in dtypes}
     if len(dtypes) == 2:
-        tables[f"{dtypes[1]} / {dtypes[0]}"] = dtype_table(cells, med, dtypes)
+        tables[f"{dtypes[1]} / {dtypes[0]}"] = dtype_table(cells, results, dtypes)
     for d in dtypes:  # steadier on a shared machine: tokens per CPU-second of the target process
-        tables[f"{d}, tokens per CPU-second"] = table(cells, med_cpu, d, "tok/CPU-s")
+        tables[f"{d}, tokens per CPU-second"] = table(cells, per_cpu, d, "tok/CPU-s")
     for title, text in tables.items():
         print(f"\n{title}\n{text}")
     out = args.out or ROOT / "bench" / "results" / f"engine-{args.model.name}.json"
@@ -287,7 +295,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": " ".join(["python", "-m", "bench.engine", *sys.argv[1:]]),
         "machine": {**machine(), "loadavg_at_start": loadavg_at_start}, "model": str(args.model), "device": args.device,
-        "prompt_tokens": len(prompts[0]), "new_tokens": args.new, "threads": threads,
+        "prompt_tokens": len(prompts[0]), "new_tokens": args.new, "threads": teams,
         "tables": tables,
         "cells": [{"batch": b, "adapters": a, **{n: {
             "tok_s": results[n][(b, a)], "median": med[n][(b, a)],
