@@ -73,6 +73,7 @@ class Worker:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         self.threads = int(self._read()["threads"])
+        self.resizes = 0  # the last run's team resizes (memgate)
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -88,6 +89,7 @@ class Worker:
         self.proc.stdin.write("\n")
         self.proc.stdin.flush()
         answer = self._read()
+        self.resizes = int(answer.get("resizes", 0))
         return float(answer["seconds"]), float(answer["cpu"])
 
     def close(self) -> None:
@@ -265,6 +267,7 @@ def main() -> None:
             stack.callback(t.close)
         results: Results = {n: {c: [] for c in cells} for n in targets}
         per_cpu: Results = {n: {c: [] for c in cells} for n in targets}
+        resizes: dict[str, dict[Cell, list[int]]] = {n: {c: [] for c in cells} for n in targets}
         for t in targets.values():  # warm-up: every cell once, a few tokens (adapters load)
             for batch, adapters in cells:
                 t.run(prompts[:batch], adapters, 4)
@@ -273,12 +276,16 @@ def main() -> None:
             for cell in cells:
                 batch, adapters = cell
                 for name in order[rep % len(order):] + order[: rep % len(order)]:
-                    seconds, cpu = targets[name].run(prompts[:batch], adapters, args.new)
+                    target = targets[name]
+                    seconds, cpu = target.run(prompts[:batch], adapters, args.new)
                     results[name][cell].append(batch * args.new / seconds)
                     per_cpu[name][cell].append(batch * args.new / max(cpu, 1e-9))
+                    resized = target.resizes if isinstance(target, Worker) else 0
+                    resizes[name][cell].append(resized)
                     print(f"repeat {rep + 1} batch {batch:>2} adapters {adapters or 'none':>4} "
                           f"{name:<18} {batch * args.new / seconds:8.1f} tok/s "
-                          f"{batch * args.new / max(cpu, 1e-9):8.1f} tok/CPU-s", flush=True)
+                          f"{batch * args.new / max(cpu, 1e-9):8.1f} tok/CPU-s"
+                          + (f" (team resized {resized}x)" if resized else ""), flush=True)
         teams = {n: t.threads for n, t in targets.items()}
     med, med_cpu = medians(results), medians(per_cpu)
     print(f"\n{args.model} on {args.device}, prompts {len(prompts[0])} tokens, {args.new} new, "
@@ -299,7 +306,8 @@ def main() -> None:
         "tables": tables,
         "cells": [{"batch": b, "adapters": a, **{n: {
             "tok_s": results[n][(b, a)], "median": med[n][(b, a)],
-            "tok_per_cpu_s": per_cpu[n][(b, a)], "median_per_cpu_s": med_cpu[n][(b, a)]}
+            "tok_per_cpu_s": per_cpu[n][(b, a)], "median_per_cpu_s": med_cpu[n][(b, a)],
+            "team_resizes": resizes[n][(b, a)]}
             for n in results}} for b, a in cells],
     }, indent=2) + "\n")
     print(f"wrote {out}")

@@ -46,6 +46,10 @@ class Memgate:
         self.engine.start()
         self.threads = self.engine.num_threads
 
+    def resizes(self) -> int:
+        """Team resizes so far (the engine shrinks its team while other processes hold cores)."""
+        return int(self.engine.thread_changes)
+
     def run(self, prompts: list[list[int]], adapters: int, new: int) -> float:
         from backends.local.engine import Event
         from backends.local.sampler import Sampler
@@ -135,9 +139,11 @@ def main() -> None:
     for line in sys.stdin:
         req = json.loads(line)
         cpu = time.process_time()
+        resized = target.resizes() if isinstance(target, Memgate) else 0
         seconds = target.run(req["prompts"], req["adapters"], req["new"])
         cpu = time.process_time() - cpu
-        print(json.dumps({"seconds": seconds, "cpu": cpu,
+        resized = (target.resizes() if isinstance(target, Memgate) else 0) - resized
+        print(json.dumps({"seconds": seconds, "cpu": cpu, "resizes": resized,
                           "tokens": len(req["prompts"]) * req["new"]}), flush=True)
 
 
