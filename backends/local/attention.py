@@ -132,7 +132,7 @@ def decode_attention(
     shape = (b, batch.length, kv_heads, dim)
     k = gather(k_cache, ks, batch.slots, q.dtype, kb).view(shape).transpose(1, 2)
     v = gather(v_cache, vs, batch.slots, q.dtype, vb).view(shape).transpose(1, 2)
-    if batch.bias is None or batch.bias.dtype != q.dtype:  # SDPA would convert it per call
+    if batch.bias is None:  # SDPA would convert the boolean mask on every call
         batch.bias = torch.zeros(batch.mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
             ~batch.mask, float("-inf"))
     out = F.scaled_dot_product_attention(

@@ -267,9 +267,10 @@ class Fused:
 
     def __call__(self, x: torch.Tensor, lora: LoraBatch | None) -> list[torch.Tensor]:
         outs = list(torch.split(packed_linear(x, self.packed, self.bias), self.sizes, -1))
-        stack = self.stacks.get(lora.slots) if lora is not None else None
-        if lora is not None and stack is not None:
-            apply_lora(stack, outs, x, lora)
+        if lora is not None:
+            stack = self.stacks.get(lora.slots)
+            if stack is not None:
+                apply_lora(stack, outs, x, lora)
         return outs
 
 
