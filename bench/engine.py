@@ -8,7 +8,8 @@ corpus, exactly --new tokens each, EOS ignored) submitted at once; tok/s = B x n
 time from submission to the last token (prefill included). "8 adapters" serves request i with
 adapter rand-(i mod 8) of MODEL/adapters (`gateway demo-model --size mid` writes them; peft
 mixes them through `adapter_names`). Targets run in their own processes and are interleaved:
-every repeat runs every cell on every target, back to back, the order rotating per repeat.
+every repeat runs every cell on every target, back to back: a kind's dtypes next to each
+other, the kinds rotating and the dtypes alternating per repeat.
 The tables give medians of tok/s and (steadier on a shared machine) of tokens per CPU-second
 of the target's process (every thread; for HTTP the gateway's, not the load generator's), and
 ratios as the median over repeats of each repeat's ratio (samples of one cell and repeat are
@@ -179,6 +180,16 @@ def machine() -> dict[str, Any]:
 Results = dict[str, dict[Cell, list[float]]]
 
 
+def run_order(names: list[str], dtypes: list[str], rep: int) -> list[str]:
+    """The targets of one cell in repeat `rep`: a kind's dtypes back to back (the bfloat16 /
+    float32 ratio pairs samples seconds apart), the kinds rotating per repeat and the dtypes
+    within a kind alternating, so no target always runs first or right after another."""
+    kinds = list(dict.fromkeys(n.split("/")[0] for n in names))
+    kinds = kinds[rep % len(kinds):] + kinds[: rep % len(kinds)]
+    ds = dtypes if rep % 2 == 0 else dtypes[::-1]
+    return [f"{k}/{d}" for k in kinds for d in ds if f"{k}/{d}" in names]
+
+
 def medians(results: Results) -> dict[str, dict[Cell, float]]:
     return {n: {c: statistics.median(v) for c, v in cells.items()} for n, cells in results.items()}
 
@@ -271,11 +282,10 @@ def main() -> None:
         for t in targets.values():  # warm-up: every cell once, a few tokens (adapters load)
             for batch, adapters in cells:
                 t.run(prompts[:batch], adapters, 4)
-        order = list(targets)
         for rep in range(args.repeats):
             for cell in cells:
                 batch, adapters = cell
-                for name in order[rep % len(order):] + order[: rep % len(order)]:
+                for name in run_order(list(targets), dtypes, rep):
                     target = targets[name]
                     seconds, cpu = target.run(prompts[:batch], adapters, args.new)
                     results[name][cell].append(batch * args.new / seconds)
