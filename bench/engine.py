@@ -15,9 +15,9 @@ of the target's process (every thread; for HTTP the gateway's, not the load gene
 ratios as the median over repeats of each repeat's ratio (samples of one cell and repeat are
 taken seconds apart, so the machine's drift over minutes cancels; a ratio of medians pairs
 samples from different minutes); "best hf" is, per repeat, the faster of the transformers
-configurations run (`--hf-threads default,1`: torch's default threads and one thread). The HTTP target is a
-real `gateway serve` (default policy chain) driven by an httpx load generator in this
-process, on the same machine. With two dtypes, a last table divides bfloat16 by float32.
+configurations run (`--hf-threads default,1`: torch's default threads and one thread). The
+HTTP target is a real `gateway serve` (default policy chain) driven by an httpx load
+generator in this process, on the same machine. With two dtypes, a last table divides bfloat16 by float32.
 Writes bench/results/engine-<model>.json (or --out).
 """
 
@@ -104,6 +104,7 @@ class Http:
 
     def __init__(self, url: str, pid: int, texts: list[str], threads: int) -> None:
         self.url, self.pid, self.texts, self.threads = url, pid, texts, threads
+        self.resizes = 0  # the gateway's team resizes are not observed over HTTP: kept as 0
 
     def cpu(self) -> float:
         """The gateway process's CPU seconds so far (every thread; not the load generator)."""
@@ -290,7 +291,7 @@ def main() -> None:
                     seconds, cpu = target.run(prompts[:batch], adapters, args.new)
                     results[name][cell].append(batch * args.new / seconds)
                     per_cpu[name][cell].append(batch * args.new / max(cpu, 1e-9))
-                    resized = target.resizes if isinstance(target, Worker) else 0
+                    resized = target.resizes
                     resizes[name][cell].append(resized)
                     print(f"repeat {rep + 1} batch {batch:>2} adapters {adapters or 'none':>4} "
                           f"{name:<18} {batch * args.new / seconds:8.1f} tok/s "
