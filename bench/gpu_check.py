@@ -115,7 +115,8 @@ def margins(
     loaded: LoadedModel, prompts: list[list[int]], slots: list[int], outputs: list[list[int]]
 ) -> list[list[float]]:
     """The CPU's top-2 logit margin at each generated position (teacher-forced, with LoRA)."""
-    from backends.local.model import KVPool, LoraBatch, SeqSpan, StepInput
+    from backends.local.model import KVPool, SeqSpan, StepInput
+    from backends.local.projection import LoraBatch
 
     out = []
     for ids, gen, slot in zip(prompts, outputs, slots, strict=True):

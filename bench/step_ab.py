@@ -51,7 +51,8 @@ def main() -> None:
     from backends.local.attention import DecodeBatch
     from backends.local.loader import load_checkpoint
     from backends.local.lora import install, load_adapter
-    from backends.local.model import KVPool, LoraBatch, StepInput
+    from backends.local.model import KVPool, StepInput
+    from backends.local.projection import LoraBatch
 
     dtypes = args.dtypes.split(",")
     batches = [int(b) for b in args.batches.split(",")]

@@ -25,7 +25,8 @@ import torch
 from backends.hf.safetensors import SafetensorsError, adapter_bytes
 from backends.local.loader import CheckpointError
 from backends.local.lora import AdapterError, LoraAdapter, install, load_adapter, uninstall
-from backends.local.model import Llama, lora_dtype
+from backends.local.model import Llama
+from backends.local.projection import lora_dtype
 from gateway.core.errors import BackendError
 
 

@@ -2,7 +2,7 @@
 
 Semantics, per adapted projection and per token t whose adapter slot is s:
     y[t] += scale_s * (x[t] @ A_s.T) @ B_s.T,   A_s [r, in], B_s [out, r]
-The model applies it from a per-token slot index (`model.LoraBatch`); slot 0 is the base model.
+The model applies it from a per-token slot index (`projection.LoraBatch`); slot 0 is the base model.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from backends.local.loader import map_safetensors
-from backends.local.model import Llama, LoraWeights, Proj, lora_dtype
+from backends.local.model import Llama
+from backends.local.projection import LoraWeights, Proj, lora_dtype
 
 PREFIX = "base_model.model."
 

@@ -14,7 +14,7 @@ dominate (a few rows); with hundreds of rows (prefill chunks) a per-call upcast 
 weight to float32 is faster than the bfloat16 kernel (`python -m bench.gemm`).
 
 A layer's projections of one input are packed as one weight, [q; k; v] and [gate; up]
-(`model.Fused`): at a few rows a oneDNN call costs nearly as much for k's 128 outputs as for
+(`projection.Fused`): at a few rows a oneDNN call costs nearly as much for k's 128 outputs as for
 q's 512, so one call for all three is what makes a bfloat16 step beat a float32 one with
 adapters mixed in (README "Engine speed"). The members keep their adapters.
 
@@ -30,7 +30,8 @@ from typing import cast
 
 import torch
 
-from backends.local.model import MLP, Attention, Fused, Llama, Proj
+from backends.local.model import MLP, Attention, Llama
+from backends.local.projection import Fused, Proj
 
 log = logging.getLogger(__name__)
 BATCH_HINT = 8  # the batch size oneDNN picks the blocked layout for; any batch runs

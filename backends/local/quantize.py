@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.local.memory_plan import SCALE_SUFFIX, is_quantizable
-from backends.local.model import Embedding, Llama, Proj
+from backends.local.model import Embedding, Llama
+from backends.local.projection import Proj
 
 
 class QuantizeError(ValueError):

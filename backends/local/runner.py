@@ -12,7 +12,8 @@ import torch
 
 from backends.local.attention import DecodeBatch
 from backends.local.block_manager import BlockManager
-from backends.local.model import KVPool, Llama, LoraBatch, SeqSpan, StepInput
+from backends.local.model import KVPool, Llama, SeqSpan, StepInput
+from backends.local.projection import LoraBatch
 from backends.local.scheduler import Sequence
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from backends.local.model import KVPool, Llama, LoraBatch, SeqSpan, StepInput
+from backends.local.model import KVPool, Llama, SeqSpan, StepInput
+from backends.local.projection import LoraBatch
 
 
 def prefill_logits(model: Llama, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from backends.hf.safetensors import adapter_bytes
 from backends.local import packing
 from backends.local.loader import load_checkpoint
 from backends.local.lora import AdapterConfig, AdapterError, install, load_adapter, uninstall
-from backends.local.model import STACK_SETS, UPCAST_ROWS, Proj
+from backends.local.projection import STACK_SETS, UPCAST_ROWS, Proj
 
 from .conftest import TinyCheckpoint, add_lora, random_hf_model
 from .helpers import prefill_logits

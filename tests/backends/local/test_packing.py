@@ -7,7 +7,7 @@ import torch
 
 from backends.local import packing
 from backends.local.loader import load_checkpoint
-from backends.local.model import UPCAST_ROWS, Proj
+from backends.local.projection import UPCAST_ROWS, Proj
 
 from .conftest import TinyCheckpoint
 
