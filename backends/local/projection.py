@@ -3,7 +3,7 @@
 `Proj` is a projection with HF keys (`weight`, `bias`) plus adapters by slot; `Fused` serves a
 layer's projections of one input ([q; k; v] or [gate; up]) with one packed GEMM (packing.py).
 Each keeps the concatenated adapters of the slot sets its last steps mixed (`Stacks`), so
-all adapters of a step cost two matmuls per input (`apply_lora`).
+all adapters of a step cost two matmuls per input (`Stacks.add`).
 """
 
 from __future__ import annotations
@@ -116,20 +116,22 @@ class Stacks:
         tensors = [t for st in list(self.sets.values()) if st is not None for t in (st[0], *st[1])]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def add(self, outs: list[torch.Tensor], x: torch.Tensor, lora: LoraBatch) -> None:
+        """outs[m] += scale_i * (x A_i^T) B_i^T in place for member m, i = the token's slot.
 
-def apply_lora(stack: Stack, outs: list[torch.Tensor], x: torch.Tensor, lora: LoraBatch) -> None:
-    """outs[m] += scale_i * (x A_i^T) B_i^T in place for member m, i = the token's slot.
-
-    All adapters of the step at once: x @ [A_1; ...; A_n]^T gives every token its rank
-    columns for every adapter of every member, the step's column weights keep only its own
-    (times its scale), and one more matmul per member with [B_1 ... B_n] adds the delta. The
-    stacks are in `lora_dtype` (float32 for a bfloat16 model: x is cast up, the sum cast back).
-    """
-    a, bs, ranks, layout = stack
-    xa = F.linear(x.to(a.dtype), a) * lora.column_weights(layout, a.dtype)
-    for out, b, part in zip(outs, bs, torch.split(xa, ranks, -1), strict=True):
-        if b is not None:
-            out.add_(F.linear(part, b))
+        All adapters of the step at once: x @ [A_1; ...; A_n]^T gives every token its rank
+        columns for every adapter of every member, the step's column weights keep only its own
+        (times its scale), and one more matmul per member with [B_1 ... B_n] adds the delta. The
+        stacks are in `lora_dtype` (float32 for a bfloat16 model: x is cast up, the sum cast back).
+        """
+        stack = self.get(lora.slots)
+        if stack is None:  # no member has an adapter of the step's slots
+            return
+        a, bs, ranks, layout = stack
+        xa = F.linear(x.to(a.dtype), a) * lora.column_weights(layout, a.dtype)
+        for out, b, part in zip(outs, bs, torch.split(xa, ranks, -1), strict=True):
+            if b is not None:
+                out.add_(F.linear(part, b))
 
 
 class Proj(nn.Module):
@@ -188,12 +190,10 @@ class Proj(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
-        """y = base(x) + its adapters' deltas (`apply_lora`)."""
+        """y = base(x) + its adapters' deltas (`Stacks.add`)."""
         y = self.base(x)
         if lora is not None and self.adapters:
-            stack = self.stacks.get(lora.slots)
-            if stack is not None:
-                apply_lora(stack, [y], x, lora)
+            self.stacks.add([y], x, lora)
         return y
 
 
@@ -224,7 +224,5 @@ class Fused:
     def __call__(self, x: torch.Tensor, lora: LoraBatch | None) -> list[torch.Tensor]:
         outs = list(torch.split(packed_linear(x, self.packed, self.bias), self.sizes, -1))
         if lora is not None:
-            stack = self.stacks.get(lora.slots)
-            if stack is not None:
-                apply_lora(stack, outs, x, lora)
+            self.stacks.add(outs, x, lora)
         return outs
