@@ -32,6 +32,7 @@ from backends.hf.safetensors import adapter_bytes
 from backends.hf.tokenizer import ChatTokenizer, TokenizerError
 from backends.openai import OpenAIBackend, OpenAIConfig
 from backends.remote_adapters import RemoteAdapters
+from gateway.core import cpu
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
 from gateway.core.context import Chunk, RequestContext
 from gateway.core.errors import BackendError
@@ -200,7 +201,9 @@ class VLLMBackend(OpenAIBackend):
             ctx.memory.adapter = adapter
             ctx.memory.adapter_bytes = self._adapter_sizes.get(adapter, 0)
         try:
-            prompt = self.count_tokens(ctx)
+            prompt = ctx.prompt_tokens  # counted by the policies (off the loop when large)
+            if prompt is None:
+                prompt = await cpu.offload(ctx.tenant, ctx.body_bytes, lambda: self.count_tokens(ctx))
             if prompt is not None:
                 ctx.prompt_tokens = prompt
                 # vLLM allocates KV as tokens arrive; this is the most the request can hold.

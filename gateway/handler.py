@@ -160,8 +160,10 @@ class GenerationHandler:
         server = state.settings.server
         tenant = state.tenants.authenticate(authorization)
         validation.check_body_headers(ctype, length, server.max_body_bytes)
-        body = validation.parse_body(await out.read_body(server.max_body_bytes, server.body_timeout_s))
+        raw = await out.read_body(server.max_body_bytes, server.body_timeout_s)
+        body = validation.parse_body(raw)
         ctx = self.context(req.kind, tenant, body, extra["x-request-id"], state)
+        ctx.body_bytes = len(raw)  # bounds what its prompt can cost (admission's gate)
         pipeline = Pipeline(state)
         chunks = pipeline.run(ctx, rec)
         drain = state.drain  # ends generations cleanly at shutdown (gateway/shutdown.py)

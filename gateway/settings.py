@@ -63,6 +63,9 @@ class ServerConfig:
     metrics_api_key_env: str | None = None  # set: /metrics needs this bearer key
     # -- end reliability
     torch_threads: Any = "auto"  # each engine thread's torch threads: "auto" or an integer
+    # the tenant-fair pool for large requests' tokenizing, trimming and grammar compiles
+    # (gateway/core/cpu.py): "auto" (the cores this process may use, at most 8) or an integer
+    cpu_workers: Any = "auto"
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); none: off
     # -- operations (issue #18): hot reload, logs, usage records
     reload: str = "signal"  # signal: SIGHUP (forwarded to workers) | watch: the files polled
@@ -92,6 +95,9 @@ class ServerConfig:
         threads = self.torch_threads
         if threads != "auto" and (type(threads) is not int or threads < 1):
             raise ValueError("server.torch_threads must be 'auto' or a positive integer")
+        workers = self.cpu_workers
+        if workers != "auto" and (type(workers) is not int or not 1 <= workers <= 64):
+            raise ValueError("server.cpu_workers must be 'auto' or an integer from 1 to 64")
         if self.reload not in RELOAD_MODES:
             raise ValueError(f"server.reload must be one of {', '.join(RELOAD_MODES)}")
         if self.log_format not in LOG_FORMATS:

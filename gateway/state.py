@@ -9,6 +9,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
+from gateway.core import cpu
 from gateway.core.backend import Backend
 from gateway.core.residency import AdapterResidency, SharesResidency
 from gateway.settings import Settings
@@ -60,6 +61,7 @@ def build_state(settings: Settings, backends: dict[str, Backend], telemetry: Tel
     already read. `quotas`: shared_state's client, at start (a reload keeps the previous)."""
     tenants = tenants if tenants is not None else TenantDirectory(settings.tenants)
     server = settings.server
+    cpu.configure(server.cpu_workers)  # the process's tenant-fair CPU pool (start and reload)
     state = GatewayState(
         settings=settings,
         tenants=tenants,

@@ -29,13 +29,14 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from gateway.core import cpu
 from gateway.core.backend import Capacity
 from gateway.core.config import PRIORITY_RANK, TenantConfig
 from gateway.core.context import Decision, RequestContext, Reservation, Usage
 from gateway.core.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
 from gateway.core.policy import Outcome, Policy, passed
 from policies.base import PolicyEnv
-from policies.demand import Demand, demand, estimate_key
+from policies.demand import Demand, count, demand, estimate_key
 from policies.leases import Bucket, Scope
 from policies.quotas import LocalQuotas, Quotas
 
@@ -130,9 +131,28 @@ class Admission:
 
     # ---- the policy -----------------------------------------------------------------------
 
+    async def gate(self, ctx: RequestContext) -> None:
+        """Before any policy's expensive work on a large request (counting, trimming,
+        grammars): one request and a provisional charge of its body's bytes (an upper bound of
+        its prompt, capped at the limit) from the tenant's buckets, so a tenant past its limit
+        gets a 429 before its prompt costs anything. `apply` settles the charge to the exact
+        count. A small request (inline work, gateway/core/cpu.py) is charged once, in apply."""
+        if ctx.body_bytes <= cpu.INLINE_BYTES:
+            return
+        tenant = self._tenant(self.env.tenant(ctx))
+        tpm = tenant.cfg.limits.tokens_per_minute
+        tokens = min(ctx.body_bytes, tpm) if tpm else 0
+        buckets = tenant.buckets(1, tokens)
+        if buckets:
+            wait = await self.quotas.take(buckets)
+            if wait > 0:
+                raise _rate_limited(buckets, wait)
+        ctx.precharged_tokens = tokens
+
     async def apply(self, ctx: RequestContext) -> Decision:
         tenant = self._tenant(self.env.tenant(ctx))
         backend = self.env.backend(ctx)
+        await count(backend, ctx)  # off the event loop when large
         need = demand(backend, ctx, self.env.estimates)
         ctx.expected_tokens = need.expected_tokens  # what the backend's KV reservation plans for
         cap = backend.capacity()
@@ -144,15 +164,24 @@ class Admission:
         scopes = self._scopes(ctx, tenant, need, cap)
         start = self.env.clock()
         lease, held = "", not scopes
+        # what the gate took already is settled here: the rest of the charge, or a give-back
+        pre = ctx.precharged_tokens
+        buckets = tenant.buckets(0 if pre is not None else 1, max(0, need.tokens - (pre or 0)))
         if scopes and not self._waiters and self._fits(ctx, tenant, need):
             # with shared quotas, the rate buckets and the lease in one round trip
             lease = self.quotas.new_lease()
-            wait, failed = await self.quotas.admit(tenant.buckets(1, need.tokens), lease, scopes)
+            wait, failed = await self.quotas.admit(buckets, lease, scopes)
             if wait > 0:
-                raise _rate_limited(tenant, need, wait)
+                raise _rate_limited(tenant.buckets(1, need.tokens), wait)
             held = failed < 0
-        else:
-            await self._charge(tenant, need)
+        elif buckets:
+            wait = await self.quotas.take(buckets)
+            if wait > 0:
+                raise _rate_limited(tenant.buckets(1, need.tokens), wait)
+        if pre is not None:
+            ctx.precharged_tokens = None
+            if pre > need.tokens:
+                self._give_back_tokens(tenant, pre - need.tokens)
         try:
             res = await self._local(ctx, tenant, need, start)
         except BaseException:  # refused or cancelled in the queue: the lease goes back too
@@ -186,15 +215,6 @@ class Admission:
             return await self._wait(waiter)
         finally:
             ctx.queue_seconds = self.env.clock() - start
-
-    async def _charge(self, tenant: TenantState, need: Demand) -> None:
-        """Take one request and prompt + the expected output from the tenant's buckets."""
-        buckets = tenant.buckets(1, need.tokens)
-        if not buckets:
-            return
-        wait = await self.quotas.take(buckets)
-        if wait > 0:
-            raise _rate_limited(tenant, need, wait)
 
     # ---- leases on what every gateway process shares ---------------------------------------
 
@@ -249,6 +269,11 @@ class Admission:
         return passed(self.name, f"{reason} after {ctx.queue_seconds * 1000:.0f} ms")
 
     async def on_finish(self, ctx: RequestContext, outcome: Outcome) -> None:
+        if ctx.precharged_tokens:  # refused before admission settled it: the tokens go back
+            tenant = self._tenants.get(ctx.tenant)
+            if tenant is not None:
+                self._give_back_tokens(tenant, ctx.precharged_tokens)
+        ctx.precharged_tokens = None
         res = ctx.reservation
         if isinstance(res, Reservation) and not res.released:
             self._release(res)
@@ -426,8 +451,8 @@ def _quiet(task: asyncio.Future[None]) -> None:
         task.exception()
 
 
-def _rate_limited(tenant: TenantState, need: Demand, wait: float) -> RateLimited:
-    what = " and ".join(b.key.rpartition(":")[2] for b in tenant.buckets(1, need.tokens))
+def _rate_limited(buckets: list[Bucket], wait: float) -> RateLimited:
+    what = " and ".join(b.key.rpartition(":")[2] for b in buckets)
     retry = min(MAX_RETRY_AFTER_S, max(1.0, wait))
     return RateLimited(f"Rate limit reached for {what} per minute; retry in {math.ceil(retry)} s.",
                        retry_after=retry)

@@ -16,7 +16,7 @@ from gateway.core.backend import Backend
 from gateway.core.config import ModelConfig, TenantConfig
 from gateway.core.context import Decision, RequestContext
 from gateway.core.errors import BackendError, GatewayError
-from gateway.core.policy import Fallback, Outcome, Policy
+from gateway.core.policy import Fallback, Gate, Outcome, Policy
 from policies.estimate import Estimates
 from policies.quotas import Quotas
 from policies.reservations import Reservations
@@ -95,12 +95,22 @@ class PolicyChain:
         self.quotas = quotas
         # the policies that can take over a failed attempt, in chain order
         self.fallbacks: tuple[Fallback, ...] = tuple(p for p in policies if isinstance(p, Fallback))
+        self.gates: tuple[Gate, ...] = tuple(p for p in policies if isinstance(p, Gate))
 
     def get(self, name: str) -> Policy | None:
         return next((p for p in self.policies if p.name == name), None)
 
     async def apply(self, ctx: RequestContext) -> None:
-        """Run every policy in order; a rejection is recorded on ctx.decisions and raised."""
+        """Every policy's cheap gate first (DESIGN: limits before expensive work), then
+        every policy in order; a rejection is recorded on ctx.decisions and raised."""
+        for gate in self.gates:
+            try:
+                await gate.gate(ctx)
+            except GatewayError as exc:
+                ctx.decisions.append(
+                    Decision(policy=getattr(gate, "name", "gate"), action="reject",
+                             reason=exc.message, status=exc.status))
+                raise
         for policy in self.policies:
             try:
                 decision = await policy.apply(ctx)

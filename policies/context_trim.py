@@ -4,21 +4,30 @@ chat template.
 
 Kept always: every system message and the last user message with whatever follows it. A
 strategy lists which other messages to keep, from "all" down to "none", and the policy keeps
-the most that fit (binary search, a few tokenizations):
+the most that fit:
   drop_oldest  keep the newest turns
   middle_out   keep the first turn (it often frames the task) and the newest; drop the middle
   none         never trim
 Each candidate starts its kept history at a user message, so no reply is kept without its
 question. If even the kept minimum does not fit: 400 context_length_exceeded.
 Response header: x-gateway-trimmed-tokens.
+
+Bounded work (DESIGN, third wave): candidates are made one at a time, when the search asks for
+one (never the whole list of lists: that was quadratic in memory), and the search starts from
+the smallest candidate and gallops up (1, 2, 4, ... turns more), then bisects, so what it
+tokenizes is about twice what it keeps plus the one full count, whatever the conversation's
+length. A large request does all of it on the tenant-fair CPU pool (gateway/core/cpu.py), off
+the event loop; server.request_bounds.max_messages bounds the list first.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
+from gateway.core import cpu
+from gateway.core.backend import Backend
 from gateway.core.context import Decision, RequestContext
 from gateway.core.errors import ContextLengthExceeded
 from gateway.core.policy import NoOptions, Outcome, modified, passed
@@ -27,40 +36,63 @@ from policies.base import PolicyEnv
 Messages = list[dict[str, Any]]
 
 
-def _history(messages: Messages) -> tuple[list[int], list[int]]:
-    """(indices that may go: non-system messages before the last user message, those that stay)."""
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages))
-    droppable = [i for i, m in enumerate(messages[:last_user])
-                 if m["role"] not in ("system", "developer")]
-    kept = [i for i in range(len(messages)) if i not in set(droppable)]
-    return droppable, kept
+class Candidates:
+    """The kept index lists of a strategy, from the most kept (0) to the fewest (len - 1),
+    each made on demand in O(len(messages)). `first` (middle_out): the droppable indices
+    always kept, except by the last candidate, which keeps only what stays."""
+
+    def __init__(self, messages: Messages, first_turn: bool = False) -> None:
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"),
+                        default=len(messages))
+        self.droppable = [i for i, m in enumerate(messages[:last_user])
+                          if m["role"] not in ("system", "developer")]
+        gone = set(self.droppable)
+        self.kept = [i for i in range(len(messages)) if i not in gone]
+        # positions k in droppable where a kept suffix droppable[k:] may start (a user turn)
+        self.starts = [k for k, i in enumerate(self.droppable)
+                       if messages[i]["role"] == "user"] + [len(self.droppable)]
+        self.first = self.droppable[: self.starts[1]] if first_turn and len(self.starts) >= 3 else None
+        if self.first is not None:
+            self.starts = self.starts[1:]
+
+    def __len__(self) -> int:
+        return len(self.starts) + (1 if self.first is not None else 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self[k] for k in range(len(self)))
+
+    def __getitem__(self, k: int) -> list[int]:
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        if k == len(self.starts):  # middle_out's last resort: the first turn goes too
+            return self.kept
+        suffix = self.droppable[self.starts[k]:]
+        return sorted(self.kept + (self.first or []) + suffix)
 
 
-def _turn_starts(messages: Messages, idx: list[int]) -> list[int]:
-    """Positions k in idx where a kept suffix idx[k:] may start (at a user message), and the end."""
-    return [k for k, i in enumerate(idx) if messages[i]["role"] == "user"] + [len(idx)]
+class Ladder(Protocol):
+    """A strategy's candidates, from the most kept (0) to the fewest (len - 1)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, k: int) -> list[int]: ...
 
 
-def drop_oldest(messages: Messages) -> list[list[int]]:
-    droppable, kept = _history(messages)
-    return [sorted(kept + droppable[k:]) for k in _turn_starts(messages, droppable)]
+def drop_oldest(messages: Messages) -> Ladder:
+    return Candidates(messages)
 
 
-def middle_out(messages: Messages) -> list[list[int]]:
-    droppable, kept = _history(messages)
-    starts = _turn_starts(messages, droppable)
-    if len(starts) < 3:  # at most one turn: nothing in the middle
-        return drop_oldest(messages)
-    first = droppable[: starts[1]]
-    out = [sorted(kept + first + droppable[k:]) for k in starts[1:]]
-    return [*out, sorted(kept)]  # last resort: the first turn goes too
+def middle_out(messages: Messages) -> Ladder:
+    return Candidates(messages, first_turn=True)
 
 
-def no_trim(messages: Messages) -> list[list[int]]:
+def no_trim(messages: Messages) -> Ladder:
     return [list(range(len(messages)))]
 
 
-STRATEGIES: dict[str, Callable[[Messages], list[list[int]]]] = {
+STRATEGIES: dict[str, Callable[[Messages], Ladder]] = {
     "drop_oldest": drop_oldest,
     "middle_out": middle_out,
     "none": no_trim,
@@ -95,6 +127,13 @@ class ContextTrim:
         limit = self._limit(ctx)
         if limit is None:
             return passed(self.name, "backend reports no context window")
+        strategy = self.env.tenant(ctx).trim.strategy
+        return await cpu.offload(ctx.tenant, ctx.body_bytes,
+                                 lambda: self._fit(ctx, backend, limit, strategy))
+
+    def _fit(self, ctx: RequestContext, backend: Backend, limit: int, strategy: str) -> Decision:
+        """Count, and trim to `limit` when needed (runs on a pool thread for large requests:
+        it only reads ctx and sets its messages and counts)."""
         total = backend.count_tokens(ctx)
         if total is None:
             return passed(self.name, "backend cannot count tokens")
@@ -104,31 +143,38 @@ class ContextTrim:
         if ctx.messages is None or limit <= 0:
             raise self._too_long(total, limit)
         messages = ctx.messages
-        candidates = STRATEGIES[self.env.tenant(ctx).trim.strategy](messages)
-
-        counts: dict[int, int] = {}
+        candidates = STRATEGIES[strategy](messages)
+        trials: dict[int, tuple[int, RequestContext]] = {}
 
         def count(k: int) -> int:
-            if k not in counts:
+            if k not in trials:
                 trial = dataclasses.replace(ctx, messages=[messages[i] for i in candidates[k]])
-                counts[k] = backend.count_tokens(trial) or 0
-            return counts[k]
+                trials[k] = (backend.count_tokens(trial) or 0, trial)
+            return trials[k][0]
 
-        lo, hi = 0, len(candidates) - 1  # the answer is the first candidate that fits
+        # the first candidate that fits: gallop from the fewest kept towards more, then bisect
+        hi = len(candidates) - 1
         if count(hi) > limit:
             raise self._too_long(total, limit)
-        best = hi
+        step, lo = 1, 0
+        while hi > 0:
+            probe = max(0, hi - step)
+            if count(probe) > limit:
+                lo = probe + 1
+                break
+            hi, step = probe, step * 2
         while lo < hi:
             mid = (lo + hi) // 2
             if count(mid) <= limit:
-                best = hi = mid
+                hi = mid
             else:
                 lo = mid + 1
-        ctx.messages = [messages[i] for i in candidates[best]]
-        kept = count(best)
+        kept, trial = trials[hi]
+        ctx.messages = trial.messages
+        ctx.tokenized = trial.tokenized  # the backend reuses the ids it counted
         ctx.prompt_tokens = kept
         ctx.trimmed_tokens = total - kept
-        dropped = len(messages) - len(ctx.messages)
+        dropped = len(messages) - len(trial.messages or [])
         return modified(self.name, f"dropped {dropped} messages ({total - kept} tokens)")
 
     def _too_long(self, total: int, limit: int) -> ContextLengthExceeded:

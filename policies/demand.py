@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from gateway.core import cpu
 from gateway.core.backend import Backend, Capacity
 from gateway.core.context import RequestContext
 from gateway.core.kv import kv_bytes_for, kv_output_tokens
@@ -45,6 +46,18 @@ def output_limit(ctx: RequestContext, cap: Capacity | None, prompt_tokens: int) 
     if cap is not None and cap.context_window > 0:
         return max(0, cap.context_window - prompt_tokens)
     return 0
+
+
+async def count(backend: Backend, ctx: RequestContext) -> int | None:
+    """The exact prompt count (ctx.prompt_tokens), counted once: off the event loop, on the
+    tenant-fair CPU pool, when the request is large (gateway/core/cpu.py). None: the backend
+    cannot count."""
+    if ctx.prompt_tokens is not None:
+        return ctx.prompt_tokens
+    counted = await cpu.offload(ctx.tenant, ctx.body_bytes, lambda: backend.count_tokens(ctx))
+    if counted is not None:
+        ctx.prompt_tokens = counted
+    return counted
 
 
 def prompt_tokens(backend: Backend, ctx: RequestContext) -> int:

@@ -26,6 +26,7 @@ from backends.local.runtime_memory import (
 )
 from backends.local.sampler import Sampler
 from backends.local.toolcalls import ToolCallParser
+from gateway.core import cpu
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
 from gateway.core.config import PRIORITY_RANK
 from gateway.core.context import Chunk, RequestContext
@@ -241,14 +242,28 @@ class LocalBackend:
     def count_tokens(self, ctx: RequestContext) -> int | None:
         if self._tokenizer is None:
             return None
-        return sum(len(ids) for ids in self._prompts(self._tokenizer, ctx, self._request(ctx)))
+        return sum(len(ids) for ids in self._tokenized(self._tokenizer, ctx, self._request(ctx)))
+
+    def _tokenized(self, tok: ChatTokenizer, ctx: RequestContext, req: LocalRequest
+                   ) -> list[list[int]]:
+        """_prompts, once per request: the ids counted (by context_trim or admission, maybe on
+        a pool thread) are kept on ctx for the messages or prompt they were counted of, and
+        generation takes them from there."""
+        source = ctx.messages if ctx.kind == "chat" else ctx.prompt
+        memo = ctx.tokenized
+        if memo is not None and memo[0] == self.name and memo[1] is source:
+            return memo[2]
+        ids = self._prompts(tok, ctx, req)
+        ctx.tokenized = (self.name, source, ids)
+        return ids
 
     # ---- generation --------------------------------------------------------------------
 
     async def generate(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         loaded, tok, engine, adapters = self._parts()
         req = self._request(ctx)
-        prompts = self._prompts(tok, ctx, req)
+        prompts = await cpu.offload(ctx.tenant, ctx.body_bytes,
+                                    lambda: self._tokenized(tok, ctx, req))
         if not all(prompts):
             raise BackendError("the prompt is empty", 400, "invalid_request")
         ctx.prompt_tokens = sum(len(ids) for ids in prompts)

@@ -155,6 +155,13 @@ class RequestContext:
     inference_objective: str | None = None  # the tenant's, for a Gateway API Inference Extension
     priority: str = "normal"  # the tenant's: high | normal | low (who a backend preempts first)
     expected_tokens: int | None = None  # output tokens expected per sequence (admission's estimate)
+    body_bytes: int = 0  # the request body's size: an upper bound of the prompt's UTF-8 bytes
+    # tokens charged to the tenant's tokens-per-minute before the prompt was counted (the
+    # provisional charge, from body_bytes; admission settles it to the exact count)
+    precharged_tokens: int | None = None
+    # the prompt's token ids as the backend `tokenized[0]` counted them, for the messages /
+    # prompt objects it counted (identity): generation reuses them instead of tokenizing again
+    tokenized: tuple[str, object, list[list[int]]] | None = None
 
     @property
     def usage_injected(self) -> bool:

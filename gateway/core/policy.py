@@ -38,6 +38,15 @@ class Fallback(Protocol):
         stands). Called after the failed attempt's on_finish("retried") released its holds."""
 
 
+@runtime_checkable
+class Gate(Protocol):
+    """A policy with a cheap check that runs before any policy's expensive work (counting,
+    trimming, grammars): the chain calls every gate, in order, before the first apply."""
+
+    async def gate(self, ctx: RequestContext) -> None:
+        """Raise a GatewayError to refuse; whatever it takes, on_finish gives back."""
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """The options of a policy that has none (its `Config`)."""

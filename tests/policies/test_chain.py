@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -135,3 +136,41 @@ def test_demo_config_enables_the_default_chain() -> None:
     assert tenants["acme"].priority == "high" and tenants["globex"].trim.strategy == "middle_out"
     assert tenants["globex"].limits.max_kv_share == 0.5
     assert s.policy_options["admission"] == AdmissionConfig(queue_timeout_s=10)
+
+
+async def test_a_large_request_past_its_limit_is_refused_before_it_is_counted() -> None:
+    """DESIGN, third wave: limits before expensive work. A large body (past the inline size)
+    takes its request and a provisional charge of its bytes in admission's gate, before
+    context_trim counts a token; a tenant out of requests gets its 429 with nothing counted.
+    A served one is settled to the exact charge (prompt + max_tokens): the bucket holds the
+    same as for a small request charged once."""
+    from gateway.core.cpu import INLINE_BYTES
+
+    tenant = {"name": "acme", "limits": {"requests_per_minute": 2, "tokens_per_minute": 10**6}}
+    backends = {"big": FakeBackend("big", kv_bytes=None, window=100_000),
+                "small": FakeBackend("small")}
+    clock = FakeClock()
+    chain = build_chain(["context_trim", "admission"], {}, settings([tenant]).models,
+                        settings([tenant]).tenants, backends, clock=clock)
+    admission = chain.get("admission")
+    quotas = admission.quotas  # type: ignore[union-attr]
+    words = 5000
+
+    def big() -> RequestContext:
+        c = ctx(words=words, max_tokens=16)
+        c.body_bytes = INLINE_BYTES + 1
+        return c
+
+    first = big()
+    await chain.apply(first)
+    assert backends["big"].counted == 1 and first.precharged_tokens is None
+    assert first.prompt_tokens == words + 2
+    await asyncio.sleep(0)  # the give-back of the bytes charged over the count is a task
+    left = quotas.book._level(Bucket("rate:acme:tokens", 10**6, 0), clock())  # type: ignore[attr-defined]
+    assert 10**6 - left == words + 2 + 16  # settled: prompt + max_tokens, not the bytes
+    await chain.finish(first, "cancelled")
+    await chain.apply(big())
+    with pytest.raises(RateLimited):
+        await chain.apply(refused := big())
+    assert backends["big"].counted == 2  # the third was never counted
+    assert refused.decisions[-1].policy == "admission" and refused.prompt_tokens is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.core.context import RequestContext
 from gateway.core.errors import ContextLengthExceeded
 from policies.context_trim import ContextTrim, drop_oldest, middle_out
 from tests.policies.fakes import ctx, make, settings
@@ -79,3 +80,59 @@ def test_candidates_start_at_user_messages() -> None:
             roles = [msgs[i]["role"] for i in keep if msgs[i]["role"] != "system"]
             assert roles[0] == "user" and keep[-1] == len(msgs) - 1
         assert cands[-1] == [0, len(msgs) - 1]
+
+
+def _reference(messages: list[dict[str, str]], middle: bool) -> list[list[int]]:
+    """The strategies as they were first written (every candidate as a list, quadratic):
+    the lazy candidates must equal them."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages))
+    droppable = [i for i, m in enumerate(messages[:last_user]) if m["role"] not in ("system", "developer")]
+    kept = [i for i in range(len(messages)) if i not in droppable]
+    starts = [k for k, i in enumerate(droppable) if messages[i]["role"] == "user"] + [len(droppable)]
+    if not middle or len(starts) < 3:
+        return [sorted(kept + droppable[k:]) for k in starts]
+    first = droppable[: starts[1]]
+    return [*(sorted(kept + first + droppable[k:]) for k in starts[1:]), sorted(kept)]
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3, 7])
+def test_lazy_candidates_equal_the_reference(turns: int) -> None:
+    msgs = chat(turns)
+    msgs.insert(3, {"role": "developer", "content": "d"})  # kept wherever it stands
+    for fn, middle in ((drop_oldest, False), (middle_out, True)):
+        assert list(fn(msgs)) == _reference(msgs, middle)
+        cands = fn(msgs)
+        assert [cands[k] for k in range(-len(cands), 0)] == _reference(msgs, middle)
+
+
+async def test_trimming_a_long_chat_counts_a_few_candidates() -> None:
+    for strategy in ("drop_oldest", "middle_out"):
+        await _trims_a_long_chat(strategy)
+
+
+async def _trims_a_long_chat(strategy: str) -> None:
+    """2,000 turns: the answer is the same as checking every candidate in order, found with
+    O(log n) counts (gallop from the fewest kept, then bisect)."""
+    msgs = chat(2000, words=3)
+    t = trim(strategy)
+    backend = t.env.backends["big"]
+    seen: list[int] = []  # messages rendered per count
+    counter = backend.count_tokens
+
+    def count_tokens(c: RequestContext) -> int | None:
+        seen.append(len(c.messages or []))
+        return counter(c)
+
+    backend.count_tokens = count_tokens  # type: ignore[method-assign]
+    c = ctx(messages=msgs, max_tokens=16)
+    await t.apply(c)
+    limit = 256 - 16
+    cands = _reference(msgs, strategy == "middle_out")
+    sizes = [sum(len(msgs[i]["content"].split()) + 2 for i in keep) for keep in cands]
+    best = next(k for k, size in enumerate(sizes) if size <= limit)
+    assert c.messages == [msgs[i] for i in cands[best]]
+    assert c.prompt_tokens == sizes[best] and c.trimmed_tokens == sizes[0] - sizes[best]
+    assert backend.counted <= 2 + 2 * 12  # the full count, then about 2 log2(2,000) probes
+    # what is rendered and tokenized: the full count once, then probes near the kept size
+    # (a bisection over the whole range renders about len(msgs) more: n/2 + n/4 + ...)
+    assert seen[0] == len(msgs) and sum(seen[1:]) <= len(msgs) // 4
