@@ -169,6 +169,9 @@ def create_app(
         },
         lifespan=lifespan,
     )
+    # no slash redirects: Starlette's would answer `/admin/reload/` with a 307 to an absolute
+    # URL built from the client's own Host header; an unknown path is a 404 in OpenAI's shape
+    app.router.redirect_slashes = False
     app.state.gateway = state
     app.state.reloader = reloader
     app.state.generation_handler = handler  # the fast writer's too (gateway/http/protocol.py)

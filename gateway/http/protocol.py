@@ -9,6 +9,15 @@
   byte at all closes after the keep-alive timeout;
 - duplicate Authorization, Content-Type or Content-Length headers refused with 400 (two
   Authorization headers would let the two halves of a stack pick different tenants);
+- HTTP/1.1 only: any other version (HTTP/1.0, HTTP/2.0 on a text line, a request line without
+  a version, which httptools reports as 0.9) is 400, except HTTP/1.0 GET/HEAD on /health,
+  /ready and /metrics (load balancers' checks speak it); a Transfer-Encoding other than one
+  final `chunked` is 501 (what httptools accepts as chunked but with other codings before it,
+  and what it rejects itself: both close, as every refusal here);
+- the request's headers are its head's and no more: httptools reports a chunked body's
+  trailer fields through on_header too, and uvicorn would append them to the very list the
+  scope (and the fast writer's Incoming) holds, after the duplicate check and before the
+  request's task reads it; here trailers are counted against MAX_HEADER_BYTES and dropped;
 - the generation routes (POST /v1/chat/completions, /v1/completions) answered through the
   fast writer (gateway/http/fast.py) instead of the ASGI stack. Everything else (other
   routes, a root_path, a query string, percent-escapes) goes to the ASGI app, whose own
@@ -22,7 +31,8 @@ tests/gateway/test_protocol_internals.py fails if one of them goes away.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import httptools
 import orjson
@@ -38,6 +48,11 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 LINGER_S = 2.0  # after a refusal, what the client still sends is dropped this long at most
 LINGER_BYTES = 4 * 2**20  # ... and this much at most
 SINGLETON_HEADERS = (b"authorization", b"content-type", b"content-length")
+TRANSFER_ENCODING = b"transfer-encoding"
+CHECKED_HEADERS = (*SINGLETON_HEADERS, TRANSFER_ENCODING)  # looked at in every head
+# What may still come over HTTP/1.0 (load balancers' health checks); the rest is HTTP/1.1 only.
+HTTP10_METHODS = (b"GET", b"HEAD")
+HTTP10_PATHS = (b"/health", b"/ready", b"/metrics")
 
 # The paths the fast writer answers, as the parser gives them.
 FAST_ROUTES = {path.encode(): kind for path, kind in GENERATION_ROUTES.items()}
@@ -101,6 +116,23 @@ def _refusal(exc: GatewayError) -> bytes:
 
 
 _NOT_HTTP = _refusal(InvalidRequest("The request is not valid HTTP/1.1.", code="invalid_http"))
+_NOT_HTTP11 = _refusal(InvalidRequest(
+    "Only HTTP/1.1 is served (HTTP/1.0 only for GET and HEAD on /health, /ready and /metrics).",
+    code="unsupported_http_version"))
+_BAD_CODING = _refusal(InvalidRequest(
+    "The only Transfer-Encoding supported is a single `chunked`.",
+    code="unsupported_transfer_encoding", status=501))
+
+
+def _parser_refusal() -> bytes:
+    """The answer to the parse error being handled (send_400_response runs inside uvicorn's
+    `except HttpParserError`): a Transfer-Encoding llhttp itself refuses (`chunked, gzip`,
+    `chunked` twice, an empty one) is 501 like the ones it accepts but we do not; a
+    Transfer-Encoding beside a Content-Length (a smuggling shape) and the rest stay 400."""
+    reason = str(sys.exc_info()[1] or "")
+    if "Transfer-Encoding" in reason and "Content-Length" not in reason:
+        return _BAD_CODING
+    return _NOT_HTTP
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -162,7 +194,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._stop_head_timer()
         if self.transport.is_closing() or self._lingering is not None:
             return
-        self.transport.write(self._refuse or _NOT_HTTP)
+        self.transport.write(self._refuse or _parser_refusal())
         if not self.transport.can_write_eof():
             self.transport.close()
             return
@@ -203,37 +235,55 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
-        super().on_header(name, value)
+        self._count(len(name) + len(value))  # a trailer too: the head's bound covers both
+        if self._head_pending:  # else a chunked body's trailer field: never a request header
+            super().on_header(name, value)
+
+    def _refuse_head(self, answer: bytes, why: str) -> NoReturn:
+        """Stops the parser at the end of a head: send_400_response gives `answer`."""
+        self._refuse = answer
+        raise httptools.HttpParserError(why)
+
+    def _check_version(self, http_version: str) -> None:
+        """A head that is not HTTP/1.1 is refused, but for the health checks' HTTP/1.0."""
+        if http_version == "1.0" and self.parser.get_method() in HTTP10_METHODS:
+            try:
+                path = httptools.parse_url(self.url).path
+            except httptools.HttpParserError:
+                path = b""
+            if path in HTTP10_PATHS:
+                return
+        self._refuse_head(_NOT_HTTP11, f"HTTP/{http_version} refused")
 
     def on_headers_complete(self) -> None:
         self._head_pending = False
         self._heads += 1
         self._raw_head = 0
         self._stop_head_timer()
+        parser = self.parser
+        if parser.get_http_version() != "1.1":
+            self._check_version(parser.get_http_version())
         seen: set[bytes] = set()
-        for name, _ in self.headers:
-            if name in SINGLETON_HEADERS:
-                if name in seen:  # stops the parser: send_400_response
-                    self._refuse = _refusal(InvalidRequest(
+        for name, value in self.headers:
+            if name in CHECKED_HEADERS:  # refusals stop the parser: send_400_response
+                if name == TRANSFER_ENCODING:  # llhttp strips leading blanks, not a trailing tab
+                    if name in seen or value.rstrip(b" ").lower() != b"chunked":
+                        self._refuse_head(_BAD_CODING, "unsupported transfer-encoding")
+                elif name in seen:
+                    self._refuse_head(_refusal(InvalidRequest(
                         f"The request has more than one {name.decode()} header.",
-                        code="duplicate_header"))
-                    raise httptools.HttpParserError("duplicate singleton header")
+                        code="duplicate_header")), "duplicate singleton header")
                 seen.add(name)
         handler = self.handler
         kind = FAST_ROUTES.get(self.url) if handler is not None else None
-        parser = self.parser
         if (kind is None or handler is None or parser.get_method() != b"POST"
                 or parser.should_upgrade() or self.limit_concurrency is not None):
             super().on_headers_complete()
             if self._last_request and self.cycle is not None:
                 self.cycle.keep_alive = False
             return
-        http_version = parser.get_http_version()
-        scope = self.scope
+        scope = self.scope  # HTTP/1.1 (checked above), as on_message_begin set it
         scope["method"] = "POST"
-        if http_version != "1.1":
-            scope["http_version"] = http_version
         path = scope["path"] = self.url.decode("ascii")
         scope["raw_path"] = self.url
         scope["query_string"] = b""
@@ -248,8 +298,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             default_headers=self.server_state.default_headers,
             message_event=asyncio.Event(),
             expect_100_continue=self.expect_100_continue,
-            keep_alive=(http_version != "1.0" and parser.should_keep_alive()
-                        and not self._last_request),
+            keep_alive=parser.should_keep_alive() and not self._last_request,
             on_response=self.on_response_complete,
             handler=handler,
             request=Incoming(kind, "POST", path, self.headers),

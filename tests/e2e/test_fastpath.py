@@ -1,6 +1,7 @@
 """The generation routes' fast writer (gateway/http/fast.py) on the wire, raw sockets against
 a real `gateway serve` with an `openai` upstream: what uvicorn's cycle guaranteed still holds
-(pipelining, HTTP/1.0, 100-continue, bodies over many segments, keep-alive), and the answers
+(pipelining, 100-continue, bodies over many segments, keep-alive; HTTP/1.0 is refused there and
+served only to health checks), and the answers
 equal those of the ASGI path (the same route with a query string takes it)."""
 
 from __future__ import annotations
@@ -95,11 +96,18 @@ def test_keep_alive_serves_many_and_http10_closes(gateway: str) -> None:
             sock.sendall(_request(_body()))
             head, body, buf = _read_answer(sock, buf)
             assert head.startswith(b"HTTP/1.1 200") and _content(body) == "hello world"
-    with _connect(gateway) as sock:
+    with _connect(gateway) as sock:  # HTTP/1.1 only on the API routes
         sock.sendall(_request(_body(), version="1.0"))
         head, body, _ = _read_answer(sock, bytearray())
-        assert b"connection: close" in head.lower()
+        assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower()
+        assert json.loads(body)["error"]["code"] == "unsupported_http_version"
         assert sock.recv(10) == b""  # and the gateway closed it
+    with _connect(gateway) as sock:  # a load balancer's HTTP/1.0 health check is served
+        sock.sendall(b"GET /health HTTP/1.0\r\nhost: x\r\n\r\n")
+        head, body, _ = _read_answer(sock, bytearray())
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()
+        assert json.loads(body) == {"status": "ok"}
+        assert sock.recv(10) == b""
 
 
 def test_expect_100_continue(gateway: str) -> None:
