@@ -27,6 +27,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ["MEMGATE_TORCH_THREADS"] = str(settings.server.torch_threads)  # read by engines
+    # tokenizers' own thread pool would run a large prompt's encoding at normal priority,
+    # beside the engine: it runs on the calling thread, the CPU pool's (gateway/core/cpu.py)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ[WORKERS_ENV] = str(args.workers)  # the process count until Redis tells one
     from backends.local.placement import prepare_process
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway import responses, validation
-from gateway.core import context
+from gateway.core import context, cpu
 from gateway.core.config import TenantConfig
 from gateway.core.context import Chunk, RequestContext, SamplingParams
 from gateway.core.errors import (
@@ -121,13 +121,14 @@ class GenerationHandler:
         telemetry = state.telemetry
         cors = self._cors(origin) if origin is not None else {}
         rec = telemetry.open(req.kind, req.method, req.path, trace, rid)
+        size = [0]  # the body's bytes, once read
         try:
             try:
                 if req.method != "POST":
                     raise MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}.",
                                            headers={"allow": "POST"})
                 await self._answer(state, req, out, authorization, ctype, length,
-                                   {**cors, "x-request-id": rid}, rec)
+                                   {**cors, "x-request-id": rid}, rec, size)
             except GatewayError as exc:
                 rec.status = exc.status
                 await out.respond(exc.status, Media.JSON,
@@ -144,6 +145,8 @@ class GenerationHandler:
         finally:
             state.active -= 1
             telemetry.close(rec)
+            if size[0] > cpu.INLINE_BYTES:  # its parsed body and token ids are garbage now
+                cpu.pool().release_heap()
 
     def _cors(self, origin: str) -> dict[str, str]:
         """CORS headers for a configured origin (server.cors_origins; off by default). The
@@ -156,11 +159,12 @@ class GenerationHandler:
 
     async def _answer(self, state: GatewayState, req: Incoming, out: ResponseWriter,
                       authorization: str | None, ctype: str | None, length: str | None,
-                      extra: dict[str, str], rec: RequestRecord) -> None:
+                      extra: dict[str, str], rec: RequestRecord, size: list[int]) -> None:
         server = state.settings.server
         tenant = state.tenants.authenticate(authorization)
         validation.check_body_headers(ctype, length, server.max_body_bytes)
         raw = await out.read_body(server.max_body_bytes, server.body_timeout_s)
+        size[0] = len(raw)
         body = validation.parse_body(raw)
         ctx = self.context(req.kind, tenant, body, extra["x-request-id"], state)
         ctx.body_bytes = len(raw)  # bounds what its prompt can cost (admission's gate)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from typing import Any
 
 import orjson
@@ -173,7 +172,7 @@ def parse_body(body: bytes | bytearray) -> dict[str, Any]:
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     data: Any = _STDLIB_PARSE_FAILED
-    if _LONG_DIGITS.search(body) is None:  # orjson reads integers past 64 bits as floats
+    if not _long_digits(body):  # orjson reads integers past 64 bits as floats
         with contextlib.suppress(orjson.JSONDecodeError):
             data = orjson.loads(body)  # the common case, fast
     if data is _STDLIB_PARSE_FAILED:
@@ -184,7 +183,15 @@ def parse_body(body: bytes | bytearray) -> dict[str, Any]:
 
 
 _STDLIB_PARSE_FAILED = object()
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# 19 digits in a row anywhere in the body: mapped to b"1" (every other byte to b"0") and
+# searched as a substring, both at C speed (a regex took 36 ms on a 3.5 MB body: on the event
+# loop, for every tenant; this takes about 3)
+_DIGIT_MAP = bytes(0x31 if 0x30 <= b <= 0x39 else 0x30 for b in range(256))
+_DIGIT_RUN = b"1" * 19
+
+
+def _long_digits(body: bytes | bytearray) -> bool:
+    return _DIGIT_RUN in body.translate(_DIGIT_MAP)
 
 
 def _parse_json_stdlib(body: bytes) -> Any:

@@ -180,7 +180,7 @@ class ContextTrim:
     def _too_long(self, total: int, limit: int) -> ContextLengthExceeded:
         return ContextLengthExceeded(
             f"This model's context leaves {max(limit, 0)} tokens for the prompt after "
-            f"max_tokens; your messages take {total} tokens and the last user message "
+            f"max_tokens; your messages take at least {total} tokens and the last user message "
             "cannot be dropped. Shorten it or lower max_tokens.",
             param="messages",
         )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from backends.hf.tokenizer import ChatTokenizer, TokenizerError
+from backends.hf.tokenizer import ChatTokenizer, TokenizerError, TooManyTokens
 from backends.local import generation, grammar, placement, request
 from backends.local.adapter_cache import AdapterCache, Resident
 from backends.local.engine import Engine, Event
@@ -172,6 +172,7 @@ class LocalBackend:
         cfg = self.cfg
         loaded = load_checkpoint(cfg.model, cfg.dtype, cfg.device, cfg.quantize)
         tokenizer = ChatTokenizer.from_dir(Path(self.cfg.model), loaded.config.eos_token_ids)
+        tokenizer.max_ids = loaded.config.context_window  # a longer prompt is only counted
         limits = GrammarLimits(cfg.grammar_max_schema_bytes, cfg.grammar_compile_timeout_s,
                                cfg.grammar_cache_size)
         self._grammars = Grammars(tokenizer.tokenizer, loaded.config.vocab_size,
@@ -242,7 +243,10 @@ class LocalBackend:
     def count_tokens(self, ctx: RequestContext) -> int | None:
         if self._tokenizer is None:
             return None
-        return sum(len(ids) for ids in self._tokenized(self._tokenizer, ctx, self._request(ctx)))
+        try:
+            return sum(len(ids) for ids in self._tokenized(self._tokenizer, ctx, self._request(ctx)))
+        except TooManyTokens as e:  # longer than the window (the first such prompt's count)
+            return e.count
 
     def _tokenized(self, tok: ChatTokenizer, ctx: RequestContext, req: LocalRequest
                    ) -> list[list[int]]:
@@ -262,12 +266,17 @@ class LocalBackend:
     async def generate(self, ctx: RequestContext) -> AsyncGenerator[Chunk, None]:
         loaded, tok, engine, adapters = self._parts()
         req = self._request(ctx)
-        prompts = await cpu.offload(ctx.tenant, ctx.body_bytes,
-                                    lambda: self._tokenized(tok, ctx, req))
+        window = loaded.config.context_window
+        try:
+            prompts = await cpu.offload(ctx.tenant, ctx.body_bytes,
+                                        lambda: self._tokenized(tok, ctx, req))
+        except TooManyTokens as e:
+            raise BackendError(f"this model's context window is {window} tokens; the prompt "
+                               f"has at least {e.count} tokens", 400, "context_length_exceeded"
+                               ) from None
         if not all(prompts):
             raise BackendError("the prompt is empty", 400, "invalid_request")
         ctx.prompt_tokens = sum(len(ids) for ids in prompts)
-        window = loaded.config.context_window
         worst = reserve = 0
         limits, reserves = [], []
         for ids in prompts:
