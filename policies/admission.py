@@ -1,6 +1,8 @@
 """admission: reserve a request's KV bytes before dispatch, or queue it, or refuse it.
 
 Order of checks, each with the status a client can act on:
+  (gate, before every policy's apply, for a request over 16 KiB) requests per minute and a
+  provisional token charge of its body's bytes: 429 before anything counted its prompt
   never fits the backend's whole KV budget             -> 400 context_length_exceeded
   never fits the tenant's share / tokens per minute    -> 429, x-should-retry: false
   requests or tokens per minute spent                  -> 429, Retry-After = bucket refill
