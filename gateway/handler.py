@@ -195,8 +195,13 @@ class GenerationHandler:
         started under: a reload may swap self.state meanwhile). Only what the gateway itself
         needs is read here (the model, streaming, the output limit, n, the messages or prompt
         for counting); the backend reads the rest (remote kinds forward the body as sent)."""
+        # bounds and valid Unicode first: before the model is resolved, before any CPU is spent
+        validation.check_bounds(body, kind, state.settings.server.request_bounds)
         model, adapter = resolve_model(state, tenant, validation.model_name(body))
         validation.check_user(body)
+        validation.check_metadata(body)
+        if kind == "responses":
+            validation.check_responses(body)
         stream, include_usage = validation.stream_flags(body)
         via_chat = False
         if kind == "responses" and not state.backends[model.backend].forwards("responses"):

@@ -51,9 +51,13 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
             raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name,
                                  code="unknown_parameter")
     messages: list[dict[str, Any]] = []
-    if isinstance(body.get("instructions"), str):
-        messages.append({"role": "system", "content": body["instructions"]})
-    messages += _messages(body.get("input"))
+    calls: set[str] = set()  # the function calls' ids so far: an output answers one of them
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        messages.append({"role": "system", "content": instructions})
+    elif isinstance(instructions, list):
+        messages += _messages(instructions, "instructions", calls)
+    messages += _messages(body.get("input"), "input", calls)
     chat["messages"] = messages
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
@@ -65,7 +69,14 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     if "tool_choice" in body:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if fmt is not None and (not isinstance(fmt, dict)
+                            or fmt.get("type") not in ("text", "json_schema", "json_object")):
+        raise InvalidRequest("'text.format.type' must be 'text', 'json_object' or 'json_schema'.",
+                             param="text.format.type", code="invalid_value")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise InvalidRequest("'text.format.schema' must be a JSON schema object.",
+                                 param="text.format.schema", code="invalid_value")
         spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
         chat["response_format"] = {"type": "json_schema", "json_schema": spec}
     elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
@@ -94,45 +105,80 @@ def _tool_choice(choice: Any) -> Any:
     return choice
 
 
+_ROLES = ("user", "assistant", "system", "developer")
+
+
+def _string(item: dict[str, Any], name: str, param: str) -> str:
+    value = item.get(name)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{param}.{name}' must be a string.", param=f"{param}.{name}",
+                             code="invalid_type" if value is not None else
+                             "missing_required_parameter")
+    return value
+
+
 def _text(content: Any, param: str) -> Any:
     """Responses content parts -> chat content parts (text as text, images as image_url)."""
-    if isinstance(content, str) or content is None:
+    if isinstance(content, str):
         return content
-    parts = []
-    for j, part in enumerate(_list(content, param)):
+    if content is None:
+        raise InvalidRequest(f"'{param}.content' is required.", param=f"{param}.content",
+                             code="missing_required_parameter")
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(_list(content, f"{param}.content")):
         kind = part.get("type") if isinstance(part, dict) else None
+        where = f"{param}.content[{j}]"
         if kind in ("input_text", "output_text", "text"):
-            parts.append({"type": "text", "text": part.get("text", "")})
+            parts.append({"type": "text", "text": _string(part, "text", where)})
         elif kind == "input_image":
             parts.append({"type": "image_url", "image_url": {"url": part.get("image_url")}})
         elif kind == "refusal":
-            parts.append({"type": "text", "text": part.get("refusal", "")})
+            parts.append({"type": "text", "text": _string(part, "refusal", where)})
         else:
-            raise _bad(f"{param}[{j}]", f"content parts of type {kind!r} are not served.")
+            raise _bad(where, f"content parts of type {kind!r} are not served.")
     return parts
 
 
-def _messages(items: Any) -> list[dict[str, Any]]:
+def _messages(items: Any, name: str, calls: set[str]) -> list[dict[str, Any]]:
+    """Input items (of `input` or `instructions`) -> chat messages; `calls`: the call ids of
+    the function calls before these items (an output must answer one, as OpenAI checks)."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
+    if items is None:
+        raise InvalidRequest(f"'{name}' is required.", param=name,
+                             code="missing_required_parameter")
     out: list[dict[str, Any]] = []
-    for i, item in enumerate(_list(items, "input")):
-        param = f"input[{i}]"
+    for i, item in enumerate(_list(items, name)):
+        param = f"{name}[{i}]"
         if not isinstance(item, dict):
             raise InvalidRequest(f"'{param}' must be an object.", param=param, code="invalid_type")
         kind = item.get("type", "message")
         if kind == "message":
-            out.append({"role": item.get("role"), "content": _text(item.get("content"), param)})
+            role = item.get("role")
+            if role not in _ROLES:
+                raise InvalidRequest(f"'{param}.role' must be one of "
+                                     + ", ".join(repr(r) for r in _ROLES) + ".",
+                                     param=f"{param}.role", code="invalid_value")
+            out.append({"role": role, "content": _text(item.get("content"), param)})
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            call_id = _string(item, "call_id", param)
+            call = {"id": call_id, "type": "function",
+                    "function": {"name": _string(item, "name", param),
+                                 "arguments": _string(item, "arguments", param)}}
+            calls.add(call_id)
             if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
                 out[-1]["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
+            call_id = _string(item, "call_id", param)
+            if call_id not in calls:
+                raise InvalidRequest(
+                    f"No function call with call_id '{call_id[:64]}' comes before '{param}' in "
+                    "the input (this model's backend stores no earlier responses).",
+                    param=f"{param}.call_id", code="invalid_value")
             output = item.get("output")
-            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+            out.append({"role": "tool", "tool_call_id": call_id,
                         "content": output if isinstance(output, str) else orjson.dumps(output).decode()})
         elif kind == "reasoning":
             continue  # a reasoning summary from an earlier turn: nothing chat can carry

@@ -25,13 +25,18 @@ def resolve_model(state: GatewayState, tenant: TenantConfig, name: str) -> tuple
     """`model` or `model:adapter` -> (the tenant's model, the adapter asked for or None).
 
     A configured model name wins as a whole (names may contain ':'); otherwise the part after
-    the last ':' names an adapter, which the adapter_selection policy checks.
+    the last ':' names an adapter, which must be one this tenant may use with the model (its
+    own or one of its allowed_adapters; the adapter_selection policy then checks the backend
+    has it). Anything else is the one 404 an unknown model gets: another tenant's adapter and
+    a name that exists nowhere answer alike, so no tenant can list another's adapters.
     """
     base, adapter = name, None
     if state.settings.model(name) is None and ":" in name:
         base, _, adapter = name.rpartition(":")
     model = state.settings.model(base)
-    if model is None or base not in tenant.models or adapter == "":
+    if (model is None or base not in tenant.models
+            or (adapter is not None and adapter != tenant.adapters.get(base)
+                and adapter not in tenant.allowed_adapters.get(base, ()))):
         raise NotFound(
             f"The model '{name}' does not exist or you do not have access to it.",
             param="model", code="model_not_found",

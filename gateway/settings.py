@@ -50,6 +50,25 @@ LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
+class RequestBounds:
+    """`server.request_bounds`: what one request body may hold, checked on the parsed body
+    before the model is resolved or anything costs CPU (gateway/validation.py); over: a 400."""
+
+    max_messages: int = 2048  # chat `messages`, Responses `input` items
+    max_nesting: int = 64  # objects and arrays inside one another (the body is level 1)
+    max_schema_bytes: int = 64 * 2**10  # every JSON schema of the request, summed, as JSON
+    max_stop: int = 16  # `stop` strings (OpenAI takes 4; local engines are sent more)
+    max_logit_bias: int = 1024  # `logit_bias` entries
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"{f.name} must be >= 1")
+        if not 8 <= self.max_nesting <= 256:  # a content part is 5 deep; parsers stop ~1,000
+            raise ValueError("max_nesting must be between 8 and 256")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -67,6 +86,7 @@ class ServerConfig:
     # (gateway/core/cpu.py): "auto" (the cores this process may use, at most 8) or an integer
     cpu_workers: Any = "auto"
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); none: off
+    request_bounds: RequestBounds = field(default_factory=RequestBounds)  # per-request bounds
     # -- operations (issue #18): hot reload, logs, usage records
     reload: str = "signal"  # signal: SIGHUP (forwarded to workers) | watch: the files polled
     log_format: str = "text"  # text | json (one JSON object a line)

@@ -5,9 +5,38 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
+from collections.abc import Callable
 
 from gateway.core.config import TenantConfig
 from gateway.core.errors import AuthenticationFailed, PermissionDenied
+
+REDACTED = "[redacted]"
+MIN_EMBEDDED_KEY = 8  # a key inside other text is looked for in words at least this long
+# what a key is made of: RFC 7235's token68 characters, and the narrower word characters (so
+# "key=sk-..." and "sk-...," give the key), besides whitespace-separated words
+_TOKEN68 = re.compile(rf"[A-Za-z0-9_\-.~+/=]{{{MIN_EMBEDDED_KEY},}}")
+_WORD = re.compile(rf"[A-Za-z0-9_\-]{{{MIN_EMBEDDED_KEY},}}")
+_PUNCTUATION = "\"'`,;:()[]{}<>"
+
+
+def redact_keys(text: str, is_key: Callable[[str], bool]) -> str:
+    """`text` with each of the gateway's keys in it replaced by "[redacted]": the whole text
+    when it is a key (alone, or after a Bearer scheme in any case), else every word of it that
+    is one (split at whitespace, quotes and punctuation, and at characters no bearer key
+    holds). Only the keys' digests are held, so a key is found as a whole word: one glued to
+    more key characters ("xsk-...") is not, nor a key under 8 characters inside other text."""
+    whole = text.strip()
+    if whole[:6].lower() == "bearer" and whole[6:7].isspace():
+        whole = whole[6:].lstrip()
+    if is_key(whole):
+        return REDACTED
+    words = {w.strip(_PUNCTUATION) for w in text.split() if len(w) >= MIN_EMBEDDED_KEY}
+    words.update(_TOKEN68.findall(text))
+    words.update(_WORD.findall(text))
+    for word in sorted((w for w in words if w and is_key(w)), key=len, reverse=True):
+        text = text.replace(word, REDACTED)
+    return text
 
 
 class TenantDirectory:

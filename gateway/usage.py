@@ -4,8 +4,11 @@ A record holds who (tenant, the client's `user`, a bounded `metadata`), what (mo
 model that answered, adapter, backend, worker, status), how much (prompt, completion and
 cached tokens, the cost from the answering model's `price`, KV bytes reserved and at peak)
 and how long (queue and total seconds), and what the policies did (degraded from, trimmed
-tokens). Never a key, a prompt or an answer's text: a `user` or metadata value that is one
-of the gateway's own keys is written as "[redacted]".
+tokens). Never a key, a prompt or an answer's text: any of the gateway's own keys in the
+client's `user`, metadata keys or values, or request id is written as "[redacted]" (the whole
+value when it is a key, with or without a Bearer scheme in any case; else the key's word in
+it: gateway/tenants.py's redact_keys). A record is written whatever the request carried: a
+string that is not valid Unicode is written with U+FFFD in place of what cannot be encoded.
 
 `server.usage_log` is the file, as JSON lines. With `gateway serve --workers N` each worker
 writes its own file (`usage.jsonl` -> `usage.<pid>.jsonl`), so no two processes append to one
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +35,7 @@ import orjson
 from gateway.core.config import Price
 from gateway.core.context import RequestContext
 from gateway.metrics import RequestObservation
+from gateway.tenants import redact_keys
 
 log = logging.getLogger("gateway.usage")
 
@@ -38,7 +43,8 @@ MAX_METADATA_KEYS = 16  # OpenAI's own bounds on `metadata`
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 MAX_USER = 256
-REDACTED = "[redacted]"
+MAX_REQUEST_ID = 128
+MAX_KEY = 1024  # longer than any API key: a key that starts before a cut ends before this
 FLUSH_BYTES = 64 * 1024
 FLUSH_INTERVAL_S = 1.0
 
@@ -57,6 +63,31 @@ def usage_metadata(raw: object) -> dict[str, str] | None:
                 and len(value) <= MAX_METADATA_VALUE):
             out[key] = value
     return out or None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(value: str) -> str:
+    """`value` as valid Unicode: a lone surrogate (JSON's \\ud800 escapes carry them) becomes
+    U+FFFD, so that nothing a client sends can stop its record being encoded."""
+    return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
+
+
+def _scrubbed(value: Any) -> Any:
+    """A record made encodable whatever it holds: strings cleaned, keys as strings, anything
+    JSON has no form for as its str()."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_text(str(k)): _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < 1 << 64:
+        return str(value)  # past what JSON readers take as a number
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return clean_text(str(value))
 
 
 def worker_path(path: str, per_worker: bool, pid: int | None = None) -> Path:
@@ -82,7 +113,10 @@ class UsageLog:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: Mapping[str, Any]) -> None:
-        line = orjson.dumps(record) + b"\n"
+        try:
+            line = orjson.dumps(record) + b"\n"
+        except TypeError:  # orjson.JSONEncodeError too: a record is written whatever it holds
+            line = orjson.dumps(_scrubbed(record)) + b"\n"
         self._buffer.append(line)
         self._buffered += len(line)
         if self._buffered >= FLUSH_BYTES:
@@ -147,11 +181,12 @@ class UsageSinks:
         return self.file is not None or self.otlp is not None
 
     def redact(self, value: str | None, limit: int) -> str | None:
+        """A client's string for a record: valid Unicode, every key in it redacted (before it
+        is cut to `limit`, so no part of a key is left; what is past a key's length beyond the
+        limit is cut first, so the work is bounded)."""
         if value is None:
             return None
-        if self.is_key(value.strip().removeprefix("Bearer ").strip()):
-            return REDACTED
-        return value[:limit]
+        return redact_keys(clean_text(value[:limit + MAX_KEY]), self.is_key)[:limit]
 
     def emit(self, record: dict[str, Any]) -> None:
         if self.file is not None:
@@ -184,7 +219,7 @@ def usage_record(obs: RequestObservation, ctx: RequestContext | None, request_id
     prompt, completion = obs.prompt_tokens, obs.completion_tokens
     return {
         "time": round(time.time(), 6),
-        "request_id": request_id,
+        "request_id": sinks.redact(request_id, MAX_REQUEST_ID),  # a client's x-request-id
         "tenant": obs.tenant if known else None,
         "user": sinks.redact(ctx.user, MAX_USER) if ctx is not None else None,
         "metadata": _redacted(ctx.metadata, sinks) if ctx is not None else None,
@@ -216,6 +251,14 @@ def _seconds(value: float | None) -> float | None:
 
 
 def _redacted(metadata: dict[str, str] | None, sinks: UsageSinks) -> dict[str, str] | None:
+    """Names and values redacted alike (a name can be a key: the admin key leaked so); two
+    names redacted to one stay two entries."""
     if not metadata:
         return None
-    return {k: sinks.redact(v, MAX_METADATA_VALUE) or "" for k, v in metadata.items()}
+    out: dict[str, str] = {}
+    for k, v in metadata.items():
+        name = sinks.redact(k, MAX_METADATA_KEY) or ""
+        if name in out:
+            name = f"{name}#{len(out)}"
+        out[name] = sinks.redact(v, MAX_METADATA_VALUE) or ""
+    return out

@@ -96,6 +96,7 @@ def _chat(body: dict[str, Any], model: str, r: LocalRequest) -> None:
                              code="invalid_value")
     for i, m in enumerate(body.get("messages") or ()):
         _content(m.get("content"), f"messages[{i}].content", model, m.get("role"))
+        _tool_calls(m.get("tool_calls"), f"messages[{i}].tool_calls")
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
@@ -143,6 +144,25 @@ def _content(content: Any, param: str, model: str, role: Any) -> None:
                              f"of type {kind!r}.", param=f"{param}[{j}]", code="invalid_value")
 
 
+def _tool_calls(calls: Any, param: str) -> None:
+    """An assistant message's earlier calls, as the chat template writes them: each with a
+    function object whose name and arguments are strings."""
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"'{param}' must be a list.", param=param, code="invalid_type")
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise InvalidRequest(f"'{param}[{j}].function' must be an object.",
+                                 param=f"{param}[{j}].function", code="invalid_type")
+        for name in ("name", "arguments"):
+            if not isinstance(fn.get(name), str):
+                where = f"{param}[{j}].function.{name}"
+                raise InvalidRequest(f"'{where}' must be a string.", param=where,
+                                     code="invalid_type")
+
+
 def _logit_bias(value: Any, vocab_size: int) -> dict[int, float]:
     if value is None:
         return {}
@@ -151,9 +171,12 @@ def _logit_bias(value: Any, vocab_size: int) -> dict[int, float]:
                              param="logit_bias", code="invalid_type")
     out: dict[int, float] = {}
     for key, bias in value.items():
-        token = int(key) if isinstance(key, str) and key.isdigit() else -1
+        # ASCII digits, at most 10 (int() of a 5,000-digit string raises; '²' is a digit too)
+        plain = isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10
+        token = int(key) if plain else -1
+        shown = repr(key) if len(key) <= 24 else repr(key[:16] + "...")
         if not 0 <= token < vocab_size:
-            raise InvalidRequest(f"'logit_bias' names {key!r}, which is not a token id of this "
+            raise InvalidRequest(f"'logit_bias' names {shown}, which is not a token id of this "
                                  f"model (0 to {vocab_size - 1}).", param="logit_bias",
                                  code="invalid_value")
         if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:

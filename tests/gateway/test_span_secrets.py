@@ -1,4 +1,4 @@
-"""No API key or Authorization value reaches a span: every error path (401, 403, 404, 400,
+"""No API key or Authorization value reaches a span: every error path (401, 404, 400,
 413, a failing upstream) with keys in headers and in bodies, on an in-process app whose
 tracer provider exports to memory; attributes, events, links and status are all scanned."""
 
@@ -43,7 +43,7 @@ async def _drive(app: Any) -> dict[str, int]:
     cases: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
         "401 wrong key": ("/v1/chat/completions", chat, {"authorization": f"Bearer {WRONG}"}),
         "401 key in x-api-key": ("/v1/chat/completions", chat, {"x-api-key": TENANT}),
-        "403 other adapter": ("/v1/chat/completions", {**chat, "model": "demo:globex-legal"}, {}),
+        "404 other adapter": ("/v1/chat/completions", {**chat, "model": "demo:globex-legal"}, {}),
         "404 unknown model": ("/v1/chat/completions", {**chat, "model": "nope"}, {}),
         "404 unknown adapter": ("/v1/completions", {"model": "demo:nope", "prompt": TENANT}, {}),
         "404 key as adapter": ("/v1/chat/completions", {**chat, "model": f"demo:{TENANT}"}, {}),
@@ -89,7 +89,7 @@ def test_no_key_in_any_span(demo_model: Path, monkeypatch: pytest.MonkeyPatch) -
     tp.add_span_processor(SimpleSpanProcessor(exporter))
     statuses = asyncio.run(_drive(create_app(parse_settings(cfg), tracer_provider=tp)))
     assert statuses == {
-        "401 wrong key": 401, "401 key in x-api-key": 401, "403 other adapter": 403,
+        "401 wrong key": 401, "401 key in x-api-key": 401, "404 other adapter": 404,
         "404 unknown model": 404, "404 unknown adapter": 404, "404 key as adapter": 404,
         "400 bad param": 400,
         "400 bad json": 400, "413 too large": 413, "upstream down": statuses["upstream down"],
@@ -101,7 +101,7 @@ def test_no_key_in_any_span(demo_model: Path, monkeypatch: pytest.MonkeyPatch) -
     assert len(spans) >= len(statuses) - 1  # one request span per /v1 request at least
     errors = [s for s in spans if (s.attributes or {}).get("error.type")]
     assert {str(s.attributes["error.type"]) for s in errors if s.attributes} >= {
-        "400", "401", "403", "404", "413", str(statuses["upstream down"])}
+        "400", "401", "404", "413", str(statuses["upstream down"])}
     for span in spans:
         text = span_text(span)
         for secret in SECRETS:
