@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from backends.local.lora import AdapterError, LoraAdapter, install, load_adapter
 from backends.local.model import Llama
 from backends.local.projection import lora_dtype
 from gateway.core.errors import BackendError
+
+log = logging.getLogger("backends.local.adapters")
 
 
 def moved(adapter: LoraAdapter, device: torch.device) -> LoraAdapter:
@@ -224,10 +227,9 @@ class AdapterCache:
 
     def _invalid(self, name: str, e: Exception) -> BackendError:
         """422 adapter_invalid naming the adapter; the server's directories left out."""
-        detail = str(e)
-        if self.dir is not None:
-            detail = detail.replace(f"{self.dir / name}/", "").replace(str(self.dir / name), name)
-        return BackendError(f"adapter {name!r} cannot be loaded: {detail}", status=422,
+        log.warning("adapter %r cannot be loaded: %s", name, e)  # the loader's own words
+        return BackendError(f"adapter {name!r} cannot be loaded: its files are missing, "
+                            "malformed or made for another base model.", status=422,
                             code="adapter_invalid")
 
     def _make_room(self, need: int) -> bool:

@@ -171,6 +171,7 @@ def test_a_broken_adapter_fails_only_its_tenant(churn: tuple[str, Path]) -> None
         err = error_of(r)
         assert BROKEN[t] in err["message"] and err["code"] == "adapter_invalid", err
         assert str(tmp) not in r.text  # no server paths
+        assert "Error" not in r.text and "/" not in err["message"]  # nor the loader's words
     assert httpx.get(url.removesuffix("/v1") + "/ready", timeout=10).status_code == 200
     end = admin(url)
     assert end["reservations"]["reserved_bytes"] == 0
