@@ -40,11 +40,33 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def nested(depth: int) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "string"}
-    for _ in range(depth):
-        schema = {"type": "object", "properties": {"a": schema}}
-    return schema
+class Raw(str):
+    """JSON text put into a body as it is (1,000 levels: too deep for json.dumps)."""
+
+
+def nested(depth: int) -> Raw:
+    return Raw('{"type": "object", "properties": {"a": ' * depth + '{"type": "string"}'
+               + "}}" * depth)
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """The body as JSON, with Raw values spliced in as they are."""
+    raws: list[str] = []
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, Raw):
+            raws.append(value)
+            return f"@raw{len(raws) - 1}@"
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        return value
+
+    text = json.dumps(mark(body))
+    for i, raw in enumerate(raws):
+        text = text.replace(f'"@raw{i}@"', raw)
+    return text.encode()
 
 
 def slow_schema(seed: int) -> dict[str, Any]:
@@ -103,14 +125,16 @@ def plain(client: httpx.Client, base: str) -> float:
 
 
 def hostile_loop(base: str, stop: threading.Event, statuses: list[int]) -> None:
-    bodies = [(path, json.dumps(body).encode()) for path, body in hostile_bodies()]
+    bodies = [(path, encode(body)) for path, body in hostile_bodies()]
     with httpx.Client(timeout=60) as client:
         i = 0
         while not stop.is_set():
             path, content = bodies[i % len(bodies)]
-            statuses.append(client.post(f"{base}{path}", content=content,
-                                        headers={**ACME, "content-type": "application/json"},
-                                        ).status_code)
+            try:
+                statuses.append(client.post(f"{base}{path}", content=content, headers={
+                    **ACME, "content-type": "application/json"}).status_code)
+            except httpx.HTTPError:
+                statuses.append(-1)  # no answer at all: fails the test below
             i += 1
 
 
@@ -145,7 +169,7 @@ def test_a_hostile_neighbour_leaves_others_their_latency_and_memory(
               "rss_before": before, "rss_after": after,
               "slowest_shared_s": sorted(shared)[-5:], "slowest_solo_s": sorted(solo)[-5:]}
     print(json.dumps(report))
-    assert 500 not in statuses and len(statuses) >= ROUNDS
+    assert set(statuses) <= {400, 413} and len(statuses) >= ROUNDS, report
     assert p99(shared) <= 2 * p99(solo), report
     assert misses == 0 and p99(health) <= 0.1 and max(health) < 1.0, report
     assert after <= 1.1 * before, report
