@@ -88,7 +88,7 @@ def xgrammar_factory(vocab: int, tok: ChatTokenizer) -> Any:
     grammars = Grammars(tok.tokenizer, vocab, sorted(tok.eos_token_ids), GrammarLimits())
     key = json_grammar(SCHEMA)
     asyncio.run(grammars.constraint(key, "bench"))  # compiled once (the engine's path), cached
-    compiled = grammars._cache[key]
+    compiled = grammars.cached(key)
     bare = Utf8Table([b"x"] * vocab, vocab, [])  # every token valid: no guard
     return (lambda: Constraint(xgr.GrammarMatcher(compiled), vocab, grammars.eos_ids, bare),
             lambda: Constraint(xgr.GrammarMatcher(compiled), vocab, grammars.eos_ids,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ MiB = 1024 * 1024
 PREFIX_CACHE_MODES = ("isolated", "shared", "off")
 QUANTIZE_MODES = ("none", "int8")  # int8 at load: heap copy; `gateway quantize` for mmapped int8
 
+log = logging.getLogger("backends.local")
+
 
 @dataclass(frozen=True)
 class LocalConfig:
@@ -61,13 +64,13 @@ class LocalConfig:
     lanes: Lanes | None = None  # {short_max_tokens, short_share}: KV kept for short requests
     # -- fidelity (issue 14): bounds of grammar-constrained decoding (backends/local/grammar.py)
     grammar_max_schema_bytes: int = 64 * 1024  # a larger schema or tools list: 400
-    grammar_compile_timeout_s: float = 2.0  # a grammar compiling longer: 400
-    grammar_cache_size: int = 64  # compiled grammars kept (LRU)
+    grammar_compile_timeout_s: float = 2.0  # CPU s of a compile's worker; then killed: 400
+    grammar_cache: str = "isolated"  # isolated (per tenant) | shared (across tenants)
+    grammar_cache_bytes: int = 64 * MiB  # compiled grammars kept (LRU, xgrammar's sizes)
     # -- end fidelity
 
     def __post_init__(self) -> None:
-        GrammarLimits(self.grammar_max_schema_bytes, self.grammar_compile_timeout_s,
-                      self.grammar_cache_size)
+        self.grammar_limits()
         parse_dtype(self.dtype)
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(
@@ -90,6 +93,10 @@ class LocalConfig:
             raise ValueError(
                 "max_batch_size, block_size, max_prefill_tokens and max_loras must be positive"
             )
+
+    def grammar_limits(self) -> GrammarLimits:
+        return GrammarLimits(self.grammar_max_schema_bytes, self.grammar_compile_timeout_s,
+                             self.grammar_cache_bytes, self.grammar_cache)
 
 
 class LocalBackend:
@@ -173,14 +180,15 @@ class LocalBackend:
         loaded = load_checkpoint(cfg.model, cfg.dtype, cfg.device, cfg.quantize)
         tokenizer = ChatTokenizer.from_dir(Path(self.cfg.model), loaded.config.eos_token_ids)
         tokenizer.max_ids = loaded.config.context_window  # a longer prompt is only counted
-        limits = GrammarLimits(cfg.grammar_max_schema_bytes, cfg.grammar_compile_timeout_s,
-                               cfg.grammar_cache_size)
         self._grammars = Grammars(tokenizer.tokenizer, loaded.config.vocab_size,
-                                  sorted(tokenizer.eos_token_ids), limits)
+                                  sorted(tokenizer.eos_token_ids), cfg.grammar_limits())
+        self._grammars.start()  # compile workers warm before the first schema (background)
         return loaded, tokenizer
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._grammars is not None:
+            self._grammars.close()
         if self._engine is not None:
             await asyncio.to_thread(self._engine.stop)
 
@@ -237,8 +245,11 @@ class LocalBackend:
                 else:
                     out.append(list(one))
             return out
-        except TokenizerError as e:
-            raise BackendError(str(e), 400, "invalid_request") from None
+        except TokenizerError as e:  # the template's own words (Python's) stay in the log
+            log.warning("request %s: the chat template failed: %s", ctx.request_id, e)
+            raise BackendError("The model's chat template cannot render these messages; check "
+                               "their roles, order and content types.", 400,
+                               "invalid_request") from None
 
     def count_tokens(self, ctx: RequestContext) -> int | None:
         if self._tokenizer is None:
@@ -352,7 +363,8 @@ class LocalBackend:
                 index = p * req.n + j
                 constraint = None
                 if spec is not None and grammars is not None:
-                    constraint = await grammars.constraint(*spec)
+                    constraint = await grammars.constraint(*spec, tenant=ctx.tenant,
+                                                           request_id=ctx.request_id)
                 sampler = generation.sampler_for(req, vocab, index, ids, constraint,
                                                  self._token_text, eos)
                 parser = ToolCallParser() if req.tools and req.tool_choice != "none" else None
@@ -457,4 +469,12 @@ class LocalBackend:
             snap.workspace = self._engine.workspace.peak + self._engine.model.lora_stack_bytes()
             if self._engine.device.type == "cpu":  # on CUDA the swap is host memory, not measured
                 snap.kv_swapped = self._engine.kv_bytes_swapped
+        if self._grammars is not None and (device is None or device.type == "cpu"):
+            # compiled grammars live in this process's heap; the compile workers are other
+            # processes: their PSS is added to what is measured, and named (on CUDA both are
+            # host memory, which is not what is measured there)
+            snap.grammar_cache = self._grammars.cache_sizes()
+            snap.grammar_workers = self._grammars.workers.memory_bytes()
+            if snap.measured is not None:
+                snap.measured += snap.grammar_workers
         return snap

@@ -7,21 +7,35 @@ precomputes most of each grammar's token masks when it compiles it. What that co
 heavier install (xgrammar brings transformers and triton), and a compile that does more work,
 which the limits below bound.
 
-Grammars are bounded: a schema larger than `max_schema_bytes`, or one that does not compile
-within `compile_timeout_s`, is a 400; compiled grammars are cached by grammar text (LRU of
-`cache_size`), so a repeated schema is compiled once and a hostile one cannot make every
-request pay for it.
+Grammars are bounded: a schema larger than `max_schema_bytes` is a 400 before anything
+compiles. A new grammar compiles first in a worker process (backends/local/compile_worker.py)
+while it holds a slot of the tenant-fair CPU pool (gateway/core/cpu.py); one that passes
+`compile_timeout_s` (CPU seconds of its worker, from the moment it starts) is killed there and
+answered 400 `schema_too_complex`; one xgrammar refuses is a 400 `invalid_schema` with our own
+message (xgrammar's text, C++ file names and all, goes to the log with the request id). Only a
+grammar that compiled in time is compiled again here, on a thread of the pool: the same work,
+so it ends as the worker's did (why twice: compile_worker.py's docstring).
+
+Compiled grammars are cached, per tenant (`cache: isolated`, a cache hit is a timing signal:
+another tenant would learn which schemas one sends) or across tenants (`shared`), in an LRU
+bounded in bytes (`cache_bytes`, each entry at xgrammar's memory_size_bytes), so a repeated
+schema is compiled once and a hostile one cannot make every request pay for it. Concurrent
+requests for one grammar (of one tenant, under `isolated`) wait for one compile; when all of
+them go away while the worker compiles, it is killed (the compile here, bounded, is finished
+and kept).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import re
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,27 +43,82 @@ import torch
 import xgrammar as xgr
 from tokenizers import Tokenizer
 
+from backends.local.compile_worker import (
+    JSON_SCHEMA,
+    STRUCTURAL_TAG,
+    CompileFailed,
+    CompileRefused,
+    CompileTimeout,
+    CompileWorkers,
+)
 from backends.local.utf8 import Utf8Table
-from gateway.core.errors import InvalidRequest
+from gateway.core import cpu
+from gateway.core.errors import BackendError, InvalidRequest, Unavailable
+
+log = logging.getLogger(__name__)
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+CACHE_MODES = ("isolated", "shared")
 
 
 @dataclass(frozen=True)
 class GrammarLimits:
     max_schema_bytes: int = 64 * 1024
-    compile_timeout_s: float = 2.0
-    cache_size: int = 64
+    compile_timeout_s: float = 2.0  # CPU seconds of the compile's worker
+    cache_bytes: int = 64 * 2**20  # compiled grammars kept (LRU), by xgrammar's memory size
+    cache: str = "isolated"  # isolated (per tenant) | shared (across tenants)
 
     def __post_init__(self) -> None:
-        if self.max_schema_bytes < 1 or self.compile_timeout_s <= 0 or self.cache_size < 1:
-            raise ValueError("grammar limits must be positive")
+        if self.max_schema_bytes < 1 or self.compile_timeout_s <= 0 or self.cache_bytes < 0:
+            raise ValueError("grammar limits must be positive (grammar_cache_bytes >= 0)")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"grammar_cache={self.cache!r}; expected one of "
+                             f"{', '.join(CACHE_MODES)}")
+
+    @property
+    def queue_timeout_s(self) -> float:
+        """How long a compile may wait for a slot of the CPU pool (others' compiles hold
+        them at most their own deadline each): a 503 past it."""
+        return max(30.0, 15 * self.compile_timeout_s)
 
 
 # A grammar's text (the cache key) says how it compiles: "json:" + a JSON schema (compact
 # output), or "tag:" + an xgrammar structural tag (tool calls).
 JSON, TAG = "json:", "tag:"
-_WHERE = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # xgrammar's "[time] file.cc:line: " prefix
+SHARED = "(shared)"  # the cache scope of every tenant under `cache: shared`, as memory() names it
+
+# What of xgrammar's message may reach a client: its "[time] /path/file.cc:line: " prefix
+# and "Check failed: (...) is false:" assertion text go, and so does any file name left.
+_WHERE = re.compile(r"\[[\d:]+\]\s*\S+:\d+:\s*")
+_CHECK = re.compile(r"Check failed:.*?is false:?\s*", re.DOTALL)
+_FILE = re.compile(r"\S*\.(?:cc|cpp|cxx|h|hpp|hxx|py|so)\b(?::\d+)?:?", re.IGNORECASE)
+REASON_CHARS = 160
+
+
+def refusal_reason(detail: str) -> str:
+    """A short reason from xgrammar's message for a refused grammar: its first line without
+    source locations, file names or assertion text, printable, at most REASON_CHARS; empty
+    when nothing of it is safe to show."""
+    line = next((ln for ln in detail.strip().splitlines() if ln.strip()), "")
+    line = _WHERE.sub("", line)
+    line = _CHECK.sub("", line)
+    line = _FILE.sub("", line)
+    line = "".join(ch for ch in line if ch.isprintable())
+    line = " ".join(line.split())
+    if "check failed" in line.lower():
+        return ""
+    if len(line) > REASON_CHARS:
+        line = line[: REASON_CHARS - 3].rstrip() + "..."
+    return line
+
+
+def refusal_message(param: str, detail: str) -> str:
+    """The 400 `invalid_schema` message: fixed, naming the param, with the short reason."""
+    reason = refusal_reason(detail)
+    message = f"'{param}' cannot be enforced as a grammar by this model"
+    return f"{message}: {reason}" if reason else f"{message}."
 
 
 def _schema(schema: dict[str, Any] | bool) -> dict[str, Any]:
@@ -132,6 +201,15 @@ class Constraint:
             self.state = int(self.utf8.after[self.state, token])
 
 
+@dataclass
+class _Flight:
+    """One compile in progress and how many requests wait for it."""
+
+    waiters: int = 0
+    committed: bool = False  # it compiled in time in a worker: finished here even if unwanted
+    task: asyncio.Future[xgr.CompiledGrammar] = field(init=False)  # set once, on creation
+
+
 class Grammars:
     """Compiles and caches grammars for one tokenizer."""
 
@@ -147,6 +225,7 @@ class Grammars:
         self.info = xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=model_vocab,
                                       stop_token_ids=sorted(eos_ids),
                                       add_prefix_space=meta["add_prefix_space"])
+        self.workers = CompileWorkers(self.info)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self.eos_ids = sorted(eos_ids)
         # Tokens with a control character (U+0000-U+001F): xgrammar's JSON strings accept them
@@ -161,10 +240,21 @@ class Grammars:
         self.utf8 = Utf8Table(self.info.decoded_vocab, model_vocab, self.eos_ids)
         self.vocab = model_vocab
         self.limits = limits
-        self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
-        self._lock = threading.Lock()
-        self._pending: dict[str, asyncio.Future[xgr.CompiledGrammar]] = {}
+        # (scope, grammar text) -> (compiled, its bytes); scope: the tenant, or "" when shared
+        self._cache: OrderedDict[tuple[str, str], tuple[xgr.CompiledGrammar, int]] = OrderedDict()
+        self._cache_bytes = 0
+        self._lock = threading.Lock()  # memory() may read the cache from another thread
+        self._pending: dict[tuple[str, str], _Flight] = {}
         self.compiled = 0  # grammars compiled (cache misses), for tests and telemetry
+        self.compiles: Counter[str] = Counter()  # the same by scope (tenant, or SHARED)
+
+    def start(self) -> None:
+        """Start the compile workers' forkserver and one warm worker, in the background."""
+        self.workers.prestart()
+
+    def close(self) -> None:
+        """Kill the compile workers (a compile still running answers 500)."""
+        self.workers.close()
 
     def check_size(self, param: str, value: Any) -> None:
         size = len(json.dumps(value))
@@ -174,47 +264,137 @@ class Grammars:
                 f"of at most {self.limits.max_schema_bytes} bytes.", param=param,
                 code="schema_too_large")
 
-    async def constraint(self, grammar: str, param: str) -> Constraint:
-        """A fresh Constraint for `grammar` (compiled once, then taken from the cache)."""
+    def scope(self, tenant: str) -> str:
+        """The cache scope of a tenant's grammars: its own under `isolated`."""
+        return tenant if self.limits.cache == "isolated" else ""
+
+    def cache_sizes(self) -> dict[str, int]:
+        """Bytes of compiled grammars cached, by scope (tenant, or SHARED)."""
+        out: Counter[str] = Counter()
         with self._lock:
-            compiled = self._cache.get(grammar)
-            if compiled is not None:
-                self._cache.move_to_end(grammar)
-        if compiled is None:
-            # one compile per grammar, however many requests wait for it
-            pending = self._pending.get(grammar)
-            if pending is None:
-                pending = asyncio.ensure_future(self._compile(grammar, param))
-                self._pending[grammar] = pending
-                pending.add_done_callback(lambda _: self._pending.pop(grammar, None))
-            compiled = await asyncio.shield(pending)
+            for (scope, _), (_, size) in self._cache.items():
+                out[scope or SHARED] += size
+        return dict(out)
+
+    def cached(self, grammar: str, tenant: str = "") -> xgr.CompiledGrammar | None:
+        """The cached compile of `grammar` for `tenant`, if any (no LRU update)."""
+        with self._lock:
+            entry = self._cache.get((self.scope(tenant), grammar))
+        return entry[0] if entry is not None else None
+
+    async def constraint(self, grammar: str, param: str, tenant: str = "",
+                         request_id: str = "") -> Constraint:
+        """A fresh Constraint for `grammar` (compiled once per cache scope, then taken from
+        the cache). `request_id` names the request in the log when the compile is refused."""
+        key = (self.scope(tenant), grammar)
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._cache.move_to_end(key)
+        if entry is not None:
+            compiled = entry[0]
+        else:
+            compiled = await self._join(key, grammar, param, tenant, request_id)
         banned = self.controls if grammar.startswith(JSON) or not _free_text(grammar) else None
         return Constraint(xgr.GrammarMatcher(compiled), self.vocab, self.eos_ids, self.utf8,
                           banned)
 
-    async def _compile(self, grammar: str, param: str) -> xgr.CompiledGrammar:
-        compile_one: Callable[[], xgr.CompiledGrammar]
-        if grammar.startswith(JSON):
-            def compile_one() -> xgr.CompiledGrammar:
-                return self.compiler.compile_json_schema(grammar[len(JSON):], any_whitespace=False)
-        else:
-            def compile_one() -> xgr.CompiledGrammar:
-                return self.compiler.compile_structural_tag(grammar[len(TAG):])
-        task = asyncio.to_thread(compile_one)
+    async def _join(self, key: tuple[str, str], grammar: str, param: str, tenant: str,
+                    request_id: str) -> xgr.CompiledGrammar:
+        """Wait for the one compile of `key` (starting it when none runs). When every request
+        waiting for it has gone away, it is cancelled, which kills its worker."""
+        flight = self._pending.get(key)
+        if flight is None:
+            flight = self._pending[key] = _Flight()
+            flight.task = asyncio.ensure_future(
+                self._compile(flight, key, grammar, param, tenant, request_id))
+            flight.task.add_done_callback(lambda t: self._settled(key, flight, t))
+        task = flight.task
+        flight.waiters += 1
         try:
-            compiled = await asyncio.wait_for(task, self.limits.compile_timeout_s)
-        except TimeoutError:
-            raise InvalidRequest(
-                f"'{param}' did not compile to a grammar within "
-                f"{self.limits.compile_timeout_s:g} s; simplify the schema.", param=param,
-                code="schema_too_complex") from None
-        except (RuntimeError, ValueError) as exc:  # xgrammar's errors for a schema it refuses
-            why = _WHERE.sub("", str(exc)).strip()[:300]
-            raise InvalidRequest(f"'{param}' cannot be enforced: {why}", param=param,
-                                 code="invalid_schema") from None
+            return await asyncio.shield(task)
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not task.done() and not flight.committed:
+                self._forget(key, flight)  # the last waiter went away: stop the worker
+                task.cancel()
+
+    def _settled(self, key: tuple[str, str], flight: _Flight,
+                 task: asyncio.Future[xgr.CompiledGrammar]) -> None:
+        self._forget(key, flight)
+        if not task.cancelled() and flight.waiters == 0:
+            task.exception()  # retrieved: a compile nobody waited for any more
+
+    def _forget(self, key: tuple[str, str], flight: _Flight) -> None:
+        if self._pending.get(key) is flight:
+            del self._pending[key]
+
+    async def _compile(self, flight: _Flight, key: tuple[str, str], grammar: str, param: str,
+                       tenant: str, request_id: str) -> xgr.CompiledGrammar:
+        compile_here: Callable[[], xgr.CompiledGrammar]
+        if grammar.startswith(JSON):
+            kind, text = JSON_SCHEMA, grammar[len(JSON):]
+
+            def compile_here() -> xgr.CompiledGrammar:
+                return self.compiler.compile_json_schema(text, any_whitespace=False)
+        else:
+            kind, text = STRUCTURAL_TAG, grammar[len(TAG):]
+
+            def compile_here() -> xgr.CompiledGrammar:
+                return self.compiler.compile_structural_tag(text)
+        limits = self.limits
+        async with contextlib.AsyncExitStack() as stack:
+            try:  # the wait for a slot is not the request's fault: apart from its deadline
+                async with asyncio.timeout(limits.queue_timeout_s):
+                    await stack.enter_async_context(cpu.pool().slot(tenant))
+            except TimeoutError:
+                raise Unavailable("Grammar compilation is busy; retry the request.",
+                                  param=param, code="grammar_compile_busy",
+                                  retry_after=limits.compile_timeout_s) from None
+            try:
+                await self.workers.check(kind, text, limits.compile_timeout_s)
+            except CompileTimeout:
+                raise InvalidRequest(
+                    f"'{param}' did not compile to a grammar within "
+                    f"{limits.compile_timeout_s:g} s; simplify the schema.", param=param,
+                    code="schema_too_complex") from None
+            except CompileRefused as exc:
+                log.warning("request %s: the grammar compiler refused '%s': %s", request_id,
+                            param, exc.detail.strip())
+                raise InvalidRequest(refusal_message(param, exc.detail), param=param,
+                                     code="invalid_schema") from None
+            except CompileFailed as exc:
+                log.error("request %s: grammar compile of '%s' failed: %s", request_id, param,
+                          exc)
+                raise BackendError(f"'{param}' could not be compiled to a grammar (the "
+                                   "compiler failed); retry the request.", 500,
+                                   "grammar_compile_failed", param=param) from None
+            flight.committed = True
+        # It compiled in time: compiled again here, the same bounded work, on a pool thread
+        # (nice 10, the GIL released; a slot of the tenant's again), finished and cached even
+        # when every request went away meanwhile.
+        try:
+            compiled = await cpu.pool().run(tenant, compile_here)
+        except (RuntimeError, ValueError) as exc:  # not seen: the worker compiled the same
+            log.error("request %s: '%s' compiled in a worker, not here: %s", request_id, param,
+                      exc)
+            raise BackendError(f"'{param}' could not be compiled to a grammar; retry the "
+                               "request.", 500, "grammar_compile_failed", param=param) from None
+        self._store(key, compiled)
+        return compiled
+
+    def _store(self, key: tuple[str, str], compiled: xgr.CompiledGrammar) -> None:
+        size = int(compiled.memory_size_bytes)
         with self._lock:
             self.compiled += 1
-            self._cache[grammar] = compiled
-            while len(self._cache) > self.limits.cache_size:
-                self._cache.popitem(last=False)
-        return compiled
+            self.compiles[key[0] or SHARED] += 1
+            if size > self.limits.cache_bytes:  # larger than the whole cache: used, not kept
+                return
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._cache_bytes -= old[1]
+            self._cache[key] = (compiled, size)
+            self._cache_bytes += size
+            while self._cache_bytes > self.limits.cache_bytes:
+                _, (_, evicted) = self._cache.popitem(last=False)
+                self._cache_bytes -= evicted

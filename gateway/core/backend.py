@@ -22,6 +22,10 @@ class MemorySnapshot:
     workspace: int = 0
     runtime: int = 0  # measured before weights load (interpreter, libraries); local only
     kv_swapped: int = 0  # host copies of preempted sequences' KV (within swap_bytes); local only
+    # compiled grammars cached, by cache scope (tenant, or "(shared)"); local only
+    grammar_cache: dict[str, int] = field(default_factory=dict)
+    # the grammar compile worker processes (PSS), added to `measured`; local only
+    grammar_workers: int = 0
     measured: int | None = None
 
     @property
@@ -36,6 +40,8 @@ class MemorySnapshot:
             + self.workspace
             + self.runtime
             + self.kv_swapped
+            + sum(self.grammar_cache.values())
+            + self.grammar_workers
         )
 
 
