@@ -51,6 +51,7 @@ class CpuPool:
         self._threads = _executor(workers)
         self.runs = 0  # jobs started, for tests and telemetry
         self.waits = 0  # jobs that queued for a slot
+        self._trim_due = False
 
     @property
     def busy(self) -> int:
@@ -93,10 +94,21 @@ class CpuPool:
         return await asyncio.wrap_future(job)
 
     def release_heap(self) -> None:
-        """Give the heap's free pages back to the OS, on a pool thread (a large request's
-        end: its parsed body and token ids were freed on the event loop's thread)."""
+        """Give the heap's free pages back to the OS (a large request's end: its parsed body
+        and token ids were freed on the event loop's thread): once, TRIM_DELAY_S later, for
+        every large request that ended meanwhile, on a thread of its own at normal priority.
+        malloc_trim holds each arena's lock while it walks it: run for every request of a
+        flood of 3 MB bodies at nice 10 (preempted while holding the main arena's lock), it
+        stalled the event loop and the engine for seconds."""
+        if self._trim_due:
+            return
+        self._trim_due = True
+        asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_due = False
         with contextlib.suppress(RuntimeError):  # shut down at exit
-            self._threads.submit(trim_heap)
+            _trimmer.submit(trim_heap)
 
     async def _acquire(self, tenant: str) -> None:
         if self.busy < self.workers and not self._waiting:
@@ -175,6 +187,8 @@ def _libc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _libc_trim()
+TRIM_DELAY_S = 2.0
+_trimmer = ThreadPoolExecutor(1, thread_name_prefix="gateway-trim")
 
 
 def trim_heap() -> None:
