@@ -143,6 +143,8 @@ def create_app(
             await reloader.start()
             yield {}
         finally:
+            gc.unfreeze()  # what start-up made is collected at exit again (nanobind, xgrammar's
+            # binding layer, reports instances left alive then as leaks, on stderr)
             reloader.state.ready = False
             retired = await reloader.aclose()
             for backend in [*reloader.state.backends.values(), *retired]:

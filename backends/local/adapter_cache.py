@@ -227,9 +227,14 @@ class AdapterCache:
 
     def _invalid(self, name: str, e: Exception) -> BackendError:
         """422 adapter_invalid naming the adapter; the server's directories left out."""
-        log.warning("adapter %r cannot be loaded: %s", name, e)  # the loader's own words
-        return BackendError(f"adapter {name!r} cannot be loaded: its files are missing, "
-                            "malformed or made for another base model.", status=422,
+        log.warning("adapter %r cannot be loaded: %s", name, e)
+        if isinstance(e, AdapterError | CheckpointError):  # our own words, directories left out
+            detail = str(e)
+            if self.dir is not None:
+                detail = detail.replace(f"{self.dir / name}/", "").replace(str(self.dir / name), name)
+        else:  # a library's (safetensors, torch): in the log only
+            detail = "its files are missing, malformed or made for another base model."
+        return BackendError(f"adapter {name!r} cannot be loaded: {detail}", status=422,
                             code="adapter_invalid")
 
     def _make_room(self, need: int) -> bool:

@@ -43,13 +43,13 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
+from typing import NoReturn
 
 import xgrammar as xgr
 
@@ -91,7 +91,25 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _exit() -> NoReturn:
+    """End a worker without the interpreter's finalization: nothing is left to flush, and
+    nanobind (xgrammar's binding layer) would print the compiler it still holds as a leak
+    on the gateway's stderr (a non-JSON line in a JSON log)."""
+    os._exit(0)
+
+
 def _worker_main(conn: Connection, info_json: str) -> None:
+    """A worker's life; any failure ends it without a traceback on the gateway's stderr (the
+    gateway sees the process gone: a worker started just as the gateway closed found the
+    pipe broken, and multiprocessing printed that in the middle of a JSON log)."""
+    try:
+        _serve(conn, info_json)
+    except BaseException:  # the process ends here, whatever it was
+        os._exit(1)
+    _exit()
+
+
+def _serve(conn: Connection, info_json: str) -> None:
     """Build the TokenizerInfo once, then answer jobs until the gateway closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C of the gateway's terminal: its concern
     _die_with_parent()
@@ -103,7 +121,7 @@ def _worker_main(conn: Connection, info_json: str) -> None:
         try:
             job = conn.recv_bytes()
         except (EOFError, OSError):
-            return
+            _exit()
         kind, text = job[:1], job[1:].decode()
         try:
             if kind == JSON_SCHEMA:
@@ -116,7 +134,7 @@ def _worker_main(conn: Connection, info_json: str) -> None:
         try:
             conn.send_bytes(answer)
         except OSError:  # the gateway stopped waiting
-            return
+            _exit()
         cpu.trim_heap()  # a large grammar's buffers go back to the OS between jobs
 
 
@@ -148,16 +166,11 @@ def _context() -> BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    # The forkserver imports these once. A child re-runs the main module as multiprocessing
-    # does (`python -m gateway.cli`: that module by name), so it is preloaded too: each child
-    # then finds its imports done. Takes effect when the forkserver starts (once a process).
-    preload = ["__main__"]
-    main = sys.modules.get("__main__")
-    name = getattr(getattr(main, "__spec__", None), "name", None)
-    if isinstance(name, str) and name != "__main__" and not name.endswith(".__main__"):
-        preload.append(name)
-    preload.append(__name__)
-    ctx.set_forkserver_preload(preload)
+    # The forkserver imports these once (the main module as multiprocessing runs it in a
+    # child, then this one), so each child finds its imports done. Not the main module by
+    # name too: runpy then warns on stderr that it is in sys.modules already (a non-JSON line
+    # in a JSON log). Takes effect when the forkserver starts (once a process).
+    ctx.set_forkserver_preload(["__main__", __name__])
     return ctx
 
 
