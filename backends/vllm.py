@@ -201,11 +201,8 @@ class VLLMBackend(OpenAIBackend):
             ctx.memory.adapter = adapter
             ctx.memory.adapter_bytes = self._adapter_sizes.get(adapter, 0)
         try:
-            prompt = ctx.prompt_tokens  # counted by the policies (off the loop when large)
-            if prompt is None:
-                prompt = await cpu.offload(ctx.tenant, ctx.body_bytes, lambda: self.count_tokens(ctx))
+            prompt = await cpu.count_prompt(ctx, self.count_tokens)  # the policies' count, if any
             if prompt is not None:
-                ctx.prompt_tokens = prompt
                 # vLLM allocates KV as tokens arrive; this is the most the request can hold.
                 ctx.memory.kv_bytes_reserved = self._bytes_per_token() * ctx.sampling.n * (
                     prompt + self._output_limit(ctx, prompt))

@@ -38,7 +38,7 @@ from gateway.core.context import Decision, RequestContext, Reservation, Usage
 from gateway.core.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
 from gateway.core.policy import Outcome, Policy, passed
 from policies.base import PolicyEnv
-from policies.demand import Demand, count, demand, estimate_key
+from policies.demand import Demand, demand, estimate_key
 from policies.leases import Bucket, Scope
 from policies.quotas import LocalQuotas, Quotas
 
@@ -154,8 +154,7 @@ class Admission:
     async def apply(self, ctx: RequestContext) -> Decision:
         tenant = self._tenant(self.env.tenant(ctx))
         backend = self.env.backend(ctx)
-        await count(backend, ctx)  # off the event loop when large
-        need = demand(backend, ctx, self.env.estimates)
+        need = await demand(backend, ctx, self.env.estimates)  # counts off the loop when large
         ctx.expected_tokens = need.expected_tokens  # what the backend's KV reservation plans for
         cap = backend.capacity()
         lanes = cap.lanes if cap is not None else None

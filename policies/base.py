@@ -6,9 +6,10 @@ The Policy and Fallback protocols themselves are gateway/core/policy.py's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -104,21 +105,11 @@ class PolicyChain:
         """Every policy's cheap gate first (DESIGN: limits before expensive work), then
         every policy in order; a rejection is recorded on ctx.decisions and raised."""
         for gate in self.gates:
-            try:
+            with _recorded(ctx, gate.name):
                 await gate.gate(ctx)
-            except GatewayError as exc:
-                ctx.decisions.append(
-                    Decision(policy=getattr(gate, "name", "gate"), action="reject",
-                             reason=exc.message, status=exc.status))
-                raise
         for policy in self.policies:
-            try:
+            with _recorded(ctx, policy.name):
                 decision = await policy.apply(ctx)
-            except GatewayError as exc:
-                ctx.decisions.append(
-                    Decision(policy=policy.name, action="reject", reason=exc.message,
-                             status=exc.status))
-                raise
             if decision.action == "reject":  # a policy may also return its rejection
                 ctx.decisions.append(decision)
                 raise GatewayError(decision.reason, status=decision.status)
@@ -147,3 +138,14 @@ class PolicyChain:
                 await policy.on_finish(ctx, outcome)
             except Exception:
                 log.exception("policy %s on_finish failed for %s", policy.name, ctx.request_id)
+
+
+@contextlib.contextmanager
+def _recorded(ctx: RequestContext, policy: str) -> Iterator[None]:
+    """A GatewayError raised in the block is recorded on ctx.decisions as `policy`'s reject."""
+    try:
+        yield
+    except GatewayError as exc:
+        ctx.decisions.append(Decision(policy=policy, action="reject", reason=exc.message,
+                                      status=exc.status))
+        raise

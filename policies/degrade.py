@@ -51,7 +51,7 @@ class Degrade:
         smaller = env.model(model.degrade_to) if model and model.degrade_to else None
         if smaller is None:
             return passed(self.name, "no smaller tier")
-        need = demand(self.env.backend(ctx), ctx)
+        need = await demand(self.env.backend(ctx), ctx)
         if need.budget is None or need.budget <= 0:
             return passed(self.name, "tier reports no capacity")
         pool = self.env.reservations.pool(ctx.backend, need.budget)

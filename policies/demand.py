@@ -48,25 +48,11 @@ def output_limit(ctx: RequestContext, cap: Capacity | None, prompt_tokens: int) 
     return 0
 
 
-async def count(backend: Backend, ctx: RequestContext) -> int | None:
-    """The exact prompt count (ctx.prompt_tokens), counted once: off the event loop, on the
-    tenant-fair CPU pool, when the request is large (gateway/core/cpu.py). None: the backend
-    cannot count."""
-    if ctx.prompt_tokens is not None:
-        return ctx.prompt_tokens
-    counted = await cpu.offload(ctx.tenant, ctx.body_bytes, lambda: backend.count_tokens(ctx))
+async def prompt_tokens(backend: Backend, ctx: RequestContext) -> int:
+    """Exact count with the backend's tokenizer after its chat template, counted once (off
+    the event loop when the request is large: gateway/core/cpu.py); else an estimate."""
+    counted = await cpu.count_prompt(ctx, backend.count_tokens)
     if counted is not None:
-        ctx.prompt_tokens = counted
-    return counted
-
-
-def prompt_tokens(backend: Backend, ctx: RequestContext) -> int:
-    """Exact count with the backend's tokenizer after its chat template; else an estimate."""
-    if ctx.prompt_tokens is not None:
-        return ctx.prompt_tokens
-    counted = backend.count_tokens(ctx)
-    if counted is not None:
-        ctx.prompt_tokens = counted
         return counted
     # the body as sent counts what the upstream's template renders: messages, tools, schemas
     return len(orjson.dumps(ctx.body)) // CHARS_PER_TOKEN + 1
@@ -77,13 +63,13 @@ def estimate_key(ctx: RequestContext) -> tuple[str, str, str]:
     return (ctx.tenant, ctx.target_model, ctx.adapter or "")
 
 
-def demand(backend: Backend, ctx: RequestContext, estimates: Estimates | None = None,
-           kv_admission: str | None = None) -> Demand:
+async def demand(backend: Backend, ctx: RequestContext, estimates: Estimates | None = None,
+                 kv_admission: str | None = None) -> Demand:
     """`estimates`: the expected output length (else the limit); `kv_admission`: what the
     KV reservation counts for the output, the limit or the estimate (kv_output_tokens); by
     default the backend's own choice (Capacity.kv_admission)."""
     cap: Capacity | None = backend.capacity()
-    tokens = prompt_tokens(backend, ctx)
+    tokens = await prompt_tokens(backend, ctx)
     prompts = prompt_count(ctx)
     max_tokens = output_limit(ctx, cap, tokens if prompts == 1 else 0)
     n = ctx.sampling.n

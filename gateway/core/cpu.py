@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from gateway.core.context import RequestContext
+
 T = TypeVar("T")
 
 
@@ -205,6 +207,15 @@ def trim_heap() -> None:
 def _executor(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="gateway-cpu",
                               initializer=lower_priority)
+
+
+async def count_prompt(ctx: RequestContext,
+                       counter: Callable[[RequestContext], int | None]) -> int | None:
+    """ctx.prompt_tokens, counted once by `counter` (a backend's count_tokens): inline when
+    the request is small, on the pool when it is large. None: the backend cannot count."""
+    if ctx.prompt_tokens is None:
+        ctx.prompt_tokens = await offload(ctx.tenant, ctx.body_bytes, lambda: counter(ctx))
+    return ctx.prompt_tokens
 
 
 _pool: CpuPool | None = None

@@ -43,6 +43,8 @@ class Gate(Protocol):
     """A policy with a cheap check that runs before any policy's expensive work (counting,
     trimming, grammars): the chain calls every gate, in order, before the first apply."""
 
+    name: str
+
     async def gate(self, ctx: RequestContext) -> None:
         """Raise a GatewayError to refuse; whatever it takes, on_finish gives back."""
 

@@ -44,19 +44,19 @@ def test_the_limit_or_the_context_end_or_nothing() -> None:
     assert output_limit(ctx(40, kind="embeddings"), CAP, 100) == 0
 
 
-def test_n_sequences_each_hold_prompt_and_limit() -> None:
-    one = demand(Counted(CAP), ctx(40))  # type: ignore[arg-type]
-    three = demand(Counted(CAP), ctx(40, n=3))  # type: ignore[arg-type]
+async def test_n_sequences_each_hold_prompt_and_limit() -> None:
+    one = await demand(Counted(CAP), ctx(40))  # type: ignore[arg-type]
+    three = await demand(Counted(CAP), ctx(40, n=3))  # type: ignore[arg-type]
     assert one.kv_bytes == kv_bytes_for(140, BLOCK, BPT)
     assert three.kv_bytes == 3 * one.kv_bytes and three.tokens == 100 + 3 * 40
-    unlimited = demand(Counted(CAP), ctx(None))  # type: ignore[arg-type]
+    unlimited = await demand(Counted(CAP), ctx(None))  # type: ignore[arg-type]
     assert unlimited.kv_bytes == kv_bytes_for(WINDOW, BLOCK, BPT)
-    remote = demand(Counted(None), ctx(None, n=2))  # type: ignore[arg-type]
+    remote = await demand(Counted(None), ctx(None, n=2))  # type: ignore[arg-type]
     assert remote.kv_bytes == 0 and remote.budget is None and remote.tokens == 100
 
 
-def test_a_list_of_prompts_rounds_each_sequence_up() -> None:
-    listed = demand(Counted(CAP), ctx(10, n=2, kind="completion",  # type: ignore[arg-type]
+async def test_a_list_of_prompts_rounds_each_sequence_up() -> None:
+    listed = await demand(Counted(CAP), ctx(10, n=2, kind="completion",  # type: ignore[arg-type]
                                       prompt=["a", "b", "c"]))
     # the three prompts' 100 tokens, each + 10, each rounded to blocks: at most one more each
     assert listed.sequences == 6

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from typing import Any
 
 import pytest
+
+from tests.e2e.test_hostile_client import address, read_until_closed
 
 ACME, GLOBEX = "sk-demo-acme", "sk-demo-globex"
 FAST, ASGI = "/v1/chat/completions", "/v1/chat/completions?x=1"
@@ -25,35 +26,12 @@ BODY = json.dumps({"model": "demo", "max_tokens": 1, "temperature": 0,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
-def _address(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").split("/")[0].split(":")
-    return host, int(port)
-
-
-def _until_closed(sock: socket.socket, limit_s: float = 30.0) -> bytes:
-    """All the server sends until it closes (b"<open>" appended if it had not after limit_s)."""
-    sock.settimeout(0.5)
-    out = b""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        try:
-            data = sock.recv(65536)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            return out + b"<reset>"
-        if not data:
-            return out
-        out += data
-    return out + b"<open>"
-
-
 def exchange(url: str, request: bytes, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
     """Send `request` alone on a new connection; the one answer up to the server's close:
     (status, headers with lower-case names, body). `head_only`: the answer to a HEAD."""
-    with socket.create_connection(_address(url), timeout=10) as sock:
+    with socket.create_connection(address(url), timeout=10) as sock:
         sock.sendall(request)
-        answer = _until_closed(sock)
+        answer = read_until_closed(sock, limit_s=30.0)
     assert not answer.endswith((b"<open>", b"<reset>")), answer
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
