@@ -40,6 +40,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.core.worker import local_workers
@@ -222,10 +223,15 @@ class Contention:
     engine thread polls this between steps and resizes its team (`decide`). Disabled (always
     None) where /proc is not there."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(
+        self, interval: float = 0.5, read: Callable[[], tuple[str, str]] | None = None,
+        clock: Callable[[], float] = time.monotonic, cpus: list[int] | None = None,
+    ) -> None:
         self.interval = interval
-        self.cpus = affinity()
+        self.cpus = affinity() if cpus is None else cpus
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._read = read or read_proc_stat  # (/proc/stat, /proc/self/stat): tests inject them
+        self._clock = clock
         self._last = self._sample()
         self.window = 0.0  # seconds the last value of `others` spans
 
@@ -235,12 +241,10 @@ class Contention:
 
     def _sample(self) -> tuple[float, int, int] | None:
         try:
-            with open("/proc/stat", encoding="ascii") as f:
-                stat = f.read()
-            with open("/proc/self/stat", encoding="ascii") as f:
-                own = f.read().rsplit(")", 1)[1].split()
+            stat, own_text = self._read()
         except OSError:
             return None
+        own = own_text.rsplit(")", 1)[1].split()
         wanted = {f"cpu{i}" for i in self.cpus}
         busy = 0
         for line in stat.splitlines():
@@ -248,14 +252,14 @@ class Contention:
             if name in wanted:
                 v = [int(x) for x in rest.split()]
                 busy += v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
-        return time.monotonic(), busy, int(own[11]) + int(own[12])
+        return self._clock(), busy, int(own[11]) + int(own[12])
 
     def others(self) -> float | None:
         """Cores other processes used since the last call that returned a value; None until
         `interval` has passed (or without /proc)."""
         if self._last is None:
             return None
-        if time.monotonic() - self._last[0] < self.interval:
+        if self._clock() - self._last[0] < self.interval:
             return None
         now = self._sample()
         if now is None:
@@ -266,6 +270,14 @@ class Contention:
         self._last = now
         self.window = t1 - t0
         return max(0.0, ((busy1 - busy0) - (own1 - own0)) / self.tick / (t1 - t0))
+
+
+def read_proc_stat() -> tuple[str, str]:
+    """The machine's and this process's CPU counters (/proc/stat, /proc/self/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        stat = f.read()
+    with open("/proc/self/stat", encoding="ascii") as f:
+        return stat, f.read()
 
 
 def tune_malloc() -> bool:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -150,20 +147,49 @@ def test_decide_gives_the_cores_others_leave(
     assert placement.decide(current, granted, cores, others) == expected
 
 
+class ProcStat:
+    """Scripted /proc/stat and /proc/self/stat: busy ticks per core, and this process's."""
+
+    def __init__(self) -> None:
+        self.busy = {0: 0, 1: 0, 2: 0}  # user ticks of each core
+        self.own = 0  # this process's utime + stime ticks
+        self.now = 1000.0
+
+    def read(self) -> tuple[str, str]:
+        cores = "".join(f"cpu{i} {b} 0 0 9999 0 0 0 0 0 0\n" for i, b in self.busy.items())
+        total = sum(self.busy.values())
+        own = "1 (python (x)) R " + " ".join(["0"] * 10) + f" {self.own} 0 " + "0 " * 20
+        return f"cpu  {total} 0 0 0 0 0 0 0 0 0\n{cores}", own
+
+
 def test_contention_counts_another_process_cpu_not_ours() -> None:
-    c = placement.Contention(interval=0.0)
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
-    subprocess.run([sys.executable, "-c", burn], check=True)  # 0.5 s of another process's CPU
-    t = time.process_time()
-    while time.process_time() - t < 1.0:  # and 1 s of ours, which must not count
-        pass
+    proc = ProcStat()
+    c = placement.Contention(interval=0.5, read=proc.read, clock=lambda: proc.now, cpus=[0, 1])
+    tick = c.tick
+    proc.busy[0] += tick // 2 + tick  # 0.5 s of another process's CPU and 1 s of ours ...
+    proc.own += tick
+    proc.busy[2] += 5 * tick  # ... and a core this process may not run on, which must not count
+    assert c.others() is None  # the interval has not passed
+    proc.now += 2.0
     others = c.others()
-    assert others is not None
-    assert 0.4 <= others * c.window < 1.3  # CPU-seconds (counts, not durations); ours: >= 1.4
-    subprocess.run([sys.executable, "-c", burn], check=True)
+    assert others is not None and c.window == 2.0
+    assert others * c.window == pytest.approx(0.5, abs=1 / tick)  # CPU-seconds, not ours
+    proc.busy[1] += 3 * tick
     c.restart()  # what another process did before now is not counted
+    proc.now += 1.0
+    assert c.others() == 0.0
+    proc.own += 2 * tick
+    proc.busy[1] += tick  # ours counted in the core's busy time but more than it: never below 0
+    proc.now += 1.0
+    assert c.others() == 0.0
+
+
+def test_contention_reads_this_machines_counters() -> None:
+    c = placement.Contention(interval=0.0)
+    if c._last is None:
+        pytest.skip("no /proc on this system")
     others = c.others()
-    assert others is not None and others * c.window < 0.4
+    assert others is not None and others >= 0.0 and c.window > 0
 
 
 def test_resize_keeps_new_threads_on_one() -> None:
