@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from backends.hf.tokenizer import ChatTokenizer  # noqa: E402
 from backends.local.tools.demo import DATA_DIR  # noqa: E402
-from tests.server import gateway_process  # noqa: E402
+from gateway.launch import gateway_process  # noqa: E402
 
 KEY = "sk-bench"
 Cell = tuple[int, int]  # (batch, adapters)

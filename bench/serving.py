@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.local.runtime_memory import resident_bytes  # noqa: E402
-from tests.server import demo_config, gateway_process  # noqa: E402
+from gateway.launch import demo_config, gateway_process  # noqa: E402
 
 PROMPTS = ["How do I get a refund for my order?", "What are your opening hours?",
            "Can I change my delivery address?", "Tell me about the warranty."]

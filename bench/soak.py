@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.local.runtime_memory import resident_bytes  # noqa: E402
-from tests.server import demo_config, gateway_process  # noqa: E402
+from gateway.launch import demo_config, gateway_process  # noqa: E402
 
 ADMIN = "sk-admin-soak"
 KEYS = {"acme": "sk-demo-acme", "globex": "sk-demo-globex"}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.server import demo_config, free_port, gateway_process
+from gateway.launch import demo_config, free_port, gateway_process
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "demo"

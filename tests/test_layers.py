@@ -127,3 +127,17 @@ def test_only_the_local_kind_and_the_top_import_the_engine() -> None:
                    and floor(a) != 2)
     assert not wrong, wrong
     assert "backends.hf.config" in graph()["backends.vllm"]
+
+
+def test_benchmarks_do_not_import_the_tests() -> None:
+    """bench/ runs on a checkout without the test suite's helpers; what both need (starting a
+    gateway process) lives in gateway/launch.py."""
+    wrong = []
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            wrong += [f"{path.relative_to(ROOT)} -> {n}" for n in names
+                      if n == "tests" or n.startswith("tests.")]
+    assert not wrong, "bench/ imports tests/:\n" + "\n".join(wrong)
