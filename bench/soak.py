@@ -9,7 +9,7 @@ the samples in the last 10 s of the warm-up (20% of the run, at least 30 s, at m
 "end" is the mean of the samples in the last 10 s of traffic. Growth = end / after warm-up - 1.
 
 Usage: .venv/bin/python -m bench.soak --minutes 20   (bench/results/soak.json)
-Not a test: tests/reliability/test_soak.py (marker `soak`, `make test-soak`) asserts on it.
+Not a test: tests/e2e/reliability/test_soak.py (marker `soak`, `make test-soak`) asserts on it.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@
 
 All of it holds for every route, whichever path answers it. The uvicorn internals this
 relies on are listed in UVICORN_INTERNALS; uvicorn is pinned to the minor version tested, and
-tests/gateway/test_protocol_internals.py fails if one of them goes away.
+tests/gateway/http/test_protocol_internals.py fails if one of them goes away.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Bad input at the HTTP layer: each a clear 4xx (OpenAI's shape where the app answers),
-never a hang or a 500. Field-level cases live in tests/gateway/test_api.py."""
+never a hang or a 500. Field-level cases live in tests/e2e/test_api.py and tests/gateway/test_validation.py."""
 
 from __future__ import annotations
 
