@@ -12,7 +12,7 @@ TOP = ("gateway", "policies", "backends", "bench", "tests", "docs", "examples", 
        "deploy")
 # a top-level folder, then path characters; not preceded by a character that would make it
 # part of another path (`/x/tests/y`, `.venv/...`, a URL)
-PATH = re.compile(r"(?<![\w./\-~$])((?:%s)/[\w.\-/]*[\w/])" % "|".join(TOP))
+PATH = re.compile(r"(?<![\w./\-~$])((?:" + "|".join(TOP) + r")/[\w.\-/]*[\w/])")
 TEXT = {".py", ".md", ".toml", ".yaml", ".yml", ".json", ".txt", ".sh", ".cfg", ".ini", ".tpl",
         ".j2", ""}
 GENERATED_OR_RUNTIME = ("bench/results/", "tests/e2e/clients/node/node_modules")
