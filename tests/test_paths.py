@@ -22,7 +22,7 @@ def tracked_text_files() -> list[Path]:
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.split()
     files = [ROOT / p for p in out]
-    return [p for p in files if p.is_file() and (p.suffix in TEXT or p.name == "Makefile")
+    return [p for p in files if "node_modules" not in p.parts and p.is_file() and (p.suffix in TEXT or p.name == "Makefile")
             and "lock" not in p.name and p.stat().st_size < 2_000_000]
 
 
