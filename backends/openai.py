@@ -347,12 +347,12 @@ class OpenAIBackend(RemoteBackend):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
             self._probe = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        client, self._client = self._client, None  # a health() check from now on says False
+        if client is not None:
+            await client.aclose()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
 
 
 class _SSEState:
