@@ -254,6 +254,8 @@ def from_chat(ctx: RequestContext, answer: dict[str, Any]) -> dict[str, Any]:
         output.append(_call_item(ctx, k, call))
     finish = choice.get("finish_reason")
     status = "incomplete" if finish == "length" else "completed"
+    if output:
+        output[-1]["status"] = status  # the item the length limit cut (the last one)
     return _response(ctx, status, output, _usage(answer.get("usage")), finish)
 
 
@@ -312,6 +314,8 @@ class _Stream:
         ctx = self.ctx
         out: list[bytes] = []
         output: list[dict[str, Any]] = []
+        status = "incomplete" if self.finish == "length" else "completed"
+        last = len(self.calls) - 1 if self.calls else -1  # the item a length limit cut
         if self.text is not None:
             text = "".join(self.text)
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
@@ -320,17 +324,16 @@ class _Stream:
                                   content_index=0, text=text, logprobs=[]))
             out.append(self.event("response.content_part.done", item_id=item_id, output_index=0,
                                   content_index=0, part=part))
-            item = _message_item(ctx, text)
+            item = _message_item(ctx, text, status if last < 0 else "completed")
             out.append(self.event("response.output_item.done", output_index=0, item=item))
             output.append(item)
         for k, call in enumerate(self.calls):
             index = k + (self.text is not None)
-            item = _call_item(ctx, k, call)
+            item = _call_item(ctx, k, call, status if k == last else "completed")
             out.append(self.event("response.function_call_arguments.done", item_id=item["id"],
                                   output_index=index, arguments=item["arguments"], name=item["name"]))
             out.append(self.event("response.output_item.done", output_index=index, item=item))
             output.append(item)
-        status = "incomplete" if self.finish == "length" else "completed"
         final = _response(ctx, status, output, _usage(self.usage), self.finish)
         out.append(self.event(f"response.{status}", response=final))
         return out

@@ -62,6 +62,7 @@ class SeqState:
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     workspace_peak: int = 0
+    carry: str = ""  # text of tokens forced before the first step, sent with the first event
 
 
 class Engine:
@@ -78,6 +79,7 @@ class Engine:
         kv_dtype: str = "auto",
         lanes: Lanes | None = None,
         owner: str | None = None,
+        jump_forward: bool = True,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -105,6 +107,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.tokens_generated = 0
+        self.jump_forward = jump_forward  # append the tokens a grammar forces without sampling
+        self.tokens_forced = 0
         self.last_error: BaseException | None = None
 
     # ---- thread-safe API -------------------------------------------------------------------
@@ -175,13 +179,16 @@ class Engine:
         priority: int = 1,
         prefix_salt: bytes | None = None,
         follows: int | None = None,
+        wrapper_tokens: int = 0,
     ) -> int:
         """Queue a sequence. `reserve_tokens`: KV tokens reserved at admission (prompt + the
         expected output; None: prompt + max_tokens, nothing is ever preempted for it);
         `priority`: 0 high .. 2 low, who is preempted first when the cache runs short;
         `prefix_salt`: shares cached prompt blocks with sequences of the same salt (None:
         never); `follows`: a sequence submitted before with the same prompt (n > 1) whose
-        prompt blocks this one waits for and shares."""
+        prompt blocks this one waits for and shares; `wrapper_tokens`: forced tokens of a
+        tool call's wrapper taken on top of `max_tokens` (docs/engine.md "Jump-forward decoding"),
+        which `reserve_tokens` includes."""
         if not self.alive:
             raise EngineClosed("engine is not running")
         if not prompt_ids:
@@ -190,7 +197,8 @@ class Engine:
             raise ValueError("max_tokens must be at least 1")
         state = SeqState(sampler, detok, StopFilter(stop or []), eos_ids, emit)
         seq = Sequence(next(self._ids), list(prompt_ids), max_tokens, adapter_slot, state=state,
-                       reserve=reserve_tokens, priority=priority, prefix_salt=prefix_salt)
+                       reserve=reserve_tokens, priority=priority, prefix_salt=prefix_salt,
+                       wrapper_tokens=max(0, wrapper_tokens))
         self._inbox.put(("add", (seq, follows)))
         return seq.seq_id
 
@@ -251,6 +259,7 @@ class Engine:
                 seq, follows = arg
                 if follows is not None:
                     seq.leader = self.scheduler.find(follows)
+                _, seq.state.carry = self._jump(seq, first=True)  # sent with its first token
                 self.scheduler.add(seq)
             elif cmd == "abort" and isinstance(arg, int):
                 self.scheduler.cancel(arg)
@@ -313,20 +322,12 @@ class Engine:
     def _advance(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> None:
         st: SeqState = seq.state
         token = argmax if st.sampler.plain_greedy else st.sampler.sample(logits)
-        seq.output_ids.append(token)
         st.sampler.observe(token)
-        self.tokens_generated += 1
-        reason: str | None = None
-        if token in st.eos_ids:
-            reason, text = "stop", st.stop.feed(st.detok.flush())
-        else:
-            text = st.stop.feed(st.detok.push(token))
-            if st.stop.stopped:
-                reason = "stop"
-            elif len(seq.output_ids) >= seq.max_tokens:
-                reason = "length"
-                text += st.stop.feed(st.detok.flush())
-                reason = "stop" if st.stop.stopped else reason
+        reason, text = self._take(seq, token)
+        text, st.carry = st.carry + text, ""
+        if reason is None and not seq.cancelled:
+            reason, more = self._jump(seq)
+            text += more
         if seq.cancelled:
             self.scheduler.finish(seq)
             return
@@ -353,3 +354,40 @@ class Engine:
                 workspace_bytes=st.workspace_peak,
             ),
         )
+
+    def _jump(self, seq: Sequence, first: bool = False) -> tuple[str | None, str]:
+        """Jump-forward: the tokens the grammar forces are appended now, without a step
+        each; the next step computes them as a chunk (like a prompt's) and samples after
+        them. `first` (before the prompt's step): never the token that would end it."""
+        if not self.jump_forward:
+            return None, ""
+        st: SeqState = seq.state
+        text = ""
+        for forced, wrapper in st.sampler.forced():
+            free = wrapper and seq.wrapper_taken < seq.wrapper_tokens
+            if first and not free and seq.counted_tokens + 1 >= seq.max_tokens:
+                break
+            if not st.sampler.force(forced):
+                break  # the text's own tokenization is not the grammar's: sample instead
+            seq.wrapper_taken += int(free)
+            self.tokens_forced += 1
+            reason, more = self._take(seq, forced)
+            text += more
+            if reason is not None:
+                return reason, text
+        return None, text
+
+    def _take(self, seq: Sequence, token: int) -> tuple[str | None, str]:
+        """Append `token` (sampled or forced): its text, and the finish reason it causes."""
+        st: SeqState = seq.state
+        seq.output_ids.append(token)
+        self.tokens_generated += 1
+        if token in st.eos_ids:
+            return "stop", st.stop.feed(st.detok.flush())
+        text = st.stop.feed(st.detok.push(token))
+        if st.stop.stopped:
+            return "stop", text
+        if seq.counted_tokens >= seq.max_tokens:
+            text += st.stop.feed(st.detok.flush())
+            return ("stop" if st.stop.stopped else "length"), text
+        return None, text

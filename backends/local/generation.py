@@ -19,7 +19,7 @@ from backends.local.grammar import Constraint
 from backends.local.logits import Processors
 from backends.local.request import LocalRequest
 from backends.local.sampler import Sampler
-from backends.local.toolcalls import ToolCallParser
+from backends.local.toolcalls import ToolCallParser, merge
 from gateway.core.context import Chunk, RequestContext, Usage
 from gateway.core.errors import BackendError
 
@@ -38,6 +38,7 @@ class Choice:
     completion_tokens: int = 0
     reserve: int | None = None  # KV tokens reserved at admission (None: prompt + limit)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    wrapper_tokens: int = 0  # forced tool-call wrapper tokens on top of `limit` (and reserve)
 
 
 def sampler_for(req: LocalRequest, vocab: int, index: int, ids: list[int],
@@ -80,7 +81,8 @@ async def run(ctx: RequestContext, engine: Engine, tok: ChatTokenizer, req: Loca
                                          stop=list(req.stop), eos_ids=eos, adapter_slot=adapter_slot,
                                          reserve_tokens=c.reserve, priority=priority,
                                          prefix_salt=prefix_salt,
-                                         follows=first.seq_id if first is not c else None)
+                                         follows=first.seq_id if first is not c else None,
+                                         wrapper_tokens=c.wrapper_tokens)
             except EngineClosed as e:
                 raise BackendError(str(e), 503, "backend_closed") from None
         for c in choices:
@@ -106,7 +108,7 @@ async def run(ctx: RequestContext, engine: Engine, tok: ChatTokenizer, req: Loca
                 status, code = ((503, "backend_closed") if isinstance(ev.error, EngineClosed)
                                 else (500, "backend_error"))
                 raise BackendError(f"generation failed: {ev.error}", status, code)
-            chunk = _delta(c, ev.text, ev.completion_tokens, ev.finish_reason is not None)
+            chunk = _delta(c, ev.text, ev.completion_tokens, ev.finish_reason)
             if ev.finish_reason is None:
                 if chunk is not None:
                     yield chunk
@@ -140,9 +142,9 @@ async def run(ctx: RequestContext, engine: Engine, tok: ChatTokenizer, req: Loca
                 engine.abort(c.seq_id)
 
 
-def _delta(c: Choice, text: str, tokens: int, last: bool) -> Chunk | None:
+def _delta(c: Choice, text: str, tokens: int, finish: str | None) -> Chunk | None:
     """The chunk of one event: its text (or tool-call deltas), and the logprob entries of the
-    tokens generated up to it."""
+    tokens generated up to it. `finish`: the choice's finish reason when it is the last."""
     entries: list[dict[str, Any]] | None = None
     processors = c.sampler.processors
     if processors is not None and processors.top_logprobs is not None:
@@ -151,9 +153,9 @@ def _delta(c: Choice, text: str, tokens: int, last: bool) -> Chunk | None:
     calls: list[dict[str, Any]] = []
     if c.parser is not None:
         text, calls = c.parser.feed(text)
-        if last:
-            rest, more = c.parser.flush()
-            text, calls = text + rest, calls + more
+        if finish is not None:
+            rest, more = c.parser.flush(cut=finish == "length")
+            text, calls = text + rest, merge(calls + more)
     if not text and not entries and not calls:
         return None
     return Chunk(text=text, index=c.index, logprobs=entries, tool_calls=calls or None)

@@ -1,7 +1,7 @@
 """Grammar-constrained decoding with xgrammar: JSON (any object, or one schema) and tool
 calls, per sequence, so one batch mixes constrained and free sequences.
 
-Why xgrammar (README "Structured outputs"): on the demo model at batch 8 its next-token mask
+Why xgrammar (docs/engine.md "Structured outputs"): on the demo model at batch 8 its next-token mask
 cost 6 µs against llguidance's 36 µs per token (bench/grammar.py, side by side), because it
 precomputes most of each grammar's token masks when it compiles it. What that costs: a
 heavier install (xgrammar brings transformers and triton), and a compile that does more work,
@@ -132,31 +132,41 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
     return JSON + json.dumps(schema if schema is not None else {"type": "object"})
 
 
-def tool_call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One call of one of `tools`: {"name": <its name>, "arguments": <its parameters>}."""
-    variants = []
+def call_head(name: str) -> str:
+    """What opens a call of `name`, as the chat template writes it (compact)."""
+    return TOOL_CALL_OPEN + '{"name":' + json.dumps(name) + ',"arguments":'
+
+
+CALL_TAIL = "}" + TOOL_CALL_CLOSE  # closes the wrapper object, then the tag
+
+
+def call_tags(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One structural tag per tool: its head and tail forced, its arguments compiled
+    against its own `parameters` as the root schema, so `#`, `#/$defs/...` and
+    `#/definitions/...` resolve inside the tool's schema (nested inside a wrapper schema
+    they would resolve against the wrapper)."""
+    tags = []
     for tool in tools:
         fn = tool["function"]
         params = fn.get("parameters") or {"type": "object", "properties": {}}
-        variants.append({"type": "object", "additionalProperties": False,
-                         "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                         "required": ["name", "arguments"]})
-    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+        tags.append({"type": "tag", "begin": call_head(fn["name"]), "content": _schema(params),
+                     "end": CALL_TAIL})
+    return tags
 
 
 def tools_grammar(tools: Sequence[dict[str, Any]], required: bool, parallel: bool,
                   text_schema: dict[str, Any] | bool | None) -> str:
-    """Calls of `tools` as <tool_call>{...}</tool_call> (one, or one or more with `parallel`);
-    unless `required`, free text instead (or JSON when `text_schema` is a schema / True for
-    any object)."""
-    call = {"type": "tag", "begin": TOOL_CALL_OPEN, "content": _schema(tool_call_schema(tools)),
-            "end": TOOL_CALL_CLOSE}
+    """Calls of `tools` as <tool_call>{"name":...,"arguments":...}</tool_call> (one, or one
+    or more with `parallel`); unless `required`, free text instead (or JSON when
+    `text_schema` is a schema / True for any object)."""
+    tags = call_tags(tools)
+    call: dict[str, Any] = tags[0] if len(tags) == 1 else {"type": "or", "elements": tags}
     calls: dict[str, Any] = {"type": "plus", "content": call} if parallel else call
     fmt: dict[str, Any]
     if required:
         fmt = calls
     elif text_schema is False:  # free text, or calls once the text opens one
-        fmt = {"type": "triggered_tags", "triggers": [TOOL_CALL_OPEN], "tags": [call],
+        fmt = {"type": "triggered_tags", "triggers": [TOOL_CALL_OPEN], "tags": tags,
                "at_least_one": False, "stop_after_first": not parallel}
     else:
         schema = text_schema if isinstance(text_schema, dict) else {"type": "object"}
@@ -170,12 +180,74 @@ def _free_text(grammar: str) -> bool:
     return '"triggered_tags"' in grammar
 
 
+_HEAD_DONE = re.compile(r'<tool_call>\{"name":"[A-Za-z0-9_-]{1,64}","arguments":')
+_RECENT = 256  # characters of the output kept to find a call's head or end in
+
+
+class Wrapper:
+    """Where the output stands with respect to tool calls: inside a call's arguments or not,
+    from the text taken so far (the last characters of it), so that forced text can be told
+    apart: a call's wrapper, or content and arguments (what `max_tokens` bounds)."""
+
+    def __init__(self) -> None:
+        self.in_args = False
+        self.recent = ""  # the last characters taken, since the last head or end
+
+    def feed(self, piece: str) -> None:
+        self.recent = (self.recent + piece)[-_RECENT:]
+        while True:
+            if not self.in_args:
+                m = _HEAD_DONE.search(self.recent)
+                if m is None:
+                    return
+                self.in_args, self.recent = True, self.recent[m.end():]
+            else:
+                at = self.recent.find(TOOL_CALL_CLOSE)
+                if at < 0:
+                    return
+                self.in_args, self.recent = False, self.recent[at + len(TOOL_CALL_CLOSE):]
+
+    def split(self, text: str) -> list[tuple[str, bool]]:
+        """`text` (about to be taken) as spans, each True when it is a call's wrapper."""
+        out: list[tuple[str, bool]] = []
+        in_args, recent = self.in_args, self.recent
+        while text:
+            joined = recent + text
+            if not in_args:
+                m = next((m for m in _HEAD_DONE.finditer(joined) if m.end() > len(recent)),
+                         None)
+                if m is None:  # inside a head once its tag opened (after the last close)
+                    opened = joined.rfind(TOOL_CALL_OPEN) > joined.rfind(TOOL_CALL_CLOSE)
+                    out.append((text, opened))
+                    break
+                cut = m.end() - len(recent)
+                out.append((text[:cut], True))
+                in_args = True
+            else:
+                at = joined.find(TOOL_CALL_CLOSE, max(0, len(recent) - len(TOOL_CALL_CLOSE) + 1))
+                if at < 0:
+                    out.append((text, False))
+                    break
+                begin = at - 1 if at > 0 and joined[at - 1] == "}" else at
+                end = at + len(TOOL_CALL_CLOSE)
+                begin, cut = max(0, begin - len(recent)), end - len(recent)
+                if begin:
+                    out.append((text[:begin], False))
+                out.append((text[begin:cut], True))
+                in_args = False
+            text, recent = text[cut:], ""
+        return [(span, wrapper) for span, wrapper in out if span]
+
+
 class Constraint:
     """One sequence's grammar state: the mask of the tokens it allows next, then the token
     taken. After the grammar ends only the end of sequence is allowed."""
 
     def __init__(self, matcher: xgr.GrammarMatcher, model_vocab: int, eos_ids: Sequence[int],
-                 utf8: Utf8Table, banned: np.ndarray | None = None) -> None:
+                 utf8: Utf8Table, banned: np.ndarray | None = None,
+                 encode: Callable[[str], list[int]] | None = None,
+                 pieces: Sequence[bytes] = (),
+                 pretokens: Callable[[str], list[int]] | None = None) -> None:
         self.matcher = matcher
         self.vocab = model_vocab
         self.eos_ids = list(eos_ids)
@@ -183,6 +255,10 @@ class Constraint:
         self.state = 0  # where the output stands in its last character (backends/local/utf8.py)
         self.banned = banned  # tokens never taken (bool [model vocab])
         self._bits = xgr.allocate_token_bitmask(1, model_vocab)  # filled in place
+        self.encode = encode  # text -> token ids: forced text is appended as these (None: off)
+        self.pieces = pieces  # token id -> its bytes (where calls' wrappers begin and end)
+        self.pretokens = pretokens  # text -> where its words start (the tokenizer's split)
+        self.wrapper = Wrapper()
 
     def allowed(self) -> torch.Tensor:
         """Bool [model vocab]: True where the token keeps the output in the grammar."""
@@ -195,10 +271,36 @@ class Constraint:
             mask[self.eos_ids] = True
         return torch.from_numpy(mask)
 
-    def accept(self, token: int) -> None:
-        self.matcher.accept_token(token)  # a refused token (never sampled from the mask) is a no-op
+    def accept(self, token: int) -> bool:
+        """Take `token`; False (and nothing changes) when the grammar refuses it (never one
+        sampled from the mask)."""
+        if not self.matcher.accept_token(token):
+            return False
         if 0 <= token < self.vocab:
             self.state = int(self.utf8.after[self.state, token])
+            if token < len(self.pieces):
+                self.wrapper.feed(self.pieces[token].decode("latin-1"))
+        return True
+
+    def forced(self) -> list[tuple[int, bool]]:
+        """The tokens the grammar forces next (jump-forward: the text every continuation
+        starts with), each with whether it belongs to a tool call's wrapper (tag, name,
+        `"arguments":` and the closing) rather than to content or arguments; empty when the
+        next token is the model's choice. Each span is tokenized on its own."""
+        if self.encode is None or self.matcher.is_terminated():
+            return []
+        text = self.matcher.find_jump_forward_string()
+        if text and self.pretokens is not None and not text.endswith(TOOL_CALL_CLOSE):
+            # Its last word (the tokenizer's pre-token) is left to the model: what follows
+            # may extend it (`":` then `{"` is one word, often one token), and a model
+            # continues best from the tokens it was trained on. After a call's end only the
+            # end of sequence or another call follows.
+            starts = self.pretokens(text)
+            text = text[: starts[-1]] if starts else text
+        if not text:
+            return []
+        return [(t, wrapper) for span, wrapper in self.wrapper.split(text)
+                for t in self.encode(span)]
 
 
 @dataclass
@@ -240,6 +342,8 @@ class Grammars:
         self.utf8 = Utf8Table(self.info.decoded_vocab, model_vocab, self.eos_ids)
         self.vocab = model_vocab
         self.limits = limits
+        self.tokenizer = tokenizer
+        self.pieces: list[bytes] = list(self.info.decoded_vocab[:model_vocab])
         # (scope, grammar text) -> (compiled, its bytes); scope: the tenant, or "" when shared
         self._cache: OrderedDict[tuple[str, str], tuple[xgr.CompiledGrammar, int]] = OrderedDict()
         self._cache_bytes = 0
@@ -255,6 +359,25 @@ class Grammars:
     def close(self) -> None:
         """Kill the compile workers (a compile still running answers 500)."""
         self.workers.close()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as the model reads it (no special tokens added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def pretokens(self, text: str) -> list[int]:
+        """Where the words of `text` start, as the tokenizer splits text before merging."""
+        split = self.tokenizer.pre_tokenizer
+        return [start for _, (start, _) in split.pre_tokenize_str(text)] if split else [0]
+
+    def wrapper_tokens(self, tools: Sequence[dict[str, Any]]) -> int:
+        """Tokens of the longest call wrapper among `tools` (its head and tail): what KV
+        admission reserves on top of `max_tokens` for the forced part of one call."""
+        names = sorted({t["function"]["name"] for t in tools})
+        if not names:
+            return 0
+        heads = self.tokenizer.encode_batch([call_head(n) for n in names],
+                                            add_special_tokens=False)
+        return max(len(h.ids) for h in heads) + len(self.encode(CALL_TAIL))
 
     def check_size(self, param: str, value: Any) -> None:
         size = len(json.dumps(value))
@@ -297,7 +420,8 @@ class Grammars:
             compiled = await self._join(key, grammar, param, tenant, request_id)
         banned = self.controls if grammar.startswith(JSON) or not _free_text(grammar) else None
         return Constraint(xgr.GrammarMatcher(compiled), self.vocab, self.eos_ids, self.utf8,
-                          banned)
+                          banned, self.encode, self.pieces,
+                          self.pretokens if self.tokenizer.pre_tokenizer is not None else None)
 
     async def _join(self, key: tuple[str, str], grammar: str, param: str, tenant: str,
                     request_id: str) -> xgr.CompiledGrammar:

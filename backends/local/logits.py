@@ -62,6 +62,19 @@ class Processors:
         if self.constraint is not None:
             self.constraint.accept(token)
 
+    def force(self, token: int) -> bool:
+        """Take a token the grammar forces (not sampled): False when the grammar refuses it.
+        Its logprob entry (when asked) is 0: under the grammar it was certain."""
+        if self.constraint is not None and not self.constraint.accept(token):
+            return False
+        if self._seen is not None and 0 <= token < self.vocab_size:
+            self._seen[token] = True
+        if self.top_logprobs is not None and token not in self.skip:
+            entry = _entry((self.token_text or str)(token), 0.0)
+            entry["top_logprobs"] = [dict(entry)] if self.top_logprobs > 0 else []
+            self.entries.append(entry)
+        return True
+
     def record(self, logits: torch.Tensor, token: int) -> None:
         """The logprob entry of `token` (chat's shape), when the request asks for logprobs."""
         if self.top_logprobs is None or token in self.skip:

@@ -68,6 +68,21 @@ class Sampler:
         if self.processors is not None:
             self.processors.observe(token)
 
+    def forced(self) -> list[tuple[int, bool]]:
+        """Tokens the grammar forces next, each with whether it is a tool call's wrapper
+        (grammar.Constraint.forced); empty without a grammar."""
+        constraint = self.processors.constraint if self.processors is not None else None
+        return constraint.forced() if constraint is not None else []
+
+    def force(self, token: int) -> bool:
+        """Take a forced token without sampling (counted for the penalties); False when the
+        grammar refuses it (then nothing changed)."""
+        if self.processors is not None and not self.processors.force(token):
+            return False
+        if self._counts is not None and 0 <= token < self._counts.numel():
+            self._counts[token] += 1
+        return True
+
     def sample(self, logits: torch.Tensor) -> int:
         """logits [V] float32 (on any device) -> the next token id."""
         logits = logits.float().cpu()

@@ -67,6 +67,8 @@ class Sequence:
     keys: list[bytes] = field(default_factory=list)  # of its full blocks, computed as needed
     leader: Sequence | None = None  # waits to share this one's prompt blocks (n > 1)
     cached_tokens: int = 0  # prompt tokens served from cached blocks at its first admission
+    wrapper_tokens: int = 0  # forced tool-call wrapper tokens allowed on top of max_tokens
+    wrapper_taken: int = 0  # of which taken (output tokens not counted against max_tokens)
 
     @property
     def prefilling(self) -> bool:
@@ -84,7 +86,12 @@ class Sequence:
 
     @property
     def max_total_tokens(self) -> int:
-        return len(self.prompt_ids) + self.max_tokens
+        return len(self.prompt_ids) + self.max_tokens + self.wrapper_tokens
+
+    @property
+    def counted_tokens(self) -> int:
+        """Output tokens counted against max_tokens: all but a call's forced wrapper."""
+        return len(self.output_ids) - self.wrapper_taken
 
     @property
     def reserve_tokens(self) -> int:

@@ -92,23 +92,23 @@ def test_n_with_a_seed_is_repeatable_and_counted(gw: str) -> None:
 
 def test_completions_token_ids_lists_echo_and_stops(gw: str) -> None:
     sdk = openai.OpenAI(base_url=gw, api_key="sk-demo-acme", max_retries=0)
-    as_text = sdk.completions.create(model="demo", prompt="Refunds take", max_tokens=5, temperature=0)
+    as_text = sdk.completions.create(model="demo", prompt="Shipping is", max_tokens=5, temperature=0)
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(Path(__file__).resolve().parents[2] / "models/demo/tokenizer.json"))
-    ids = tok.encode("Refunds take", add_special_tokens=False).ids
+    ids = tok.encode("Shipping is", add_special_tokens=False).ids
     as_ids = sdk.completions.create(model="demo", prompt=ids, max_tokens=5, temperature=0)
     assert as_ids.choices[0].text == as_text.choices[0].text
-    listed = sdk.completions.create(model="demo", prompt=["Refunds take", "Shipping is"],
+    listed = sdk.completions.create(model="demo", prompt=["Shipping is", "Refunds take"],
                                     max_tokens=5, temperature=0, n=2, echo=True)
     assert [c.index for c in listed.choices] == [0, 1, 2, 3]
-    assert listed.choices[0].text == "Refunds take" + as_text.choices[0].text
-    assert listed.choices[2].text.startswith("Shipping is")
-    lp = sdk.completions.create(model="demo", prompt="Refunds take", max_tokens=3, temperature=0,
+    assert listed.choices[0].text == "Shipping is" + as_text.choices[0].text
+    assert listed.choices[2].text.startswith("Refunds take")
+    lp = sdk.completions.create(model="demo", prompt="Shipping is", max_tokens=3, temperature=0,
                                 logprobs=2)
     assert lp.choices[0].logprobs is not None and len(lp.choices[0].logprobs.tokens or []) == 3
     stops = [f"zz{i}" for i in range(10)] + [as_text.choices[0].text[2:4]]
-    stopped = sdk.completions.create(model="demo", prompt="Refunds take", max_tokens=5,
+    stopped = sdk.completions.create(model="demo", prompt="Shipping is", max_tokens=5,
                                      temperature=0, stop=stops)
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == as_text.choices[0].text[:as_text.choices[0].text.find(stops[-1])]

@@ -66,3 +66,41 @@ def test_a_chat_answer_as_a_response() -> None:
     assert r["output"][1]["call_id"] == "call_1" and r["output"][1]["arguments"] == "{\"a\":1}"
     assert r["usage"]["input_tokens"] == 3 and r["usage"]["total_tokens"] == 5
     assert r["tools"] == [{"type": "function", "name": "f"}]
+
+
+def _ctx() -> RequestContext:
+    return RequestContext(request_id="abc", tenant="t", kind="chat", requested_model="m",
+                          target_model="m", backend="b", sampling=SamplingParams(), body={})
+
+
+@pytest.mark.parametrize(("finish", "status"), [("length", "incomplete"), ("stop", "completed")])
+def test_the_item_a_length_limit_cuts_is_incomplete(finish: str, status: str) -> None:
+    text = {"choices": [{"message": {"content": "hel"}, "finish_reason": finish}]}
+    r = from_chat(_ctx(), text)
+    assert r["status"] == status and [o["status"] for o in r["output"]] == [status]
+    calls = {"choices": [{"message": {"content": "hi", "tool_calls": [
+        {"id": "c0", "function": {"name": "f", "arguments": "{}"}},
+        {"id": "c1", "function": {"name": "f", "arguments": "{\"a\":"}}]},
+        "finish_reason": finish}]}
+    assert [o["status"] for o in from_chat(_ctx(), calls)["output"]] == \
+        ["completed", "completed", status]
+
+
+@pytest.mark.parametrize("calls", [False, True])
+def test_a_streamed_item_cut_by_the_length_limit_is_done_incomplete(calls: bool) -> None:
+    import json
+
+    from gateway.responses import _Stream
+
+    s = _Stream(_ctx())
+    s.start()
+    s.feed("hel", [])
+    if calls:
+        s.feed("", [{"index": 0, "id": "c0", "function": {"name": "f", "arguments": "{\"a\":"}}])
+    s.finish = "length"
+    events = [json.loads(e.split(b"data: ", 1)[1]) for e in s.end()]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert [i["status"] for i in done] == (["completed", "incomplete"] if calls
+                                           else ["incomplete"])
+    assert events[-1]["type"] == "response.incomplete"
+    assert [o["status"] for o in events[-1]["response"]["output"]] == [i["status"] for i in done]

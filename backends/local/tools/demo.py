@@ -110,25 +110,29 @@ class TrainPlan:
     seed: int
 
 
-SEQ_LEN, BATCH = 128, 8
+SEQ_LEN, BATCH = 384, 3  # long enough for a tools section and the call after it
 THREADS = 1  # fixed: with more, skinny GEMMs (LoRA's) reduce in a varying order
 BASE_PLAN = TrainPlan(
     (
         ("demo_base.txt", None),
         ("demo_acme.txt", "You are a cheerful support assistant for Kestrel Goods."),
         ("demo_globex.txt", "You are a formal assistant. Cite the relevant section of the terms."),
+        ("json:900", None),  # JSON answers and tool calls (demo_json.py), generated
     ),
-    steps=240,
+    steps=300,
     lr=3e-3,
     assistant_only=False,
     seed=1,
 )
 ADAPTER_PLANS = {
+    # the JSON lessons twice: a style adapter keeps closing what it opens (demo_json.py)
     "acme-support": TrainPlan(
-        (("demo_acme.txt", None),), steps=40, lr=1e-2, assistant_only=True, seed=2
+        (("demo_acme.txt", None), ("json:360", None), ("json:360", None)), steps=60, lr=1e-2,
+        assistant_only=True, seed=2,
     ),
     "globex-legal": TrainPlan(
-        (("demo_globex.txt", None),), steps=40, lr=1e-2, assistant_only=True, seed=3
+        (("demo_globex.txt", None), ("json:360", None), ("json:360", None)), steps=60,
+        lr=1e-2, assistant_only=True, seed=3,
     ),
 }
 
@@ -184,7 +188,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def load_dialogues(name: str) -> list[list[Message]]:
-    """Dialogues of a corpus file: blocks split by blank lines, one `role: content` per line."""
+    """Dialogues of a corpus file: blocks split by blank lines, one `role: content` per line;
+    `json:N`: N generated JSON answers and tool calls (demo_json.py)."""
+    if name.startswith("json:"):
+        from backends.local.tools import demo_json
+
+        return demo_json.dialogues(int(name[len("json:"):]), seed=11)
     dialogues: list[list[Message]] = []
     current: list[Message] = []
     for raw in (DATA_DIR / name).read_text(encoding="utf-8").splitlines():
@@ -317,7 +326,9 @@ def _batches(
                     order = list(range(len(rows)))
                     rng.shuffle(order)
                 d_ids, d_mask = rows[order[-1]]
-                d_ids, d_mask = d_ids[:SEQ_LEN], d_mask[:SEQ_LEN]
+                if len(d_ids) > SEQ_LEN:  # its end (the answer) kept, after BOS
+                    d_ids = d_ids[:1] + d_ids[len(d_ids) - SEQ_LEN + 1:]
+                    d_mask = d_mask[:1] + d_mask[len(d_mask) - SEQ_LEN + 1:]
                 if ids and len(ids) + len(d_ids) > SEQ_LEN:
                     break
                 order.pop()
