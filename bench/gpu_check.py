@@ -11,11 +11,13 @@ keep it working). Needs models/demo (carry it to a GPU machine: about 15 MB).
 2. ledger: weights, KV pool and adapters as the engine counts them against what the device
    reports: torch.cuda's allocated and reserved bytes and NVML's count for this process on
    CUDA, RSS on the CPU.
+2b. int8 weight-only through a real kernel with bfloat16 compute: which kernel each int8
+   matrix takes on the device, and agreement with the CPU's float32 model (>= 0.95).
 3. the engine tests (pytest tests/backends/local, the CUDA ones included) where pytest and
    the reference libraries are installed, and bench/engine.py on the demo model where its
    libraries are (each part says why it was skipped otherwise).
-4. on CUDA writes bench/results/gpu_check-cuda.json and the README section between the
-   gpu-check markers; in CPU mode the same files go to build/gpu_check/ (README untouched).
+4. on CUDA writes bench/results/gpu_check-cuda.json and the section of docs/engine.md between the
+   gpu-check markers; in CPU mode the same files go to build/gpu_check/ (the page untouched).
 
 `--update-reference` rewrites the reference from a CPU run.
 """
@@ -46,7 +48,7 @@ from backends.local.sampler import Sampler  # noqa: E402
 
 MODEL = ROOT / "models" / "demo"
 REFERENCE = ROOT / "bench" / "results" / "gpu_reference.json"
-README = ROOT / "README.md"
+README = ROOT / "docs" / "engine.md"  # the page with the gpu-check section
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 MARGIN = 1e-3
 NEW = 24
@@ -167,6 +169,23 @@ def ledger(loaded: LoadedModel, engine: Engine, device: torch.device) -> dict[st
     return {"counted": counted, "device": seen, "ok": ok}
 
 
+def int8_kernel(device: str) -> dict[str, Any]:
+    """int8 weight-only on `device` with bfloat16 compute (issue 26): which kernel each int8
+    matrix runs through (quantize.Int8Kernel; "dequant" is the fallback, not a kernel) and the
+    teacher-forced argmax agreement with the CPU's float32 model on the demo prompts."""
+    ref = load_checkpoint(MODEL, "float32", "cpu")
+    q8 = load_checkpoint(MODEL, "bfloat16", device, "int8")
+    ids = torch.tensor([[1, 5, 9, 17, 33, 40, 41, 42, 7, 100, 3, 9, 27, 11]])
+    with torch.inference_mode():
+        a = ref.model.forward_full(ids)[0]
+        b = q8.model.forward_full(ids.to(device))[0].float().cpu()
+    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    kernels = dict(q8.kernels)
+    real = sum(n for k, n in kernels.items() if k != "dequant")
+    return {"kernels": kernels, "greedy_agreement": agree,
+            "ok": real > 0 and agree >= 0.95 and bool(torch.isfinite(b).all())}
+
+
 def run_tests(device: str) -> dict[str, Any]:
     missing = [m for m in ("pytest", "transformers", "peft", "tokenizers")
                if importlib.util.find_spec(m) is None]
@@ -206,6 +225,9 @@ def section(report: dict[str, Any]) -> str:
     lines.append(f"| ledger (weights + KV pool + adapters = {sum(led['counted'].values()):,} B) | "
                  + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
                              for k, v in led["device"].items()) + " |")
+    k8 = report["int8_kernel"]
+    lines.append(f"| int8 weight-only, bfloat16 compute | kernels {k8['kernels']}, agreement "
+                 f"with float32 {k8['greedy_agreement']:.3f} |")
     tests = report["tests"]
     lines.append(f"| engine tests | {tests.get('summary', tests.get('skipped'))} |")
     bench = report["bench"]
@@ -265,6 +287,8 @@ def main() -> None:
         engine.stop()
         print(f"greedy {case}: {report['greedy'][case]['verdicts']}", flush=True)
     print(f"ledger: {report['ledger']}", flush=True)
+    report["int8_kernel"] = int8_kernel(device)
+    print(f"int8 kernel: {report['int8_kernel']}", flush=True)
     out = ROOT / "bench" / "results" if device == "cuda" else ROOT / "build" / "gpu_check"
     out.mkdir(parents=True, exist_ok=True)
     report["tests"] = {"skipped": "--skip-tests"} if args.skip_tests else run_tests(device)
@@ -275,7 +299,8 @@ def main() -> None:
     (out / f"gpu_check-{device}.json").write_text(json.dumps(report, indent=2) + "\n")
     text = section(report)
     write_section(README if device == "cuda" else out / "README-section.md", text)
-    failed = [k for k in ("ledger", "tests", "bench") if report[k].get("ok") is False]
+    failed = [k for k in ("ledger", "int8_kernel", "tests", "bench")
+              if report[k].get("ok") is False]
     failed += [f"greedy {c}" for c, r in report["greedy"].items() if not r["ok"]]
     if failed:
         sys.exit(f"gpu check FAILED: {', '.join(failed)}")

@@ -172,7 +172,10 @@ class LocalBackend:
         for _ in range(submitted):
             await finished.get()
         measured = device_baseline(engine.device)  # after gc + malloc_trim (CPU)
-        explained = loaded.weight_bytes + engine.kv_bytes_total + engine.workspace.peak
+        # every copy of the weights is explained by name, so none can hide in the runtime
+        source = loaded.source_resident_bytes() if engine.device.type == "cpu" else 0
+        explained = (loaded.weight_bytes + (source or 0) + engine.kv_bytes_total
+                     + engine.workspace.peak)
         self._runtime = max(0, measured - explained)
 
     def _load(self) -> tuple[LoadedModel, ChatTokenizer]:
@@ -290,9 +293,10 @@ class LocalBackend:
         ctx.prompt_tokens = sum(len(ids) for ids in prompts)
         worst = reserve = 0
         limits, reserves = [], []
+        wrapper = self._wrapper_tokens(req)  # forced, on top of max_tokens (jump-forward)
         for ids in prompts:
-            limit = req.max_tokens if req.max_tokens is not None else window - len(ids)
-            if len(ids) + max(limit, 1) > window:
+            limit = req.max_tokens if req.max_tokens is not None else window - len(ids) - wrapper
+            if len(ids) + max(limit, 1) + wrapper > window:
                 asked = f"max_tokens is {req.max_tokens}" if req.max_tokens is not None else \
                     "no room is left for an answer"
                 raise BackendError(
@@ -300,9 +304,9 @@ class LocalBackend:
                     f"tokens and {asked}", 400, "context_length_exceeded")
             limits.append(limit)
             expected = limit if ctx.expected_tokens is None else min(limit, ctx.expected_tokens)
-            out = kv_output_tokens(limit, expected, self.cfg.kv_admission)
+            out = kv_output_tokens(limit, expected, self.cfg.kv_admission) + wrapper
             reserves.append(len(ids) + out)
-            worst += req.n * engine.kv_bytes_for(len(ids) + limit)
+            worst += req.n * engine.kv_bytes_for(len(ids) + limit + wrapper)
             reserve += req.n * engine.kv_bytes_for(len(ids) + out)
         if worst > engine.kv_bytes_total:
             raise BackendError(
@@ -311,6 +315,7 @@ class LocalBackend:
         choices = await self._choices(ctx, tok, req, prompts, limits, loaded.config.vocab_size)
         for c in choices:
             c.reserve = reserves[c.index // req.n]
+            c.wrapper_tokens = wrapper
         resident: Resident | None = None
         if ctx.adapter is not None:
             resident = await adapters.acquire(ctx.adapter)
@@ -370,6 +375,14 @@ class LocalBackend:
                 parser = ToolCallParser() if req.tools and req.tool_choice != "none" else None
                 choices.append(generation.Choice(index, ids, limits[p], sampler, parser, echo))
         return choices
+
+    def _wrapper_tokens(self, req: LocalRequest) -> int:
+        """Tokens of the longest tool-call wrapper the grammar may force (0 without tools)."""
+        if self._grammars is None or not req.tools or req.tool_choice == "none":
+            return 0
+        self._grammars.check_size("tools", req.tools)  # bounds the names encoded here
+        named = [t for t in req.tools if t["function"]["name"] == req.tool_choice]
+        return self._grammars.wrapper_tokens(named or req.tools)
 
     def _grammar(self, req: LocalRequest) -> tuple[str, str] | None:
         """(the grammar text, the param it comes from) when the output is constrained."""
@@ -460,7 +473,10 @@ class LocalBackend:
         measured = device_bytes(device) if device is not None else resident_bytes()
         snap = MemorySnapshot(measured=measured, runtime=self._runtime)
         if self._loaded is not None:
-            snap.weights = self._loaded.weight_bytes
+            loaded = self._loaded
+            snap.weights, snap.weights_heap = loaded.mapped_bytes, loaded.heap_bytes
+            if device is None or device.type == "cpu":
+                snap.weights_source = loaded.source_resident_bytes() or 0
         if self._adapters is not None:
             snap.adapters = self._adapters.sizes()
         if self._engine is not None:

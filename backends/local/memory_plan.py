@@ -275,3 +275,84 @@ def plan_for_config(cfg: Any) -> MemoryPlan:
         cfg.swap_bytes,
         cfg.kv_admission,
     )
+
+
+# ---- weight formats side by side (`gateway plan`) -----------------------------------------
+
+# (name, dtype, quantize): what a local backend may load one checkpoint as
+FORMATS = (("float32", "float32", "none"), ("bfloat16", "bfloat16", "none"),
+           ("int8 at load", "bfloat16", "int8"), ("int8 checkpoint", "bfloat16", "none"))
+
+
+@dataclass(frozen=True)
+class FormatRow:
+    name: str
+    weights: int
+    where: str  # "mapped (shared)" | "heap (private)"
+    kv_bytes_per_token: int
+    kv_capacity_tokens: int
+    disk: int  # bytes of the checkpoint files that serve it
+
+    @property
+    def resident(self) -> int:
+        """Weights + the KV pool (the runtime, measured at start, comes on top)."""
+        return self.weights + self.kv_capacity_tokens * self.kv_bytes_per_token
+
+
+def format_rows(model_dir: Path, kv_cache_bytes: int, block_size: int, device: str = "cpu",
+                kv_dtype: str = "auto") -> list[FormatRow]:
+    """Each format's weight bytes and where they live, from config.json and headers alone."""
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.exists():
+        raise PlanError(f"{model_dir}: no config.json")
+    d = json.loads(cfg_path.read_text())
+    quantized = bool(d.get("quantization_config"))
+    tied = bool(d.get("tie_word_embeddings", False))
+    disk_floats: set[str] = set()
+    disk = 0
+    for path in checkpoint_files(model_dir):
+        disk += path.stat().st_size
+        _, header = read_header(path)
+        header.pop("__metadata__", None)
+        disk_floats |= {str(i.get("dtype")) for i in header.values()
+                        if i.get("dtype") in SAFETENSORS_FLOATS and len(i["shape"]) == 2}
+    heads = int(d["num_attention_heads"])
+    kv_heads = int(d.get("num_key_value_heads") or heads)
+    head_dim = int(d.get("head_dim") or int(d["hidden_size"]) // heads)
+    layers = int(d["num_hidden_layers"])
+    rows = []
+    for name, dtype, quantize in FORMATS:
+        if quantized and name != "int8 checkpoint":
+            continue  # a `gateway quantize` checkpoint loads as int8 only
+        elem = dtype_bytes(dtype)
+        per_token = kv_bytes_per_token(layers, kv_heads, head_dim, elem, kv_dtype)
+        kv = KVLayout.from_budget(per_token, block_size, kv_cache_bytes)
+        weights = weight_bytes(model_dir, elem, "int8" if name == "int8 checkpoint" else quantize,
+                               tied)
+        native = disk_floats <= {{"float32": "F32", "bfloat16": "BF16"}[dtype]}
+        packed = dtype == "bfloat16" and device == "cpu" and name == "bfloat16"
+        mapped = (name == "int8 checkpoint"
+                  or (quantize == "none" and native and not packed and device == "cpu"))
+        file_bytes = disk if quantized or name != "int8 checkpoint" else weights
+        rows.append(FormatRow(name, weights, "mapped (shared)" if mapped else "heap (private)",
+                              per_token, kv.capacity_tokens, file_bytes))
+    return rows
+
+
+def render_formats(rows: list[FormatRow]) -> str:
+    mib = 1024 * 1024
+    lines = ["formats              weights MiB  held as           KV B/token  KV tokens"
+             "  weights+KV MiB  disk MiB"]
+    for r in rows:
+        lines.append(f"  {r.name:<18} {r.weights / mib:>11.1f}  {r.where:<16} "
+                     f"{r.kv_bytes_per_token:>11,d}  {r.kv_capacity_tokens:>9,d}  "
+                     f"{r.resident / mib:>14.1f}  {r.disk / mib:>8.1f}")
+    lines.append("  (int8 checkpoint: `gateway quantize`, mapped and shared by workers; its disk "
+                 "size is estimated until written)")
+    return "\n".join(lines)
+
+
+def plan_formats(cfg: Any) -> str:
+    """`gateway plan`'s side-by-side of the formats one local backend config could load."""
+    return render_formats(format_rows(Path(cfg.model), cfg.kv_cache_bytes, cfg.block_size,
+                                      "cpu" if cfg.device == "cpu" else "cuda", cfg.kv_dtype))

@@ -2,7 +2,7 @@
 
 `F.linear` on bfloat16 CPU tensors hands oneDNN the plain [out, in] weight, which it reorders
 into its blocked layout on every call; that reorder made bfloat16 slower than float32 at
-batch 1 and 32 on this project's development CPU (AVX512-BF16; README "Engine speed"). Packing
+batch 1 and 32 on this project's development CPU (AVX512-BF16; docs/performance.md "Engine speed"). Packing
 once at load keeps only the blocked copy:
 
     packed = reorder(weight)                      (load, once; the plain weight is dropped)
@@ -16,7 +16,7 @@ weight to float32 is faster than the bfloat16 kernel (`python -m bench.gemm`).
 A layer's projections of one input are packed as one weight, [q; k; v] and [gate; up]
 (`projection.Fused`): at a few rows a oneDNN call costs nearly as much for k's 128 outputs as for
 q's 512, so one call for all three is what makes a bfloat16 step beat a float32 one with
-adapters mixed in (README "Engine speed"). The members keep their adapters.
+adapters mixed in (docs/performance.md "Engine speed"). The members keep their adapters.
 
 Only for bfloat16 on CPU where torch has the oneDNN ops; everything else keeps `F.linear`.
 The packed weight is the projections' only copy: their state_dict entries are gone (the
@@ -26,6 +26,7 @@ checkpoint on disk is the source of truth for tools), and their bytes are counte
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -54,10 +55,13 @@ def reorder(weight: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT))
 
 
-def pack(model: Llama) -> int:
+def pack(model: Llama, release: Callable[[torch.Tensor], None] | None = None) -> int:
     """Pack every plain bfloat16 projection of `model` (int8 ones keep their own path).
 
-    Returns how many were packed; 0 where packing does not apply or fails its self-check.
+    `release(weight)` is called with each plain weight as soon as its packed copy serves it
+    (the loader gives its mapped pages back: weights held once, and a peak of one layer's
+    projections above the packed model while packing). Returns how many were packed; 0 where
+    packing does not apply or fails its self-check.
     """
     if not available(model.compute_dtype, model.device):
         return 0
@@ -89,8 +93,15 @@ def pack(model: Llama) -> int:
             if not all(m in plain for m in members) or 0 < len(biases) < len(members):
                 continue  # an int8 member, or biases on some only: each on its own
             bias = torch.cat(biases) if biases else None
-            parent.fused = Fused(members, reorder(torch.cat([m.weight for m in members])), bias)
+            sources: list[torch.Tensor] = [m.weight for m in members]
+            parent.fused = Fused(members, reorder(torch.cat(sources)), bias)
             plain.difference_update(members)
+            if release is not None:
+                for w in sources:
+                    release(w)
     for proj in plain:
-        proj.pack(reorder(proj.weight))
+        source = proj.weight
+        proj.pack(reorder(source))
+        if release is not None:
+            release(source)
     return len(projs)

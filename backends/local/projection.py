@@ -23,7 +23,7 @@ def lora_dtype(compute: torch.dtype) -> torch.dtype:
     peft does the same by default (`autocast_adapter_dtype`: bfloat16/float16 adapter weights
     upcast to float32, the input cast up, the sum cast back), so outputs stay close to it; and
     on CPU a bfloat16 GEMM of LoRA's shapes (a few rows by rank) costs 2-3x a float32 one
-    (`bench/step_ab.py --adapters 8`, README "Engine speed").
+    (`bench/step_ab.py --adapters 8`, docs/performance.md "Engine speed").
     """
     return torch.float32 if compute in (torch.bfloat16, torch.float16) else compute
 

@@ -15,7 +15,12 @@ from gateway.core.kv import Lanes
 class MemorySnapshot:
     """Bytes by component. `other` = measured - the rest (None where nothing is measured)."""
 
+    # weights, as disjoint copies: served from the mapped checkpoint files (shared page cache);
+    # copies on the heap or device (converted, quantized at load, packed); resident pages of the
+    # mapped files that serve nothing (a copy's source not given back: 0 when held once)
     weights: int = 0
+    weights_heap: int = 0
+    weights_source: int = 0
     adapters: dict[str, int] = field(default_factory=dict)
     kv_used: int = 0
     kv_free: int = 0
@@ -34,6 +39,8 @@ class MemorySnapshot:
             return None
         return self.measured - (
             self.weights
+            + self.weights_heap
+            + self.weights_source
             + sum(self.adapters.values())
             + self.kv_used
             + self.kv_free

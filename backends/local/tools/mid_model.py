@@ -1,9 +1,9 @@
 """`gateway demo-model DIR --size mid`: a random Llama of a realistic shape, for benchmarks.
 
-Shape: hidden 512, 8 layers, 8 query / 2 KV heads (head_dim 64), FFN 1408, vocabulary 2000:
+Shape: hidden 512, 8 layers, 8 query / 2 KV heads (head_dim 64), FFN 1408, vocabulary 2048:
 24.6M parameters, 98 MB in float32. The weights are random (seeded, std 0.02), so its text is
 noise; it exists to measure speed on shapes where the projections, not Python, dominate a step.
-The tokenizer and chat template are the demo's (trained from `backends/local/tools/data/`, 1,976 tokens),
+The tokenizer and chat template are the demo's (trained from `backends/local/tools/data/`, 2,048 tokens),
 and `adapters/` holds eight random rank-8 LoRA adapters on q/k/v/o (`rand-0` .. `rand-7`) for
 mixed-adapter runs. The same command writes the same bytes.
 """
@@ -23,7 +23,7 @@ from backends.local.tools import demo
 
 MID_SHAPE: dict[str, Any] = {
     **demo.MODEL_SHAPE,
-    "vocab_size": 2000,
+    "vocab_size": 2048,  # the demo tokenizer's size
     "hidden_size": 512,
     "intermediate_size": 1408,
     "num_hidden_layers": 8,
@@ -57,25 +57,36 @@ def write_mid(out_dir: Path, *, force: bool = False, log: demo.Log = print) -> N
 
 
 def _build(out: Path, log: demo.Log) -> None:
+    cfg = random_model(out, MID_SHAPE, SEED, log)
+    hf = {**cfg.to_hf(), "pad_token_id": demo.PAD_ID, "initializer_range": 0.02}
+    demo._write_json(out / "config.json", hf)  # last: its presence marks a complete model
+
+
+def random_model(out: Path, shape: dict[str, Any], seed: int, log: demo.Log,
+                 dtype: torch.dtype = torch.float32) -> ArchConfig:
+    """Into `out`: the demo's tokenizer, a `shape` model with random weights (seeded, saved in
+    `dtype`) and ADAPTERS random rank-8 adapters (float32, from the float weights' shapes).
+    The caller writes config.json (the mark of a complete model)."""
     plans = (demo.BASE_PLAN, *demo.ADAPTER_PLANS.values())
     files = sorted({f for plan in plans for f, _ in plan.corpora})
     texts = [demo.render_chat(d)[0] for f in files for d in demo.load_dialogues(f)]
     log("training tokenizer")
     tok = demo._train_tokenizer(texts)
-    if tok.get_vocab_size() > MID_SHAPE["vocab_size"]:
+    if tok.get_vocab_size() > shape["vocab_size"]:
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, over the vocabulary")
     tok.save(str(out / "tokenizer.json"))
     demo._write_json(out / "tokenizer_config.json", demo.tokenizer_config())
-    cfg = ArchConfig.from_hf(MID_SHAPE)
+    cfg = ArchConfig.from_hf(shape)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         model = Llama(cfg)
     log(f"random weights ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    demo._save_tensors(out / "model.safetensors", model.state_dict())
     for i in range(ADAPTERS):
         adir = out / "adapters" / f"rand-{i}"
         adir.mkdir(parents=True)
-        demo._save_tensors(adir / "adapter_model.safetensors", random_adapter(model, SEED + 1 + i))
+        demo._save_tensors(adir / "adapter_model.safetensors", random_adapter(model, seed + 1 + i))
         demo._write_json(adir / "adapter_config.json", demo.adapter_config())
-    hf = {**cfg.to_hf(), "pad_token_id": demo.PAD_ID, "initializer_range": 0.02}
-    demo._write_json(out / "config.json", hf)  # last: its presence marks a complete model
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    del model
+    demo._save_tensors(out / "model.safetensors", state)
+    return cfg

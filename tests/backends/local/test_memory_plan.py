@@ -51,7 +51,8 @@ def test_plan_equals_live_backend(tiny_checkpoint: TinyCheckpoint, quantize: str
             assert plan.kv.block_size == cap.block_size
             assert plan.context_window == cap.context_window
             assert plan.adapter_budget == cap.adapter_budget_bytes
-            assert plan.weights == mem.weights
+            assert plan.weights == mem.weights + mem.weights_heap  # mapped + heap copies
+            assert mem.weights_source <= 4 * 65536  # source pages given back (fault-around slack)
             await b.ensure_adapter(tiny_checkpoint.adapter_name)
             assert b.memory().adapters == {"acme": plan.adapters["acme"]}
         finally:
