@@ -1,4 +1,5 @@
-"""The operator's routes (admin key): POST /admin/reload and GET /debug/config."""
+"""The operator's routes (admin key): POST /admin/reload, GET /debug/config and GET
+/admin/usage; and the spend budgets' lines of /metrics."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from gateway.metrics import worker_versions
 from gateway.reload import Reloader
 from gateway.state import GatewayState
+from policies.admission import Admission
 
 STATUS = {"ok": 200, "unchanged": 200, "invalid": 400, "failed": 503}
 CODES = {"invalid": "config_invalid", "failed": "backend_start_failed"}
@@ -61,3 +63,47 @@ async def debug_config(request: Request) -> Response:
     if state.telemetry.metrics.multiprocess:
         body["workers"] = worker_versions()
     return JSONResponse(body)
+
+
+async def budgets(state: GatewayState) -> dict[str, dict[str, Any]]:
+    """Every budgeted tenant's current period (policies/budget.py's read): fleet-wide with
+    shared_state, else this process's."""
+    admission = state.policies.get("admission")
+    if not isinstance(admission, Admission):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for tenant in state.settings.tenants:
+        if tenant.limits.budget is not None:
+            out[tenant.name] = await admission.budgets.read(tenant.name, tenant.limits.budget)
+    return out
+
+
+async def usage(request: Request) -> Response:
+    """GET /admin/usage (admin key only): spend per budgeted tenant in its current calendar
+    period (amount, spent, reserved and exposed by requests in flight, remaining, reset)."""
+    state = cast(GatewayState, request.app.state.gateway)
+    state.admin.authenticate(request.headers.get("authorization"))
+    return JSONResponse({"object": "usage", "budgets": await budgets(state)})
+
+
+BUDGET_GAUGES = (
+    ("amount", "gateway_budget_amount", "A tenant's spend budget for its period (price units)."),
+    ("spent", "gateway_budget_spent", "What a tenant spent in its current budget period."),
+    ("reserved", "gateway_budget_reserved",
+     "Budget reserved by a tenant's requests in flight (their estimates)."),
+)
+
+
+def budget_exposition(report: dict[str, dict[str, Any]]) -> bytes:
+    """The budgets as Prometheus text, appended to /metrics (read at scrape time: with
+    shared_state the fleet's figures, the same from every worker). Labels: tenant, period."""
+    if not report:
+        return b""
+    lines: list[str] = []
+    for field_name, name, doc in BUDGET_GAUGES:
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} gauge"]
+        for tenant, r in report.items():
+            label = tenant.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            lines.append(f'{name}{{tenant="{label}",period="{r["period"]}"}} '
+                         f"{float(r[field_name])!r}")
+    return ("\n".join(lines) + "\n").encode()

@@ -98,6 +98,8 @@ def summarize(recs: Iterator[dict[str, Any]], by: tuple[str, ...], since: float 
     for rec in recs:
         if cutoff is not None and float(rec.get("time") or 0) < cutoff:
             continue
+        if rec.get("shadow"):  # a rollout's shadow copy: nobody's usage (gateway/rollout/)
+            continue
         g = groups.setdefault(_key(rec, by), dict.fromkeys(SUMS, 0.0))
         g["requests"] += 1
         g["errors"] += int(rec.get("status") or 0) >= 400
@@ -107,14 +109,26 @@ def summarize(recs: Iterator[dict[str, Any]], by: tuple[str, ...], since: float 
     return dict(sorted(groups.items()))
 
 
-def report(paths: list[str], by: str, since: str | None, as_json: bool = False) -> str:
+def period_since(period: str, now: float | None = None) -> float:
+    """`--period day|week|month`: seconds since the current calendar period (UTC, weeks from
+    Monday) began, the period a tenant's `limits.budget` counts."""
+    from policies.budget import period_bounds
+
+    if period not in ("day", "week", "month"):
+        raise UsageError(f"--period {period!r}: expected day, week or month")
+    now = time.time() if now is None else now
+    return now - period_bounds(period, now)[0]
+
+
+def report(paths: list[str], by: str, since: str | None, as_json: bool = False,
+           period: str | None = None) -> str:
     fields = tuple(f.strip() for f in by.split(",") if f.strip())
     unknown = [f for f in fields if f not in GROUPS]
     if not fields or unknown:
         raise UsageError(f"--by {by!r}: group by any of {', '.join(GROUPS)}")
     skipped = [0]
     sums = summarize(records(files(paths), skipped), fields,
-                     since_seconds(since) if since else None)
+                     since_seconds(since) if since else period_since(period) if period else None)
     rows = [{**dict(zip(fields, key, strict=True)), **_ints(v)} for key, v in sums.items()]
     if as_json:
         return orjson.dumps({"groups": rows, "skipped_lines": skipped[0]},

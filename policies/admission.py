@@ -5,11 +5,13 @@ Order of checks, each with the status a client can act on:
   provisional token charge of its body's bytes: 429 before anything counted its prompt
   never fits the backend's whole KV budget             -> 400 context_length_exceeded
   never fits the tenant's share / tokens per minute    -> 429, x-should-retry: false
+  its spend budget's worst case does not fit            -> 429 budget_exceeded (policies/budget.py)
   requests or tokens per minute spent                  -> 429, Retry-After = bucket refill
-  otherwise wait in the queue (priority, then the tenant holding fewer bytes, then FIFO) until
-  the bytes fit the budget and the tenant's concurrency and KV share; past the queue timeout
-  or the deadline: 429 if the tenant's own limits held it, else 503, both with a Retry-After
-  from the observed drain rate.
+  a `low` request of a shed_low tenant that would queue -> 429 low_priority_shed
+  otherwise wait in the queue (the request's priority, then the tenant served the fewest
+  weighted tokens: policies/fair_share.py, then FIFO) until the bytes fit the budget and the
+  tenant's concurrency and KV share; past the queue timeout or the deadline: 429 if the
+  tenant's own limits held it, else 503, both with a Retry-After from the observed drain rate.
 
 The sum of reservations on a backend never exceeds its budget (Reservations.reserve refuses).
 
@@ -35,12 +37,22 @@ from gateway.core import cpu
 from gateway.core.backend import Capacity
 from gateway.core.config import PRIORITY_RANK, TenantConfig
 from gateway.core.context import Decision, RequestContext, Reservation, Usage
-from gateway.core.errors import ContextLengthExceeded, GatewayError, RateLimited, Unavailable
+from gateway.core.errors import (
+    ContextLengthExceeded,
+    GatewayError,
+    InvalidRequest,
+    RateLimited,
+    Unavailable,
+)
 from gateway.core.policy import Outcome, Policy, passed
+from policies import priority
 from policies.base import PolicyEnv
+from policies.budget import Budgets, Charge, cost_nanos
 from policies.demand import Demand, demand, estimate_key
+from policies.fair_share import FairShare
 from policies.leases import Bucket, Scope
 from policies.quotas import LocalQuotas, Quotas
+from policies.shared_state import SharedState
 
 NO_RETRY = {"x-should-retry": "false"}
 MAX_RETRY_AFTER_S = 60.0
@@ -110,6 +122,10 @@ class Admission:
         self._waiters: list[Waiter] = []
         self._seq = itertools.count()
         self._leases: dict[int, tuple[str, list[Scope]]] = {}  # id(Reservation) -> lease
+        shared = self.quotas if isinstance(self.quotas, SharedState) else None
+        self.fair = FairShare(shared)  # the queue's order within a priority
+        self.budgets = Budgets(shared)  # spend budgets (limits.budget)
+        self._charges: dict[int, Charge] = {}  # id(ctx) -> its budget reservation
 
     def carry_over(self, previous: Policy) -> None:
         """A config reload: the previous chain's admission hands over its live state (the
@@ -120,6 +136,9 @@ class Admission:
             return
         self._tenants, self._waiters, self._seq = previous._tenants, previous._waiters, previous._seq
         self._leases, self.quotas = previous._leases, previous.quotas
+        self.fair.carry_over(previous.fair)
+        self.budgets.carry_over(previous.budgets)
+        self._charges = previous._charges
         for name, state in self._tenants.items():
             cfg = self.env.tenants.get(name)
             if cfg is not None:
@@ -142,6 +161,11 @@ class Admission:
         if ctx.body_bytes <= cpu.INLINE_BYTES:
             return
         tenant = self._tenant(self.env.tenant(ctx))
+        budget = tenant.cfg.limits.budget
+        if budget is not None and ctx.sampling.max_tokens is not None and not ctx.shadow:
+            # a budget known spent: refused before the prompt is counted (no round trip)
+            least = self._least_output_cost(ctx.target_model, ctx.sampling.n * ctx.sampling.max_tokens)
+            self.budgets.refuse_spent(tenant.cfg.name, budget, least)
         tpm = tenant.cfg.limits.tokens_per_minute
         tokens = min(ctx.body_bytes, tpm) if tpm else 0
         buckets = tenant.buckets(1, tokens)
@@ -162,6 +186,56 @@ class Admission:
                                None if lanes is None or need.budget is None
                                else lanes.long_cap(need.budget))
         self._refuse_impossible(tenant, need)
+        charge = await self._reserve_budget(ctx, tenant, need)
+        try:
+            decision = await self._admit(ctx, tenant, need, cap)
+        except BaseException:  # refused or cancelled: the budget reservation goes back
+            if charge is not None:
+                task = asyncio.ensure_future(self.budgets.settle(charge, 0))
+                task.add_done_callback(_quiet)
+            raise
+        if charge is not None:
+            self._charges[id(ctx)] = charge
+        return decision
+
+    async def _reserve_budget(self, ctx: RequestContext, tenant: TenantState,
+                              need: Demand) -> Charge | None:
+        """The request's budget reservation (policies/budget.py): its prompt's cost plus its
+        output estimate's, admitted only when its worst case fits beside the worst cases in
+        flight. None: the tenant has no budget, or a shadow request (never charged)."""
+        budget = tenant.cfg.limits.budget
+        model = self.env.model(ctx.target_model)
+        price = model.price if model is not None else None
+        if budget is None or price is None or ctx.shadow:
+            return None
+        if (ctx.kind != "embeddings" and ctx.sampling.max_tokens is None
+                and need.max_tokens == 0):
+            raise InvalidRequest(
+                "Your account has a spend budget and this model's longest answer is unknown: "
+                "name max_tokens (or max_completion_tokens).", param="max_tokens",
+                code="max_tokens_required")
+        expected = need.max_tokens if need.expected_tokens is None else need.expected_tokens
+        estimate = cost_nanos(price, need.prompt_tokens, need.sequences * expected)
+        worst = cost_nanos(price, need.prompt_tokens, need.sequences * need.max_tokens)
+        return await self.budgets.reserve(tenant.cfg.name, budget, estimate, worst)
+
+    def _least_output_cost(self, model_name: str, tokens: int) -> int:
+        """A lower bound of what `tokens` output tokens cost on `model_name` or any tier it
+        degrades to (degrade runs after the gate), in nano-units; 0 where one is unpriced."""
+        least, seen = None, set()
+        name: str | None = model_name
+        while name is not None and name not in seen:
+            seen.add(name)
+            model = self.env.model(name)
+            if model is None or model.price is None:
+                return 0
+            cost = cost_nanos(model.price, 0, tokens)
+            least = cost if least is None else min(least, cost)
+            name = model.degrade_to
+        return least or 0
+
+    async def _admit(self, ctx: RequestContext, tenant: TenantState, need: Demand,
+                     cap: Capacity | None) -> Decision:
         scopes = self._scopes(ctx, tenant, need, cap)
         start = self.env.clock()
         lease, held = "", not scopes
@@ -207,8 +281,14 @@ class Admission:
         and a queue pass), else through the queue."""
         if not self._waiters and self._fits(ctx, tenant, need):
             return self._reserve(ctx, tenant, need)
-        waiter = Waiter(ctx, tenant, need, PRIORITY_RANK[tenant.cfg.priority],
-                        next(self._seq), asyncio.get_running_loop().create_future())
+        if priority.sheds(tenant.cfg, ctx.priority):  # `low` with shed_low: never queued
+            raise priority.shed(self.reservations.wait_estimate(ctx.backend, need.kv_bytes))
+        rank = self._rank(ctx, tenant)
+        if not any(w.tenant is tenant and w.rank == rank for w in self._waiters):
+            self.fair.arrive(tenant.cfg.name,  # starts waiting: no credit banked while idle
+                             [w.tenant.cfg.name for w in self._waiters if w.rank == rank])
+        waiter = Waiter(ctx, tenant, need, rank, next(self._seq),
+                        asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         self.reservations.pools[ctx.backend].queued += need.kv_bytes
         self._dispatch()
@@ -249,6 +329,8 @@ class Admission:
                 if failed < 0:
                     self._leases[id(res)] = (lease, scopes)
                     return
+                if priority.sheds(self._tenants[res.tenant].cfg, ctx.priority):
+                    raise priority.shed()  # another process holds the room: not queued
                 left = start + timeout - self.env.clock()
                 if left <= 0:
                     held_by = "capacity" if scopes[failed].key == f"kv:{ctx.backend}" else "tenant"
@@ -275,15 +357,43 @@ class Admission:
             if tenant is not None:
                 self._give_back_tokens(tenant, ctx.precharged_tokens)
         ctx.precharged_tokens = None
+        charge = self._charges.pop(id(ctx), None)
+        if charge is not None:
+            await self.budgets.settle(charge, self._spent(ctx, charge, outcome))
         res = ctx.reservation
         if isinstance(res, Reservation) and not res.released:
             self._release(res)
             if outcome == "ok" and ctx.usage is not None:
                 self.env.estimates.observe(estimate_key(ctx), ctx.usage.completion_tokens)
+            self._served(ctx, res, outcome)
             lease, scopes = self._leases.pop(id(res), ("", []))
             buckets = self._settlement(res, outcome, ctx.usage)
             if scopes or buckets:
                 await self.quotas.finish(buckets, lease, scopes)
+
+    def _spent(self, ctx: RequestContext, charge: Charge, outcome: Outcome) -> int:
+        """What a budget is charged at the end: the answer's cost at the answering model's
+        price (its usage record's); nothing for a failed-over attempt (the next is charged);
+        the estimate where no usage came back (an error, a cancel)."""
+        if outcome == "retried":
+            return 0
+        model = self.env.model(ctx.target_model)
+        usage = ctx.usage
+        if outcome == "ok" and usage is not None and model is not None and model.price is not None:
+            return cost_nanos(model.price, usage.prompt_tokens, usage.completion_tokens,
+                              usage.cached_tokens)
+        return charge.estimate
+
+    def _served(self, ctx: RequestContext, res: Reservation, outcome: Outcome) -> None:
+        """Fair share's counter settled like the token buckets: to the usage, or given back
+        for a failed-over attempt."""
+        tenant = self._tenants.get(res.tenant)
+        if tenant is None or ctx.shadow:
+            return
+        if outcome == "retried":
+            self.fair.charge(res.tenant, -res.tokens, tenant.cfg.weight)
+        elif outcome == "ok" and ctx.usage is not None:
+            self.fair.charge(res.tenant, ctx.usage.total_tokens - res.tokens, tenant.cfg.weight)
 
     def _settlement(self, res: Reservation, outcome: Outcome, usage: Usage | None) -> list[Bucket]:
         """The rate buckets keep what a request used, not what it was charged: an attempt that
@@ -351,10 +461,16 @@ class Admission:
             return fut.result()
         raise self._give_up(waiter)
 
-    def _key(self, w: Waiter) -> tuple[int, int, int, int]:
-        """Priority first; among equals, the tenant holding fewer bytes now, then FIFO."""
-        pool = self.reservations.pools[w.ctx.backend]
-        return (w.rank, pool.tenant_bytes(w.tenant.cfg.name), w.tenant.active, w.seq)
+    def _key(self, w: Waiter) -> tuple[int, float, int]:
+        """Priority first (a request's own class: a `high` one never waits behind a `low`
+        one); among equals, the tenant served the fewest weighted tokens (fair share's
+        virtual token counter), then FIFO."""
+        return (w.rank, self.fair.counter(w.tenant.cfg.name), w.seq)
+
+    @staticmethod
+    def _rank(ctx: RequestContext, tenant: TenantState) -> int:
+        """The request's class (x-gateway-priority), never above its tenant's."""
+        return max(PRIORITY_RANK.get(ctx.priority, 1), PRIORITY_RANK[tenant.cfg.priority])
 
     def _tenant_fits(self, ctx: RequestContext, tenant: TenantState, need: Demand) -> bool:
         """Within the tenant's max_concurrency and KV share (the backend's pool aside)."""
@@ -394,6 +510,8 @@ class Admission:
                           need.adapter_bytes, long=need.long)
         self.reservations.reserve(res)
         tenant.active += 1
+        if not ctx.shadow:  # served now: fair share counts it (settled at the end)
+            self.fair.charge(tenant.cfg.name, need.tokens, tenant.cfg.weight)
         return res
 
     def _grant(self, w: Waiter) -> None:

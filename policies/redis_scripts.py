@@ -190,3 +190,88 @@ else
 end
 return redis.call('ZCARD', KEYS[1])
 """
+
+# ---- spend budgets (policies/budget.py) ----------------------------------------------------
+# A tenant's period is a hash {spent, reserved, exposure: integer nano-units of the price;
+# c:<id>: "reserved,worst" of each request in flight}, a sorted set of those requests' leases
+# (id -> expiry ms: a gateway that dies stops renewing, and its reservations are reclaimed by
+# the next reserve) and a sorted set of the ids settled in the last hour (a retried settle is
+# a no-op). Every key expires by itself (ARGV's period ttl: the period's end plus a margin).
+
+_BUDGET_RECLAIM = """
+local function unreserve(h, id)
+  local c = redis.call('HGET', h, 'c:' .. id)
+  if not c then return end
+  local comma = string.find(c, ',')
+  local r, w = tonumber(string.sub(c, 1, comma - 1)), tonumber(string.sub(c, comma + 1))
+  redis.call('HINCRBY', h, 'reserved', -r)
+  redis.call('HINCRBY', h, 'exposure', r - w)
+  redis.call('HDEL', h, 'c:' .. id)
+end
+local function reclaim(h, z)
+  local gone = redis.call('ZRANGEBYSCORE', z, '-inf', now_ms)
+  for _, id in ipairs(gone) do
+    unreserve(h, id)
+    redis.call('ZREM', z, id)
+  end
+end
+"""
+
+# KEYS: the period's hash, its leases. ARGV: id, amount, estimate, worst, lease ttl ms, period
+# ttl ms. Admitted when the worst case of everything in flight plus this request's fits what is
+# left: {1, spent, reserved, exposure} (reserving the estimate; the rest of its worst case is
+# exposure), else {0, spent, reserved, exposure}. The same id twice: admitted once.
+BUDGET_RESERVE = _NOW + _BUDGET_RECLAIM + """
+local h, z, id = KEYS[1], KEYS[2], ARGV[1]
+reclaim(h, z)
+local held = redis.call('HMGET', h, 'spent', 'reserved', 'exposure')
+local spent, reserved, exposure = tonumber(held[1] or '0'), tonumber(held[2] or '0'), tonumber(held[3] or '0')
+if redis.call('HEXISTS', h, 'c:' .. id) == 1 then
+  return {1, spent, reserved, exposure}
+end
+local amount, est, worst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if amount - spent - reserved - exposure < worst then
+  return {0, spent, reserved, exposure}
+end
+redis.call('HINCRBY', h, 'reserved', est)
+redis.call('HINCRBY', h, 'exposure', worst - est)
+redis.call('HSET', h, 'c:' .. id, est .. ',' .. worst)
+redis.call('ZADD', z, now_ms + tonumber(ARGV[5]), id)
+redis.call('PEXPIRE', h, tonumber(ARGV[6]))
+redis.call('PEXPIRE', z, tonumber(ARGV[6]))
+return {1, spent, reserved + est, exposure + worst - est}
+"""
+
+# KEYS: the period's hash, its leases, its settled ids. ARGV: id, actual, period ttl ms.
+# Drops the reservation and adds the actual cost to `spent`, once per id: 1, or 0 for an id
+# settled already.
+BUDGET_SETTLE = _NOW + _BUDGET_RECLAIM + """
+local h, z, s, id = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+if redis.call('ZSCORE', s, id) then return 0 end
+unreserve(h, id)
+redis.call('ZREM', z, id)
+redis.call('HINCRBY', h, 'spent', tonumber(ARGV[2]))
+redis.call('ZADD', s, now_ms, id)
+redis.call('ZREMRANGEBYSCORE', s, '-inf', now_ms - 3600000)
+redis.call('PEXPIRE', h, tonumber(ARGV[3]))
+redis.call('PEXPIRE', s, tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: the period's hash, its leases. Reclaims expired leases; {spent, reserved, exposure}.
+BUDGET_READ = _NOW + _BUDGET_RECLAIM + """
+reclaim(KEYS[1], KEYS[2])
+local held = redis.call('HMGET', KEYS[1], 'spent', 'reserved', 'exposure')
+return {tonumber(held[1] or '0'), tonumber(held[2] or '0'), tonumber(held[3] or '0')}
+"""
+
+# ---- fair share (policies/fair_share.py) ---------------------------------------------------
+# KEYS[1]: the counters' hash. ARGV: ttl ms, then pairs tenant, delta. Adds every delta,
+# refreshes the expiry, answers every counter (HGETALL).
+FAIR_ADD = """
+for i = 2, #ARGV, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+if #ARGV > 1 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1])) end
+return redis.call('HGETALL', KEYS[1])
+"""

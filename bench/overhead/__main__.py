@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="also run the gateway with tenant limits in-process (memgate-limits) "
                          "and the same limits in Redis (memgate-redis: shared_state on a "
                          "redis-server this bench starts), side by side")
+    ap.add_argument("--budgets", action="store_true",
+                    help="also run the gateway with tenant limits in Redis (memgate-redis) and "
+                         "the same plus a spend budget reserved and settled in Redis on every "
+                         "request (memgate-budget), side by side (issue 29)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="overhead", help="output file stem")
     args = ap.parse_args(argv)
@@ -118,15 +122,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 targets.append(start_gateway(upstream.url, work, name="memgate-aiohttp",
                                              module="bench.overhead.aiohttp_gateway"))
                 started.append(targets[-1])
-            if args.shared_state:
+            if args.shared_state or args.budgets:
                 redis = start_redis(work)
                 started.append(redis)
-                targets.append(start_gateway(upstream.url, work, name="memgate-limits",
-                                             limits=True))
-                started.append(targets[-1])
+                if args.shared_state:
+                    targets.append(start_gateway(upstream.url, work, name="memgate-limits",
+                                                 limits=True))
+                    started.append(targets[-1])
                 targets.append(start_gateway(upstream.url, work, name="memgate-redis",
                                              redis_url=redis.url))
                 started.append(targets[-1])
+                if args.budgets:
+                    targets.append(start_gateway(upstream.url, work, name="memgate-budget",
+                                                 redis_url=redis.url, budget=True))
+                    started.append(targets[-1])
             if not args.no_workers2:
                 targets.append(start_gateway(upstream.url, work, workers=2, name="memgate-2w"))
                 started.append(targets[-1])

@@ -80,6 +80,9 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         if cell.get("memgate-limits") and cell.get("memgate-redis"):
             out[f"redis_over_local_limits_{mode}_c{top}"] = round(
                 cell["memgate-redis"] / cell["memgate-limits"], 3)
+        if cell.get("memgate-redis") and cell.get("memgate-budget"):
+            out[f"budget_over_no_budget_redis_{mode}_c{top}"] = round(
+                cell["memgate-budget"] / cell["memgate-redis"], 3)
     return out
 
 
@@ -90,7 +93,7 @@ def write(path: Path, payload: dict[str, Any]) -> None:
 
 COLORS = {"direct": "#1f77b4", "memgate": "#2ca02c", "memgate-2w": "#98df8a", "baseline": "#9467bd",
           "memgate-aiohttp": "#8c564b", "memgate-limits": "#17becf", "memgate-redis": "#e377c2",
-          "floor": "#ff7f0e", "litellm": "#d62728"}
+          "memgate-budget": "#bcbd22", "floor": "#ff7f0e", "litellm": "#d62728"}
 
 
 def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:

@@ -161,11 +161,18 @@ def start_upstream(workdir: Path) -> Proc:
 BENCH_LIMITS = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "max_concurrency": 10**6}
 
 
-def gateway_config(upstream: str, limits: bool = False,
-                   redis_url: str | None = None) -> dict[str, object]:
+# A spend budget that never refuses in this bench but is reserved and settled on every request
+# (with shared_state: one Redis script each); the model then needs a price.
+BENCH_BUDGET = {"amount": 10**9, "period": "month"}
+BENCH_PRICE = {"input_per_1m": 0.5, "output_per_1m": 1.5}
+
+
+def gateway_config(upstream: str, limits: bool = False, redis_url: str | None = None,
+                   budget: bool = False) -> dict[str, object]:
     """One `openai` backend on the fake upstream, one tenant, the default policy chain (those
     of its names that are registered: the chain grows while this bench stays put).
-    `limits`: the tenant has BENCH_LIMITS; `redis_url`: they are kept in Redis (shared_state)."""
+    `limits`: the tenant has BENCH_LIMITS; `redis_url`: they are kept in Redis (shared_state);
+    `budget`: the tenant also has BENCH_BUDGET (issue 29), the model BENCH_PRICE."""
     from policies.registry import DEFAULT_POLICIES, POLICY_KINDS
 
     tenant: dict[str, object] = {"name": "bench", "api_key_sha256": [hashlib.sha256(BENCH_KEY.encode()).hexdigest()], "models": ["bench-model"]}
@@ -178,6 +185,9 @@ def gateway_config(upstream: str, limits: bool = False,
         "models": [{"name": "bench-model", "backend": "up"}],
         "tenants": [tenant],
     }
+    if budget:
+        tenant["limits"] = {**BENCH_LIMITS, "budget": BENCH_BUDGET}
+        cfg["models"] = [{"name": "bench-model", "backend": "up", "price": BENCH_PRICE}]
     if redis_url:
         cfg["shared_state"] = {"redis_url": redis_url, "key_prefix": "bench:"}
     return cfg
@@ -196,12 +206,12 @@ def start_redis(workdir: Path) -> Proc:
 def start_gateway(upstream: str, workdir: Path, workers: int = 1,
                   extra_env: dict[str, str] | None = None, name: str = "memgate",
                   source: Path = ROOT, module: str = "gateway.cli", limits: bool = False,
-                  redis_url: str | None = None) -> Proc:
+                  redis_url: str | None = None, budget: bool = False) -> Proc:
     """`source`: the checkout whose gateway runs (another commit's, for --baseline);
     `module`: what runs it (bench.overhead.aiohttp_gateway: the aiohttp client);
-    `limits`, `redis_url`: see gateway_config."""
+    `limits`, `redis_url`, `budget`: see gateway_config."""
     cfg = workdir / f"{name}.yaml"
-    cfg.write_text(yaml.safe_dump(gateway_config(upstream, limits, redis_url)))
+    cfg.write_text(yaml.safe_dump(gateway_config(upstream, limits, redis_url, budget)))
     port = free_port()
     argv = [sys.executable, "-m", module, "serve", "--config", str(cfg),
             "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
