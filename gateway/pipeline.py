@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator
 
 from gateway.core.backend import Backend
@@ -41,6 +42,8 @@ class Pipeline:
         telemetry = self.state.telemetry
         telemetry.begin(rec, ctx)
         outcome: Outcome = "error"
+        rollouts = self.state.rollouts
+        answer = rollouts.recorder(ctx) if rollouts is not None and ctx.rollout else None
         try:
             try:
                 await self._apply(ctx)
@@ -58,7 +61,7 @@ class Pipeline:
                     except BackendError as exc:
                         ctx.failed_backends.append(ctx.backend)
                         if (len(ctx.failed_backends) > len(self.state.backends)
-                                or not await self.state.policies.fall_back(ctx, exc)):
+                                or not await self._fall_back(ctx, exc)):
                             raise
                         await self.state.policies.finish(ctx, "retried")  # the attempt's holds
                         ctx.reservation = None
@@ -70,12 +73,16 @@ class Pipeline:
                             raise
                         continue
                     telemetry.chunk(rec, ctx, first)
+                    if answer is not None:
+                        answer.add(first)
                     if first.finish_reason is not None:
                         outcome = "ok"  # the last chunk: closing after it is no cancellation
                         ctx.usage = first.usage
                     yield first
                     async for chunk in stream:
                         telemetry.chunk(rec, ctx, chunk)
+                        if answer is not None:
+                            answer.add(chunk)
                         if chunk.finish_reason is not None:
                             outcome = "ok"
                             ctx.usage = chunk.usage
@@ -93,6 +100,21 @@ class Pipeline:
             raise
         finally:
             await self.state.policies.finish(ctx, outcome)
+            if rollouts is not None and ctx.rollout:  # its side's window; a shadow copy
+                end = rec.generate_end or time.monotonic()
+                rollouts.finished(ctx, outcome, None if rec.first_chunk is None
+                                  else rec.first_chunk - rec.start, end - rec.start)
+
+    async def _fall_back(self, ctx: RequestContext, exc: BackendError) -> bool:
+        """A rollout's candidate hands a failed attempt to the primary first (issue 27);
+        then the chain's Fallback policies (replicas, a smaller tier)."""
+        rollouts = self.state.rollouts
+        if rollouts is not None and ctx.rollout == "candidate":
+            decision = await rollouts.on_backend_error(ctx, exc)
+            if decision.action == "modify":
+                ctx.decisions.append(decision)
+                return True
+        return await self.state.policies.fall_back(ctx, exc)
 
     async def _apply(self, ctx: RequestContext) -> None:
         try:
@@ -118,6 +140,8 @@ class Pipeline:
             headers["x-gateway-adapter"] = ctx.adapter
         if ctx.degraded_from:
             headers["x-gateway-degraded-from"] = ctx.degraded_from
+        if ctx.rollout:
+            headers["x-gateway-rollout"] = ctx.rollout
         if ctx.output_cap is not None:
             headers["x-gateway-max-output-tokens"] = str(ctx.output_cap)
         if ctx.memory.kv_bytes_peak:  # known once the answer is whole (not on a stream's head)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from gateway.core import cpu
 from gateway.core.backend import Backend
 from gateway.core.residency import AdapterResidency, SharesResidency
+from gateway.rollout.manager import Rollouts
 from gateway.settings import Settings
 from gateway.shutdown import Drain
 from gateway.telemetry import Telemetry
@@ -41,6 +42,8 @@ class GatewayState:
     active: int = 0  # generation requests in flight that started under this state
     # -- scale-out (issue 15): adapters on servers every process shares, decided fleet-wide
     residency: AdapterResidency | None = None
+    # -- rollouts (issue 27): one for the app's life, re-configured by every reload
+    rollouts: Rollouts | None = None
 
 
 def config_version(settings: Settings, tenants: TenantDirectory) -> str:
@@ -54,7 +57,8 @@ def config_version(settings: Settings, tenants: TenantDirectory) -> str:
 def build_state(settings: Settings, backends: dict[str, Backend], telemetry: Telemetry,
                 drain: Drain, previous: GatewayState | None = None,
                 tenants: TenantDirectory | None = None,
-                quotas: Quotas | None = None) -> GatewayState:
+                quotas: Quotas | None = None,
+                rollouts: Rollouts | None = None) -> GatewayState:
     """The state `settings` describe, over running `backends`. `previous` (a reload): the
     state it replaces, whose policies hand over their live state (reservations, the
     admission queue and quotas, replica counts, the shared state). `tenants`: the keys
@@ -78,8 +82,12 @@ def build_state(settings: Settings, backends: dict[str, Backend], telemetry: Tel
     if previous is not None:
         state.started = previous.started
         state.residency = previous.residency
+        rollouts = rollouts if rollouts is not None else previous.rollouts
     elif isinstance(state.policies.quotas, SharedState):
         state.residency = SharedResidency(state.policies.quotas)
+    if rollouts is not None:  # the rollouts this config names (a reload keeps live stages)
+        rollouts.configure(settings, backends)
+        state.rollouts = rollouts
     if state.residency is not None:  # every backend that loads adapters on a shared server
         for backend in backends.values():
             if isinstance(backend, SharesResidency):

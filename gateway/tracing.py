@@ -96,6 +96,8 @@ def request_attributes(ctx: RequestContext) -> dict[str, Any]:
         "gateway.backend": ctx.backend,
         "gateway.stream": ctx.stream,
     }
+    if ctx.rollout is not None:  # the rollout side that served it (gateway/rollout/)
+        attrs["gateway.rollout"] = ctx.rollout
     if s.max_tokens is not None:  # None: the client named no limit
         attrs["gen_ai.request.max_tokens"] = s.max_tokens
     if s.seed is not None:

@@ -78,7 +78,11 @@ def build(uid: str) -> dict[str, object]:
     )
     for variable in _variables():
         board = board.with_variable(variable)
+    row = ""
     for spec in panels:
+        if spec.row and spec.row != row:  # a row opens before its first panel (expanded)
+            row = spec.row
+            board = board.with_row(dashboard.Row(row))
         board = board.with_panel(_panel(spec))
     data: dict[str, object] = json.loads(json.dumps(board.build(), cls=JSONEncoder))
     data.pop("style", None)  # gone from the current model

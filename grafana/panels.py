@@ -34,6 +34,7 @@ class PanelSpec:
     unit: str
     queries: tuple[Query, ...]
     stacked: bool = False
+    row: str = ""  # a dashboard row this panel opens or belongs to ("": none)
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,34 @@ TRAFFIC: tuple[PanelSpec, ...] = (
               "CPU seconds per second of each gateway process (process_cpu_seconds_total; under "
               "--workers N one line per worker pid).", "percentunit",
               (q(f'rate(process_cpu_seconds_total{{{INST}}}[{RATE}])', "{{instance}} {{pid}}"),)),
+    # -- rollouts (issue 27): the Rollouts row
+    PanelSpec("Rollouts: stage and candidate share",
+              "Each rollout's stage (gateway_rollout_stage: 0 off, 1 shadow, 2 canary, 3 full, "
+              "-1 rolled back) and the share of live traffic its candidate serves "
+              "(gateway_rollout_share).", "none",
+              (q(f"max by (model) (gateway_rollout_stage{{{MODEL}}})", "stage {{model}}"),
+               q(f"max by (model) (gateway_rollout_share{{{MODEL}}})", "share {{model}}")),
+              row="Rollouts"),
+    PanelSpec("Rollouts: shadow copies",
+              "Shadow copies sent to each rollout's candidate, by outcome: compared, dropped (no "
+              "spare room: never queued) and error (gateway_shadow_requests_total).", "ops",
+              (q(f"sum by (model, outcome) (rate(gateway_shadow_requests_total{{{MODEL}}}[{RATE}]))",
+                 "{{model}} {{outcome}}"),), row="Rollouts"),
+    PanelSpec("Rollouts: shadow agreement",
+              "Agreement score of the shadow pairs (1: the candidate answered as the primary did; "
+              "gateway_rollout_agreement): the min_agreement guard reads its window mean.", "none",
+              quantiles("gateway_rollout_agreement", "model", qs=(0.05, 0.5), base=MODEL),
+              row="Rollouts"),
+    PanelSpec("Rollouts: shadow latency ratio",
+              "Candidate / primary latency of each shadow pair (gateway_rollout_latency_ratio).",
+              "none", quantiles("gateway_rollout_latency_ratio", "model", qs=(0.5, 0.95),
+                                base=MODEL), row="Rollouts"),
+    PanelSpec("Rollouts: moves",
+              "Rollout moves by action and reason (gateway_rollout_moves_total): a guard's "
+              "rollback (error_rate, ttft, agreement, kv_bytes), promoted, operator, config.",
+              "none",
+              (q(f"sum by (model, action, reason) (increase(gateway_rollout_moves_total{{{MODEL}}}"
+                 f"[{RATE}]))", "{{model}} {{action}} {{reason}}"),), row="Rollouts"),
 )
 
 DASHBOARDS: dict[str, tuple[str, tuple[PanelSpec, ...]]] = {

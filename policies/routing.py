@@ -72,7 +72,10 @@ class Router:
     def route(self, ctx: RequestContext, model: ModelConfig, backends: Mapping[str, Backend]) -> str:
         """Pick a replica of `model` for ctx, set ctx.backend and count it in flight."""
         self.release(ctx)
-        choice = self.pick(ctx.adapter, model, backends, exclude=ctx.failed_backends)
+        if ctx.rollout_backend is not None and model.name == ctx.requested_model:
+            choice = ctx.rollout_backend  # a rollout's candidate serves it (gateway/rollout/)
+        else:
+            choice = self.pick(ctx.adapter, model, backends, exclude=ctx.failed_backends)
         ctx.backend = choice
         self.inflight[choice] = self.inflight.get(choice, 0) + 1
         self._held[id(ctx)] = choice

@@ -55,6 +55,10 @@ def obs_config(model_dir: Path) -> dict[str, Any]:
         "name": "initech", "models": ["demo"],
         "api_key_sha256": [hashlib.sha256(LIMITED_KEY.encode()).hexdigest()],
         "limits": {"requests_per_minute": 1}})
+    # a rollout of demo to a second copy of its tier, every request shadowed (the Rollouts row)
+    cfg["backends"]["candidate"] = dict(cfg["backends"]["local"])
+    cfg["models"][0]["rollout"] = {"candidate": "candidate", "stage": "shadow",
+                                   "shadow_share": 1.0, "auto": False}
     cfg["policies"] = ["adapter_selection", "context_trim", "degrade", "admission"]
     cfg["policy_options"] = {"degrade": {"high_watermark": 0.0001, "wait_threshold_s": 0.0}}
     return cfg
@@ -65,7 +69,7 @@ def panel_queries() -> list[tuple[str, str, str]]:
     for path in sorted((ROOT / "grafana" / "dashboards").glob("*.json")):
         board = json.loads(path.read_text())
         for panel in board["panels"]:
-            for target in panel["targets"]:
+            for target in panel.get("targets", []):  # a row has none
                 out.append((path.stem, panel["title"], target["expr"]))
     return out
 
