@@ -47,6 +47,23 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# `make test-unit` (issue 30) runs the in-process suites: -m "not e2e and not engine and not
+# process ...". The marks come from where a test lives and which fixtures it takes, so a new
+# test is in or out without a mark of its own.
+PROCESS_FIXTURES = frozenset({"redis_url", "demo_gateway"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = item.path.relative_to(ROOT).parts if item.path.is_relative_to(ROOT) else ()
+        if parts[:2] == ("tests", "e2e"):
+            item.add_marker(pytest.mark.e2e)
+        elif parts[:3] == ("tests", "backends", "local"):
+            item.add_marker(pytest.mark.engine)
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.process)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on a free loopback port for the session (tests use their own
