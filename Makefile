@@ -6,8 +6,9 @@ PORT    ?= 8000
 CONFIG  ?= examples/demo.yaml
 DEMO    := models/demo/config.json
 MID     := models/mid/config.json
+BIG     := models/big/config.json
 
-.PHONY: setup setup-dev serve demo-model test test-soak test-vllm vllm-venv test-litellm litellm-venv lint typecheck clean obs-tools dashboards
+.PHONY: setup setup-dev serve demo-model node-clients instructor-venv docs test test-unit test-soak test-vllm vllm-venv test-litellm litellm-venv lint typecheck clean obs-tools dashboards
 
 $(VENV)/.local: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +23,7 @@ setup: $(VENV)/.local
 setup-dev: $(VENV)/.dev
 
 # rebuilt when its builder or its training text changes (the model is what they make)
-$(DEMO): backends/local/tools/demo.py $(wildcard backends/local/tools/data/*.txt) | $(VENV)/.local
+$(DEMO): $(wildcard backends/local/tools/demo*.py) $(wildcard backends/local/tools/data/*.txt) | $(VENV)/.local
 	$(BIN)/gateway demo-model models/demo --force
 
 demo-model: $(DEMO)
@@ -30,8 +31,28 @@ demo-model: $(DEMO)
 serve: $(VENV)/.local $(DEMO)
 	$(BIN)/gateway serve --config $(CONFIG) --port $(PORT)
 
-test: $(VENV)/.dev $(DEMO) lint typecheck obs-tools
+test: $(VENV)/.dev $(DEMO) lint typecheck docs obs-tools node-clients instructor-venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not vllm and not litellm and not soak"
+
+# The Node clients tests/e2e/clients/test_node.py runs (the committed package-lock.json)
+NODE_CLIENTS := tests/e2e/clients/node
+$(NODE_CLIENTS)/node_modules/.package-lock.json: $(NODE_CLIENTS)/package-lock.json
+	cd $(NODE_CLIENTS) && npm ci --no-audit --no-fund
+node-clients: $(NODE_CLIENTS)/node_modules/.package-lock.json
+
+# instructor (tests/e2e/clients/test_instructor.py) holds jiter < 0.15 and the gateway's openai
+# needs 0.19: the client alone, pinned, in its own venv; the test runs its script there.
+.venv-instructor/.installed: Makefile
+	test -x .venv-instructor/bin/python || $(PY) -m venv .venv-instructor
+	.venv-instructor/bin/pip install -q instructor==1.17.0 openai==3.3.0
+	touch $@
+instructor-venv: .venv-instructor/.installed
+
+# The in-process suites (issue 30): no gateway or Redis process, not the torch engine's suites
+# (tests/backends/local) and no e2e; marks from tests/conftest.py. Under 2 minutes.
+test-unit: $(VENV)/.dev $(DEMO) obs-tools
+	$(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/e2e --ignore=tests/backends/local \
+	  -m "not e2e and not engine and not process and not slow and not vllm and not litellm and not soak"
 
 # vLLM CPU in its own venv (about 3 GB, 2-3 minutes); its CUDA-built extras break imports.
 .venv-vllm/.installed:
@@ -61,6 +82,10 @@ test-litellm: $(VENV)/.dev $(DEMO) .venv-litellm/.installed
 test-soak: $(VENV)/.dev $(DEMO)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m soak
 
+# The documentation site (mkdocs.yml; docs/): strict, so a broken link or an orphan page fails
+docs: $(VENV)/.dev
+	$(BIN)/mkdocs build --strict -q
+
 lint: $(VENV)/.dev
 	$(BIN)/ruff check gateway policies backends tests bench grafana
 
@@ -79,7 +104,7 @@ typecheck: $(VENV)/.dev
 	$(BIN)/mypy gateway policies backends
 
 clean:
-	rm -rf $(VENV) .venv-vllm .venv-litellm models build *.egg-info
+	rm -rf $(VENV) .venv-vllm .venv-litellm .venv-instructor models build *.egg-info
 
 $(MID): | $(VENV)/.local
 	$(BIN)/gateway demo-model models/mid --size mid
@@ -88,8 +113,17 @@ $(MID): | $(VENV)/.local
 gpu-check: $(VENV)/.dev $(DEMO)
 	PY=$(BIN)/python bash bench/gpu_check.sh
 
-.PHONY: bench-engine bench-memory mid-model gpu-check
+.PHONY: bench-engine bench-memory mid-model gpu-check big-model bench-formats
 mid-model: $(MID)
+
+# The random 360M Qwen2-layout model of issue 26 (bfloat16, 8 adapters; no training, ~1 min)
+$(BIG): | $(VENV)/.local
+	$(BIN)/gateway demo-model models/big --size big
+big-model: $(BIG)
+
+# float32 / bfloat16 / int8 side by side on the big model (bench/formats.py)
+bench-formats: $(VENV)/.dev $(BIG)
+	$(BIN)/python -m bench.formats --model models/big
 
 # The engine side by side with transformers(+peft) and over HTTP, float32 and bfloat16 (~25 min)
 bench-engine: $(VENV)/.dev $(DEMO) $(MID)

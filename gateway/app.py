@@ -27,6 +27,10 @@ from gateway.core.worker import local_workers, worker_id
 from gateway.handler import CORS_EXPOSED, GenerationHandler
 from gateway.http.asgi import GenerationDispatch
 from gateway.reload import Reloader, arm_sighup
+from gateway.rollout import admin as rollout_admin
+from gateway.rollout.manager import Rollouts
+from gateway.rollout.metrics import RolloutMetrics
+from gateway.rollout.shadow import ShadowRunner
 from gateway.settings import Settings, load_settings
 from gateway.shutdown import Drain
 from gateway.state import GatewayState, build_state
@@ -115,8 +119,9 @@ def create_app(
     # -- scale-out (issue 15): limits every gateway process shares, when configured
     shared = (SharedState(settings.shared_state, local_workers(), process_id=worker_id())
               if settings.shared_state is not None else None)
+    rollouts = Rollouts(RolloutMetrics(telemetry.metrics))  # -- rollouts (issue 27)
     state = build_state(settings, backends, telemetry, Drain(settings.server.shutdown_grace_s),
-                        quotas=shared)
+                        quotas=shared, rollouts=rollouts)
     telemetry.usage.is_key = lambda v: state.tenants.is_key(v) or state.admin.is_key(v)
     handler = GenerationHandler(state)
 
@@ -125,6 +130,7 @@ def create_app(
         app.state.gateway = new
 
     reloader = Reloader(state, publish)
+    rollouts.run_shadow = ShadowRunner(rollouts, lambda: reloader.state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -134,6 +140,7 @@ def create_app(
             for backend in state.backends.values():
                 await backend.start()
             await telemetry.start()
+            await rollouts.start()  # saved stages before the first request
             # What start-up made (the model, torch's and the libraries' objects: about a
             # million) is moved out of the collector's sight: a full collection, which a large
             # body's parse can trigger (100,000 messages make 100,000 dicts), then scans only
@@ -147,6 +154,7 @@ def create_app(
             # binding layer, reports instances left alive then as leaks, on stderr)
             reloader.state.ready = False
             retired = await reloader.aclose()
+            await rollouts.aclose()
             for backend in [*reloader.state.backends.values(), *retired]:
                 try:
                     await backend.aclose()
@@ -167,6 +175,9 @@ def create_app(
             Route("/debug/memory", routes.debug_memory, methods=["GET"]),
             Route("/debug/config", admin.debug_config, methods=["GET"]),
             Route("/admin/reload", admin.reload, methods=["POST"]),
+            Route("/admin/usage", admin.usage, methods=["GET"]),
+            Route("/admin/rollouts", rollout_admin.list_rollouts, methods=["GET"]),
+            Route("/admin/rollouts/{model:path}", rollout_admin.act, methods=["POST"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/openapi.json", routes.openapi_document, methods=["GET"]),
         ],

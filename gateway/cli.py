@@ -26,6 +26,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1 and settings.shared_state is None and any(
+            m.rollout is not None for m in settings.models):  # each worker would move it alone
+        print(f"error: {args.config}: models[].rollout: with --workers above 1 a rollout needs "
+              "shared_state (every worker must read the same stage)", file=sys.stderr)
+        return 2
     os.environ["MEMGATE_TORCH_THREADS"] = str(settings.server.torch_threads)  # read by engines
     # tokenizers' own thread pool would run a large prompt's encoding at normal priority,
     # beside the engine: it runs on the calling thread, the CPU pool's (gateway/core/cpu.py)
@@ -43,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
               "timeout_graceful_shutdown": max(1, round(server_cfg.shutdown_grace_s)),
               "timeout_keep_alive": server_cfg.keep_alive_timeout_s,
               "log_config": logging_config}
-    # uvicorn's access log: one INFO line per request, off unless asked (README "Performance")
+    # uvicorn's access log: one INFO line per request, off unless asked (docs/performance.md "Performance")
     common["access_log"] = args.access_log
     common["http"] = HTTP_PROTOCOL  # bounded request heads; the generation fast path
     if args.workers > 1:
@@ -80,6 +85,11 @@ def _multiprocess_metrics_dir() -> None:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
+    if args.size == "big":
+        from backends.local.tools.big_model import write_big
+
+        write_big(Path(args.dir), force=args.force)
+        return 0
     if args.size == "mid":
         from backends.local.tools.mid_model import write_mid
 
@@ -102,9 +112,16 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_schema(args: argparse.Namespace) -> int:
+    from gateway.config_schema import reference_markdown, schema_text
+
+    sys.stdout.write(reference_markdown() if args.markdown else schema_text())
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from backends.hf.safetensors import SafetensorsError
-    from backends.local.memory_plan import plan_for_config
+    from backends.local.memory_plan import plan_for_config, plan_formats
 
     try:
         settings = load_settings(args.config)
@@ -113,6 +130,7 @@ def _plan(args: argparse.Namespace) -> int:
                 print(f"== {name} ({spec.kind}): no local memory plan")
                 continue
             print(f"== {name} (local)\n{plan_for_config(spec.config).render()}")
+            print(plan_formats(spec.config))
     except (ConfigError, SafetensorsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -123,7 +141,7 @@ def _usage(args: argparse.Namespace) -> int:
     from gateway.usage_report import UsageError, report
 
     try:
-        print(report(args.paths, args.by, args.since, as_json=args.json))
+        print(report(args.paths, args.by, args.since, as_json=args.json, period=args.period))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -156,6 +174,17 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout_report(args: argparse.Namespace) -> int:
+    from gateway.rollout.report import ReportError, fetch_report
+
+    try:
+        print(fetch_report(args.url, args.model, os.environ.get(args.admin_key_env, "")))
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("dir")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the full run)")
     demo.add_argument("--force", action="store_true", help="rewrite even if DIR exists")
-    demo.add_argument("--size", choices=("demo", "mid"), default="demo",
-                      help="mid: a random 24.6M-parameter Llama with 8 adapters, for benchmarks")
+    demo.add_argument("--size", choices=("demo", "mid", "big"), default="demo",
+                      help="mid: a random 24.6M-parameter Llama with 8 adapters, for benchmarks; "
+                      "big: a random 360M Qwen2-layout one in bfloat16 (issue 26's shape)")
     demo.set_defaults(func=_demo_model)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -192,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="group by these fields, comma-separated (tenant, model, "
                             "served_model, adapter, backend, user, status, worker, day, hour)")
     usage.add_argument("--since", default=None, help="only records of the last 1h, 30m, 7d...")
+    usage.add_argument("--period", choices=("day", "week", "month"), default=None,
+                       help="only the current calendar period (UTC), as limits.budget counts it")
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     usage.set_defaults(func=_usage)
 
@@ -212,6 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--adapters", action="store_true",
                        help="also write SRC's attention-only adapters remapped to the kept layers")
     prune.set_defaults(func=_prune)
+
+    rollout = sub.add_parser("rollout", help="a rollout's state and comparison (issue 27)")
+    rollout_sub = rollout.add_subparsers(dest="rollout_command", required=True)
+    report = rollout_sub.add_parser("report", help="print a rollout's comparison table")
+    report.add_argument("model")
+    report.add_argument("--url", default="http://127.0.0.1:8000",
+                        help="the gateway's base URL (its GET /admin/rollouts)")
+    report.add_argument("--admin-key-env", default="GATEWAY_ADMIN_KEY",
+                        help="the environment variable holding the admin API key")
+    report.set_defaults(func=_rollout_report)
+
+    schema = sub.add_parser("config-schema", help="print the config file's JSON Schema")
+    schema.add_argument("--markdown", action="store_true",
+                        help="print the configuration reference page instead")
+    schema.set_defaults(func=_config_schema)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -36,6 +36,7 @@ from gateway.sse import collect, stream_events
 from gateway.state import GatewayState
 from gateway.telemetry import RequestRecord
 from gateway.usage import usage_metadata
+from policies import priority
 
 log = logging.getLogger("gateway.handler")
 
@@ -168,6 +169,9 @@ class GenerationHandler:
         body = validation.parse_body(raw)
         ctx = self.context(req.kind, tenant, body, extra["x-request-id"], state)
         ctx.body_bytes = len(raw)  # bounds what its prompt can cost (admission's gate)
+        if state.rollouts is not None:  # a rollout's side: primary or candidate (issue 27)
+            state.rollouts.route(ctx, authorization)
+        ctx.priority = priority.from_headers(tenant, req.headers)  # x-gateway-priority: 400 above
         pipeline = Pipeline(state)
         chunks = pipeline.run(ctx, rec)
         drain = state.drain  # ends generations cleanly at shutdown (gateway/shutdown.py)

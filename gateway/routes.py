@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway import openapi
+from gateway import admin, openapi
 from gateway.core.config import ModelConfig, TenantConfig
 from gateway.core.errors import NotFound
 from gateway.core.worker import worker_id
@@ -112,7 +112,7 @@ async def metrics(request: Request) -> Response:
     state = _state(request)
     if state.metrics_key is not None:  # server.metrics_api_key_env set: a bearer key is needed
         state.metrics_key.authenticate(request.headers.get("authorization"))
-    body = state.telemetry.scrape()
+    body = state.telemetry.scrape() + admin.budget_exposition(await admin.budgets(state))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

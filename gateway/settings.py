@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -81,10 +81,10 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests get this long, then end
     metrics_api_key_env: str | None = None  # set: /metrics needs this bearer key
     # -- end reliability
-    torch_threads: Any = "auto"  # each engine thread's torch threads: "auto" or an integer
+    torch_threads: Literal["auto"] | int = "auto"  # each engine thread's torch threads
     # the tenant-fair pool for large requests' tokenizing, trimming and grammar compiles
     # (gateway/core/cpu.py): "auto" (the cores this process may use, at most 8) or an integer
-    cpu_workers: Any = "auto"
+    cpu_workers: Literal["auto"] | int = "auto"
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); none: off
     request_bounds: RequestBounds = field(default_factory=RequestBounds)  # per-request bounds
     # -- operations (issue #18): hot reload, logs, usage records
@@ -94,13 +94,17 @@ class ServerConfig:
     usage_log_max_bytes: int = 64 * 2**20  # rotate past this size ...
     usage_log_backups: int = 5  # ... keeping this many rotated files (PATH.1 ... PATH.N)
 
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("usage_log",)  # relative to the config file
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("usage_log", "state_dir")  # relative to the config file
     # -- end operations
     # -- scale-out (issue 15)
     # --workers N: a worker whose unexplained (`other`) memory passes this is drained and
     # replaced (gateway/workers.py); null: never
     recycle_other_bytes: int | None = None
     # -- end scale-out
+    # -- rollouts (issue 27)
+    # where live state that must survive a restart is kept (rollout stages); Redis instead
+    # when shared_state is set
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("body_timeout_s", "header_timeout_s", "keep_alive_timeout_s",
@@ -170,7 +174,20 @@ def _convert(tp: Any, value: Any, path: str, fname: str, base: Path) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, path, fname, base)
+        errors: list[ConfigError] = []
+        for member in inner:  # the first member that takes the value
+            try:
+                return _convert(member, value, path, fname, base)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{path}: expected {' or '.join(_type_word(a) for a in inner)}, "
+                          f"got {value!r}")
+    if origin is typing.Literal:
+        if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
+            raise ConfigError(f"{path}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path, base)
     if tp is int and fname.endswith("_bytes"):
@@ -209,6 +226,13 @@ def _convert(tp: Any, value: Any, path: str, fname: str, base: Path) -> Any:
     if tp is Any:
         return value
     raise ConfigError(f"{path}: unsupported type {tp!r}")  # a bug in a Config class
+
+
+def _type_word(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
 
 
 def build(cls: Any, data: Any, path: str, base: Path = Path(".")) -> Any:
@@ -333,6 +357,23 @@ def _check_policies(names: tuple[str, ...]) -> None:
             raise ConfigError(f"policies[{i}]: {name!r} is listed twice")
 
 
+def _check_priced(s: Settings, i: int, t: TenantConfig) -> None:
+    """A tenant with a budget may only use priced models: its own and every tier they
+    degrade to (a request can be served there)."""
+    todo, seen = list(t.models), set()
+    while todo:
+        name = todo.pop()
+        model = s.model(name)
+        if name in seen or model is None:
+            continue
+        seen.add(name)
+        if model.price is None:
+            raise ConfigError(f"tenants[{i}].limits.budget: model {name!r} has no price; a "
+                              "tenant with a budget may only use priced models")
+        if model.degrade_to is not None:
+            todo.append(model.degrade_to)
+
+
 def _check_references(s: Settings) -> None:
     names = [m.name for m in s.models]
     for i, m in enumerate(s.models):
@@ -344,6 +385,13 @@ def _check_references(s: Settings) -> None:
                 raise ConfigError(f"models[{i}].{field_name}: no backend named {b!r}")
         if m.degrade_to is not None and m.degrade_to not in names:
             raise ConfigError(f"models[{i}].degrade_to: no model named {m.degrade_to!r}")
+        if m.rollout is not None:
+            if m.rollout.candidate not in s.backends:
+                raise ConfigError(f"models[{i}].rollout.candidate: no backend named "
+                                  f"{m.rollout.candidate!r}")
+            if m.rollout.candidate in m.backends:
+                raise ConfigError(f"models[{i}].rollout.candidate: {m.rollout.candidate!r} "
+                                  "already serves this model (name another tier's backend)")
     seen: set[str] = set()
     for i, t in enumerate(s.tenants):
         if t.name in seen:
@@ -351,6 +399,13 @@ def _check_references(s: Settings) -> None:
         seen.add(t.name)
         if t.priority not in ("high", "normal", "low"):
             raise ConfigError(f"tenants[{i}].priority: expected high, normal or low")
+        if not t.weight > 0:
+            raise ConfigError(f"tenants[{i}].weight: must be > 0")
+        if t.limits.budget is not None:
+            _check_priced(s, i, t)
+            if "admission" not in s.policies:
+                raise ConfigError(f"tenants[{i}].limits.budget: budgets are held by the "
+                                  "admission policy, which `policies` leaves out")
         for j, h in enumerate(t.api_key_sha256):
             if not re.fullmatch(r"[0-9a-fA-F]{64}", h):
                 raise ConfigError(f"tenants[{i}].api_key_sha256[{j}]: expected 64 hex digits")

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from gateway.core.rollout_config import RolloutConfig
+
 
 @dataclass(frozen=True)
 class Price:
@@ -42,6 +44,7 @@ class ModelConfig:
     degrade_to: str | None = None
     backends: tuple[str, ...] = ()
     price: Price | None = None  # usage records' cost (operations)
+    rollout: RolloutConfig | None = None  # a candidate tier's rollout (gateway/rollout/)
 
     def __post_init__(self) -> None:
         if self.backend and self.backends:
@@ -56,6 +59,24 @@ class ModelConfig:
             object.__setattr__(self, "backends", (self.backend,))
 
 
+BUDGET_PERIODS = ("day", "week", "month")  # calendar periods in UTC; weeks start on Monday
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`limits.budget`: what a tenant may spend per calendar period, in the models' price unit
+    (policies/budget.py holds it)."""
+
+    amount: float
+    period: str = "month"
+
+    def __post_init__(self) -> None:
+        if not self.amount > 0:
+            raise ValueError("limits.budget.amount must be > 0")
+        if self.period not in BUDGET_PERIODS:
+            raise ValueError(f"limits.budget.period must be one of {', '.join(BUDGET_PERIODS)}")
+
+
 @dataclass(frozen=True)
 class TenantLimits:
     requests_per_minute: int | None = None
@@ -65,6 +86,7 @@ class TenantLimits:
     # a request asking a longer answer is a 400; one naming no limit gets this one (the one
     # documented rewrite of a request: sent upstream, said in x-gateway-max-output-tokens)
     max_output_tokens: int | None = None
+    budget: Budget | None = None  # spend per calendar period (policies/budget.py)
 
     def __post_init__(self) -> None:
         for name in ("requests_per_minute", "tokens_per_minute", "max_concurrency",
@@ -112,6 +134,8 @@ class TenantConfig:
     inference_objective: str | None = None
     # one key or sha256 digest a line, re-read at every reload (operations)
     api_keys_file: str | None = None
+    weight: float = 1.0  # fair share among backlogged tenants of one priority (policies/fair_share.py)
+    shed_low: bool = False  # refuse (429) this tenant's `low` requests instead of queueing them
 
     def key_hashes(self) -> tuple[bytes, ...]:
         """sha256 digests of every key this tenant may use (config hashes, env keys, the keys

@@ -162,6 +162,10 @@ class RequestContext:
     # the prompt's token ids as the backend `tokenized[0]` counted them, for the messages /
     # prompt objects it counted (identity): generation reuses them instead of tokenizing again
     tokenized: tuple[str, object, list[list[int]]] | None = None
+    # -- rollouts (gateway/rollout/): a shadow copy is never billed nor counted in limits
+    shadow: bool = False
+    rollout: str | None = None  # the side of a rollout that serves it: primary | candidate
+    rollout_backend: str | None = None  # the candidate backend routing keeps (candidate side)
 
     @property
     def usage_injected(self) -> bool:

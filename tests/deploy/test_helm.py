@@ -7,9 +7,11 @@ config it renders loading with our own settings loader."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -109,6 +111,9 @@ def test_tenant_keys_are_secret_files_and_the_config_loads(tmp_path: Path) -> No
     cfg["tenants"][0]["api_keys_file"] = str(keys)
     settings = parse_settings(cfg)
     assert settings.shared_state is not None and len(settings.tenants[0].key_hashes()) == 2
+    # and one the committed JSON Schema accepts (an editor's or CI's check of a values file)
+    schema = json.loads((CHART.parents[2] / "docs" / "config.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(cfg)
 
 
 def test_the_alert_rules_ship_as_a_prometheus_rule() -> None:
