@@ -1,9 +1,9 @@
 """The HTTP client of the `openai` and `vllm` kinds: a keep-alive HTTP/1.1 pool over asyncio
 protocols with httptools' response parser, raising httpx's exception classes.
 
-Kept by measurement against aiohttp in the same gateway (README "Performance": `python -m
+Kept by measurement against aiohttp in the same gateway (docs/performance.md "Performance": `python -m
 bench.overhead --client-compare`). What it does and nothing more: one base URL (http or https,
-directly or through an http:// proxy, README "Upstream HTTP"), requests with a bytes body,
+directly or through an http:// proxy, docs/security.md "Upstream HTTP"), requests with a bytes body,
 responses framed by content-length, chunked encoding or the connection's end; connections
 kept alive and reused most-recently-used first, at most `max_connections`, closed after
 `keepalive_s` idle; a response not read to its end closes its connection.

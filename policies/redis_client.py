@@ -3,7 +3,7 @@ framing by hiredis, EVALSHA with a fallback to EVAL when the server does not kno
 
 Why not redis-py's asyncio client: the shared state makes one or two script calls per request
 on the hot path, and redis-py spent about 160 µs of CPU on each (connection pool, command
-layers) on the development VM, against about 25 µs here (README "Scale-out", measured). Every
+layers) on the development VM, against about 25 µs here (docs/deployment.md "Scale-out", measured). Every
 caller shares the one connection: replies come back in the order the commands went out, so
 concurrent requests pipeline for free. URLs: redis:// and rediss:// (TLS), a username and
 password (`redis://user:pass@host:6379/0`), the database number. Sentinel and Cluster are not

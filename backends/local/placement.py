@@ -6,7 +6,7 @@
   of every team gives up spinning after ~100 rounds and sleeps in the kernel, so each parallel
   region pays a futex wake-up. One idle team of two (what the thread that loaded the model
   left) made a two-thread batch-1 decode step of the mid model 18.4 ms instead of 9.6 (one
-  thread: 10.8) on the 2-vCPU VM (`python -m bench.step_ab --idle-team 2`, README "Engine
+  thread: 10.8) on the 2-vCPU VM (`python -m bench.step_ab --idle-team 2`, docs/performance.md "Engine
   speed"). Hence:
   - every thread but an engine's computes on one thread: `prepare_process` sets
     OMP_NUM_THREADS=1 and MKL_NUM_THREADS=1 before torch loads (`gateway serve` does it first)
@@ -20,7 +20,7 @@
     they leave and grows back when they go (`Contention`, `decide`, `resize_engine_thread`).
 - `server.torch_threads` (`gateway serve` passes it on as MEMGATE_TORCH_THREADS, which worker
   processes inherit) asks for an engine's threads; `auto` or unset takes `default_threads`,
-  measured (README "Engine speed"): the whole share on up to 2 cores, else all but one core,
+  measured (docs/performance.md "Engine speed"): the whole share on up to 2 cores, else all but one core,
   which is left to the event loop (HTTP, tokenizing, streaming).
 - glibc malloc. Step tensors above malloc's mmap threshold (128 KiB, raised as blocks are
   freed) came from fresh mappings every step and page-faulted on first touch; freed heap was
@@ -218,7 +218,7 @@ class Contention:
     """How much of the cores this process may run on other processes use: /proc/stat's busy
     time (user, nice, system, irq, softirq, steal) on those cores less this process's own CPU
     time, per `interval` seconds. A team of two on two cores stalls at every barrier while a
-    neighbour holds one of them (README "Engine speed": vLLM CPU's process, busy for a while
+    neighbour holds one of them (docs/performance.md "Engine speed": vLLM CPU's process, busy for a while
     after its own requests, took memgate's batch-1 speed from 330 to 70-90 tokens/s), so the
     engine thread polls this between steps and resizes its team (`decide`). Disabled (always
     None) where /proc is not there."""

@@ -1,5 +1,5 @@
 """The `openai` kind's generation client on aiohttp instead of memgate's own pool
-(backends/upstream_http.py): the other side of the client choice in README "Performance".
+(backends/upstream_http.py): the other side of the client choice in docs/performance.md "Performance".
 
 `python -m bench.overhead.aiohttp_gateway serve ...` runs `gateway serve` with this client;
 `python -m bench.overhead --client-compare` measures both gateways side by side. Same

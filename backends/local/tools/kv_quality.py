@@ -6,7 +6,7 @@ tokens (teacher forcing), so every step compares the two caches on the same cont
     agreement = share of steps whose int8 argmax equals the float argmax
     cosine    = cosine similarity of the two steps' logits (mean and minimum over steps)
 
-Used by bench/capacity.py (README figures) and by a test that holds a floor on them.
+Used by bench/capacity.py (docs/performance.md figures) and by a test that holds a floor on them.
 """
 
 from __future__ import annotations
