@@ -17,7 +17,6 @@ from gateway.settings import ConfigError, load_settings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from gateway.http.server import HTTP_PROTOCOL
 
@@ -62,12 +61,12 @@ def _serve(args: argparse.Namespace) -> int:
         return Supervisor(str(Path(args.config).resolve()), args.workers, common).run()
     else:
         from gateway.app import create_app
-        from gateway.http.server import DrainingServer
+        from gateway.http.server import DrainingServer, app_config
         from gateway.reload import arm_sighup
 
         arm_sighup()  # a SIGHUP while the backends load is a reload once started, not an exit
         app = create_app(settings)
-        config = uvicorn.Config(app, **common)
+        config = app_config(app, **common)
         server = DrainingServer(config, app.state.gateway.drain)
         server.run_until_signalled()
     return 0

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import orjson
 
@@ -29,6 +27,7 @@ from gateway.core.errors import (
     MethodNotAllowed,
     Unavailable,
 )
+from gateway.http.contract import INTERNAL_ERROR, Incoming, Media, ResponseWriter
 from gateway.pipeline import Pipeline
 from gateway.routes import resolve_model
 from gateway.shutdown import Drain
@@ -40,55 +39,17 @@ from policies import priority
 
 log = logging.getLogger("gateway.handler")
 
-# The generation routes, declared once: path -> kind.
-GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion",
-                     "/v1/responses": "responses", "/v1/embeddings": "embeddings"}
-
 # Response headers a browser's script may read (with server.cors_origins).
 CORS_EXPOSED = ("x-request-id", "x-gateway-backend", "x-gateway-adapter", "x-gateway-kv-bytes",
                 "x-gateway-max-output-tokens", "x-gateway-degraded-from")
 
-INTERNAL_ERROR = orjson.dumps(GatewayError("The gateway failed to handle this request.").body())
-
-
-class Media(Enum):
-    JSON = "application/json"
-    SSE = "text/event-stream"
-
-
-class ResponseWriter(Protocol):
-    """How one request's answer goes out: once (`respond`), or as server-sent events."""
-
-    gone: bool  # the client went away (and the writer cancelled the handler's task)
-
-    @property
-    def started(self) -> bool:
-        """Something of the answer went out already."""
-
-    async def read_body(self, limit: int, timeout_s: float) -> bytes | bytearray:
-        """The whole body, within `limit` bytes (413) and `timeout_s` seconds (408)."""
-
-    async def respond(self, status: int, media: Media, headers: dict[str, str], body: bytes) -> None:
-        """The whole answer. Past a stream's start it cuts the connection instead."""
-
-    async def stream(self, headers: dict[str, str], events: AsyncGenerator[bytes, None]) -> None:
-        """200 with server-sent events, until the last one (which ends with [DONE]); closes
-        `events` whatever happens."""
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """A request as far as its head: the route's kind, and the raw headers (lower-case names)."""
-
-    kind: str
-    method: str
-    path: str
-    headers: Sequence[tuple[bytes, bytes]]
-
-
 class GenerationHandler:
     def __init__(self, state: GatewayState) -> None:
-        self.state = state
+        self.state = state  # a config reload swaps it (gateway/app.py)
+
+    @property
+    def header_timeout_s(self) -> float:
+        return self.state.settings.server.header_timeout_s
 
     async def handle(self, req: Incoming, out: ResponseWriter) -> None:
         """Answer `req` through `out`. A client that goes away cancels the task (the writer

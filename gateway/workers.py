@@ -48,7 +48,7 @@ CHECK_EVERY_TICKS = 10  # uvicorn ticks every 0.1 s: the memory check once a sec
 def _worker_main(config_path: str, server_kwargs: dict[str, Any], sock: socket.socket,
                  ready: Event, recycle: Event) -> None:
     from gateway.app import create_app
-    from gateway.http.server import DrainingServer
+    from gateway.http.server import DrainingServer, app_config
     from gateway.reload import arm_sighup
     from gateway.settings import load_settings
 
@@ -78,7 +78,7 @@ def _worker_main(config_path: str, server_kwargs: dict[str, Any], sock: socket.s
                     recycle.set()
             return await super().on_tick(counter)
 
-    server = WorkerServer(uvicorn.Config(app, **server_kwargs), state.drain)
+    server = WorkerServer(app_config(app, **server_kwargs), state.drain)
     server.run_until_signalled([sock])
 
 

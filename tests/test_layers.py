@@ -141,3 +141,11 @@ def test_benchmarks_do_not_import_the_tests() -> None:
             wrong += [f"{path.relative_to(ROOT)} -> {n}" for n in names
                       if n == "tests" or n.startswith("tests.")]
     assert not wrong, "bench/ imports tests/:\n" + "\n".join(wrong)
+
+
+def test_the_http_layer_knows_the_handler_only_by_its_contract() -> None:
+    """gateway/http/ imports gateway/http/contract.py (Incoming, ResponseWriter, Handler), never
+    gateway/handler.py: the handler is handed to it when the app is built."""
+    wrong = sorted(f"{a} -> {b}" for a, deps in graph().items() if a.startswith("gateway.http")
+                   for b in deps if b == "gateway.handler")
+    assert not wrong, wrong

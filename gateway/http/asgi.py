@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import validation
 from gateway.core.errors import ClientDisconnected
-from gateway.handler import GENERATION_ROUTES, GenerationHandler, Incoming, Media
+from gateway.http.contract import GENERATION_ROUTES, Handler, Incoming, Media
 from gateway.sse import DONE
 
 SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
@@ -108,7 +108,7 @@ class ASGIWriter:
 class GenerationDispatch:
     """Outermost ASGI layer: generation routes to the handler, the rest to `app`."""
 
-    def __init__(self, app: ASGIApp, handler: GenerationHandler) -> None:
+    def __init__(self, app: ASGIApp, handler: Handler) -> None:
         self.app = app
         self.handler = handler
 

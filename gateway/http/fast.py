@@ -25,7 +25,7 @@ from uvicorn.protocols.utils import get_client_addr
 
 from gateway import validation
 from gateway.core.errors import ClientDisconnected
-from gateway.handler import INTERNAL_ERROR, GenerationHandler, Incoming, Media
+from gateway.http.contract import INTERNAL_ERROR, Handler, Incoming, Media
 from gateway.sse import DONE
 
 log = logging.getLogger("gateway.http")
@@ -52,9 +52,9 @@ def header_lines(headers: dict[str, str]) -> bytes:
 
 class FastCycle(RequestResponseCycle):
     """uvicorn's request/response cycle, writing directly instead of through ASGI messages:
-    a ResponseWriter (gateway/handler.py)."""
+    a ResponseWriter (gateway/http/contract.py)."""
 
-    def __init__(self, *args: Any, handler: GenerationHandler, request: Incoming,
+    def __init__(self, *args: Any, handler: Handler, request: Incoming,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.handler = handler

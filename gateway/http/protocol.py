@@ -40,7 +40,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway.core.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
 from gateway.core.worker import worker_id
-from gateway.handler import GENERATION_ROUTES, GenerationHandler, Incoming
+from gateway.http.contract import GENERATION_ROUTES, Handler, Incoming
 from gateway.http.fast import FastCycle
 
 MAX_HEADER_BYTES = 64 * 1024  # request line + all headers
@@ -77,24 +77,6 @@ UVICORN_INTERNALS: tuple[tuple[str, str], ...] = tuple(
 ) + tuple(("flow", n) for n in ("write_paused", "drain", "pause_reading", "resume_reading")) + (
     ("server_state", "default_headers"), ("module", "STATUS_LINE"),
     ("module", "RequestResponseCycle"), ("utils", "get_client_addr"))
-
-
-def _gateway(config: Any, app: Any) -> tuple[GenerationHandler | None, float]:
-    """The app's GenerationHandler and head timeout, found once per config: the GatewayState
-    of the Starlette app under uvicorn's wrappers (none for any other app: everything takes
-    the ASGI path, with the default head timeout)."""
-    if not hasattr(config, "_gateway_handler"):
-        handler, timeout = None, DEFAULT_HEADER_TIMEOUT_S
-        for _ in range(8):
-            state = getattr(getattr(app, "state", None), "gateway", None)
-            if state is not None:  # the app's own handler: a config reload swaps its state
-                handler = getattr(app.state, "generation_handler", None) or GenerationHandler(state)
-                timeout = state.settings.server.header_timeout_s
-                break
-            app = getattr(app, "app", None)
-        config._gateway_handler = (handler, timeout)
-    found: tuple[GenerationHandler | None, float] = config._gateway_handler
-    return found
 
 
 def _name_worker(config: Any, server_state: Any) -> None:
@@ -137,6 +119,9 @@ def _parser_refusal() -> bytes:
 
 class GatewayHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0  # request line + headers parsed so far
+    # the app's generation handler, bound by `serving` when the app is built (gateway serve);
+    # None (any other app, or the class named by its import string): all takes the ASGI path
+    generation_handler: Handler | None = None
     _raw_head = 0  # raw bytes received while the head was incomplete
     _head_pending = True  # a request head is due (start, or after a message's end)
     _heads = 0  # request heads completed on this connection
@@ -148,7 +133,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        handler, self.header_timeout_s = _gateway(self.config, self.app)
+        handler = self.generation_handler
+        self.header_timeout_s = (handler.header_timeout_s if handler is not None
+                                 else DEFAULT_HEADER_TIMEOUT_S)
         self.handler = handler if not self.root_path else None
         _name_worker(self.config, self.server_state)
 
@@ -326,3 +313,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
 def _head_too_large() -> HeadersTooLarge:
     return HeadersTooLarge(f"The request head is larger than {MAX_HEADER_BYTES} bytes.")
+
+
+def serving(handler: Handler) -> type[GatewayHttpProtocol]:
+    """The protocol class for one app: its connections answer the generation routes with
+    `handler` (which a config reload updates in place, head timeout included)."""
+    return type("GatewayHttpProtocol", (GatewayHttpProtocol,), {"generation_handler": handler})

@@ -7,9 +7,11 @@ import logging
 import signal
 import socket
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
+from gateway.http.protocol import serving
 from gateway.shutdown import Drain
 
 # The protocol `gateway serve` runs (an import string, so that `--workers N` processes load it
@@ -17,6 +19,12 @@ from gateway.shutdown import Drain
 HTTP_PROTOCOL = "gateway.http.protocol:GatewayHttpProtocol"
 
 logger = logging.getLogger("uvicorn.error")
+
+
+def app_config(app: Any, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's config for the gateway's app: its connections are handed the app's generation
+    handler (the protocol class `serving` binds), so the fast writer needs no search for it."""
+    return uvicorn.Config(app, **{**kwargs, "http": serving(app.state.generation_handler)})
 
 
 class DrainingServer(uvicorn.Server):

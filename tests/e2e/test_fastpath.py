@@ -227,7 +227,8 @@ def test_a_bug_in_the_handler_is_an_openai_shaped_500() -> None:
 
     from uvicorn.protocols.http.flow_control import FlowControl
 
-    from gateway.handler import GenerationHandler, Incoming
+    from gateway.handler import GenerationHandler
+    from gateway.http.contract import Incoming
     from gateway.http.fast import FastCycle
 
     class Broken:

@@ -30,7 +30,8 @@ from gateway import validation
 from gateway.app import create_app
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot
 from gateway.core.context import Chunk, RequestContext, Usage
-from gateway.handler import GenerationHandler, Incoming, Media
+from gateway.handler import GenerationHandler
+from gateway.http.contract import Incoming, Media
 from gateway.settings import Settings, parse_settings
 from gateway.sse import DONE
 from gateway.state import GatewayState

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from gateway.core.errors import BackendError
-from gateway.handler import Incoming, Media
+from gateway.http.contract import Incoming, Media
 from tests.gateway.fakes import (
     ACME_KEY,
     Hold,
