@@ -48,7 +48,7 @@ node-clients: $(NODE_CLIENTS)/node_modules/.package-lock.json
 	touch $@
 instructor-venv: .venv-instructor/.installed
 
-# The in-process suites (issue 30): no gateway or Redis process, not the torch engine's suites
+# The in-process suites: no gateway or Redis process, not the torch engine's suites
 # (tests/backends/local) and no e2e; marks from tests/conftest.py. Under 2 minutes.
 test-unit: $(VENV)/.dev $(DEMO) obs-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/e2e --ignore=tests/backends/local \
@@ -89,8 +89,8 @@ docs: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(BIN)/ruff check gateway policies backends tests bench grafana
 
-# Observability (issue #5): the Prometheus binary and docker-compose the tests use (Debian);
-# Redis for the shared-state tests (issue 15), started by the tests on free loopback ports.
+# Observability: the Prometheus binary and docker-compose the tests use (Debian);
+# Redis for the shared-state tests, started by the tests on free loopback ports.
 obs-tools:
 	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }
 	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
@@ -116,7 +116,7 @@ gpu-check: $(VENV)/.dev $(DEMO)
 .PHONY: bench-engine bench-memory mid-model gpu-check big-model bench-formats
 mid-model: $(MID)
 
-# The random 360M Qwen2-layout model of issue 26 (bfloat16, 8 adapters; no training, ~1 min)
+# The random 360M Qwen2-layout model (bfloat16, 8 adapters; no training, ~1 min)
 $(BIG): | $(VENV)/.local
 	$(BIN)/gateway demo-model models/big --size big
 big-model: $(BIG)

@@ -71,7 +71,7 @@ class OpenAIConfig:
     cooldown_s: float = 5.0  # out of rotation this long after a failure, then re-probed
     trust_env: bool = True  # HTTP(S)_PROXY / NO_PROXY, for every client (backends/upstream_proxy.py)
     max_response_bytes: int = MAX_RESPONSE_BYTES  # a larger upstream answer is a 502
-    # -- fidelity (issue 14)
+    # -- fidelity
     responses_api: str = "native"  # native: /v1/responses passes through | via_chat: over chat
     drop_fields: tuple[str, ...] = ()  # request fields this upstream rejects (removed; a choice)
     # -- end fidelity

@@ -1,4 +1,4 @@
-"""More requests per KV byte (issue 17): reserve-all against overcommit + swap, + prefix
+"""More requests per KV byte: reserve-all against overcommit + swap, + prefix
 sharing, + int8 KV, side by side in one run on the same KV budget; then length lanes under a
 flood of long-prompt requests; then int8 KV's closeness to the float cache.
 

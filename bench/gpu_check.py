@@ -170,7 +170,7 @@ def ledger(loaded: LoadedModel, engine: Engine, device: torch.device) -> dict[st
 
 
 def int8_kernel(device: str) -> dict[str, Any]:
-    """int8 weight-only on `device` with bfloat16 compute (issue 26): which kernel each int8
+    """int8 weight-only on `device` with bfloat16 compute: which kernel each int8
     matrix runs through (quantize.Int8Kernel; "dequant" is the fallback, not a kernel) and the
     teacher-forced argmax agreement with the CPU's float32 model on the demo prompts."""
     ref = load_checkpoint(MODEL, "float32", "cpu")

@@ -1,4 +1,4 @@
-"""Progressive rollout on the demo model (issue 27), through real `gateway serve` processes:
+"""Progressive rollout on the demo model, through real `gateway serve` processes:
 
   (a) the int8 tier (`quantize: int8`) as a good candidate, from shadow, walks every canary
       step to full by the guards alone;

@@ -107,7 +107,7 @@ def create_app(
     """`tracer_provider`, `logger_provider`: inject them (tests); by default the app builds
     and owns its own."""
     backends = backends if backends is not None else build_backends(settings)
-    # -- telemetry (issue #5)
+    # -- telemetry
     owned_provider = None
     if tracer_provider is None:
         tracer_provider = owned_provider = build_tracer_provider(settings.telemetry)
@@ -116,10 +116,10 @@ def create_app(
     telemetry = Telemetry(settings, backends, tracer_provider, record_spans=record,
                           logger_provider=logger_provider)
     # -- end telemetry
-    # -- scale-out (issue 15): limits every gateway process shares, when configured
+    # -- scale-out: limits every gateway process shares, when configured
     shared = (SharedState(settings.shared_state, local_workers(), process_id=worker_id())
               if settings.shared_state is not None else None)
-    rollouts = Rollouts(RolloutMetrics(telemetry.metrics))  # -- rollouts (issue 27)
+    rollouts = Rollouts(RolloutMetrics(telemetry.metrics))  # -- rollouts
     state = build_state(settings, backends, telemetry, Drain(settings.server.shutdown_grace_s),
                         quotas=shared, rollouts=rollouts)
     telemetry.usage.is_key = lambda v: state.tenants.is_key(v) or state.admin.is_key(v)
@@ -198,7 +198,7 @@ def create_app(
     # outermost: the generation routes' ASGI writer (gateway serve's own connections answer
     # them through the fast writer before the ASGI app is involved)
     app.add_middleware(GenerationDispatch, handler=handler)
-    if settings.server.cors_origins:  # -- fidelity (issue 14): browsers, off by default
+    if settings.server.cors_origins:  # -- fidelity: browsers, off by default
         # outside everything: it answers preflights (OPTIONS) for every route; the handler
         # puts the same allow-origin on the generation answers the fast writer sends
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.server.cors_origins),

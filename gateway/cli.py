@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--force", action="store_true", help="rewrite even if DIR exists")
     demo.add_argument("--size", choices=("demo", "mid", "big"), default="demo",
                       help="mid: a random 24.6M-parameter Llama with 8 adapters, for benchmarks; "
-                      "big: a random 360M Qwen2-layout one in bfloat16 (issue 26's shape)")
+                      "big: a random 360M Qwen2-layout one in bfloat16")
     demo.set_defaults(func=_demo_model)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="also write SRC's attention-only adapters remapped to the kept layers")
     prune.set_defaults(func=_prune)
 
-    rollout = sub.add_parser("rollout", help="a rollout's state and comparison (issue 27)")
+    rollout = sub.add_parser("rollout", help="a rollout's state and comparison")
     rollout_sub = rollout.add_subparsers(dest="rollout_command", required=True)
     report = rollout_sub.add_parser("report", help="print a rollout's comparison table")
     report.add_argument("model")

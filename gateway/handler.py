@@ -130,7 +130,7 @@ class GenerationHandler:
         body = validation.parse_body(raw)
         ctx = self.context(req.kind, tenant, body, extra["x-request-id"], state)
         ctx.body_bytes = len(raw)  # bounds what its prompt can cost (admission's gate)
-        if state.rollouts is not None:  # a rollout's side: primary or candidate (issue 27)
+        if state.rollouts is not None:  # a rollout's side: primary or candidate
             state.rollouts.route(ctx, authorization)
         ctx.priority = priority.from_headers(tenant, req.headers)  # x-gateway-priority: 400 above
         pipeline = Pipeline(state)

@@ -177,7 +177,7 @@ class GatewayMetrics:
         self.genai_client_tokens = Histogram(
             "gen_ai_client_token_usage", "GenAI tokens per upstream call, by type.",
             (*client, "gen_ai_token_type"), buckets=GENAI_TOKEN_BUCKETS, registry=reg)
-        # -- operations (issue #18): config reloads; the version each worker serves
+        # -- operations: config reloads; the version each worker serves
         self.config_reloads = Counter("gateway_config_reloads", "Config reloads, by result.",
                                       ("result",), registry=reg)
         self.config_info = Gauge("gateway_config_info",

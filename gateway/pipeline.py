@@ -91,7 +91,7 @@ class Pipeline:
                 finally:
                     await stream.aclose()
             outcome = "ok"
-        except BackendError as exc:  # issue #8: every backend failure the client sees is counted
+        except BackendError as exc:  # every backend failure the client sees is counted
             telemetry.backend_failed(rec, ctx, exc.code)
             raise
         except (GeneratorExit, asyncio.CancelledError):
@@ -106,7 +106,7 @@ class Pipeline:
                                   else rec.first_chunk - rec.start, end - rec.start)
 
     async def _fall_back(self, ctx: RequestContext, exc: BackendError) -> bool:
-        """A rollout's candidate hands a failed attempt to the primary first (issue 27);
+        """A rollout's candidate hands a failed attempt to the primary first;
         then the chain's Fallback policies (replicas, a smaller tier)."""
         rollouts = self.state.rollouts
         if rollouts is not None and ctx.rollout == "candidate":

@@ -74,7 +74,7 @@ class ServerConfig:
     port: int = 8000
     max_body_bytes: int = 4 * 2**20
     admin_api_key_env: str | None = None
-    # -- reliability (issue #8)
+    # -- reliability
     body_timeout_s: float = 30.0  # a request body not fully received by then: 408
     header_timeout_s: float = 10.0  # a request head not fully received by then: 408, closed
     keep_alive_timeout_s: float = 5.0  # idle keep-alive connections close after this
@@ -87,7 +87,7 @@ class ServerConfig:
     cpu_workers: Literal["auto"] | int = "auto"
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); none: off
     request_bounds: RequestBounds = field(default_factory=RequestBounds)  # per-request bounds
-    # -- operations (issue #18): hot reload, logs, usage records
+    # -- operations: hot reload, logs, usage records
     reload: str = "signal"  # signal: SIGHUP (forwarded to workers) | watch: the files polled
     log_format: str = "text"  # text | json (one JSON object a line)
     usage_log: str | None = None  # JSON lines, one per finished request (a file per worker)
@@ -96,12 +96,12 @@ class ServerConfig:
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("usage_log", "state_dir")  # relative to the config file
     # -- end operations
-    # -- scale-out (issue 15)
+    # -- scale-out
     # --workers N: a worker whose unexplained (`other`) memory passes this is drained and
     # replaced (gateway/workers.py); null: never
     recycle_other_bytes: int | None = None
     # -- end scale-out
-    # -- rollouts (issue 27)
+    # -- rollouts
     # where live state that must survive a restart is kept (rollout stages); Redis instead
     # when shared_state is set
     state_dir: str | None = None
@@ -157,7 +157,7 @@ class Settings:
     # each configured policy's own Config (policies/*.py), by policy name; defaults if absent
     policy_options: dict[str, object] = field(default_factory=dict)
     digest: str = ""  # sha256 of the config file's bytes (load_settings; the reload version)
-    # -- scale-out (issue 15): limits shared by every gateway process (Redis); None: in-process
+    # -- scale-out: limits shared by every gateway process (Redis); None: in-process
     shared_state: SharedStateConfig | None = None
 
     def model(self, name: str) -> ModelConfig | None:

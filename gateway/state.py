@@ -34,15 +34,15 @@ class GatewayState:
     telemetry: Telemetry
     ready: bool = False
     started: float = field(default_factory=time.time)
-    drain: Drain = field(default_factory=lambda: Drain(10.0))  # graceful shutdown (issue #8)
+    drain: Drain = field(default_factory=lambda: Drain(10.0))  # graceful shutdown
     metrics_key: AdminKey | None = None  # set: /metrics needs this bearer key
-    # -- operations (issue #18): config reload
+    # -- operations: config reload
     version: str = ""  # the config's version: a hash of the file and the keys it names
     loaded_at: float = field(default_factory=time.time)
     active: int = 0  # generation requests in flight that started under this state
-    # -- scale-out (issue 15): adapters on servers every process shares, decided fleet-wide
+    # -- scale-out: adapters on servers every process shares, decided fleet-wide
     residency: AdapterResidency | None = None
-    # -- rollouts (issue 27): one for the app's life, re-configured by every reload
+    # -- rollouts: one for the app's life, re-configured by every reload
     rollouts: Rollouts | None = None
 
 

@@ -243,7 +243,7 @@ def usage_record(obs: RequestObservation, ctx: RequestContext | None, request_id
         "duration_s": _seconds(obs.duration),
         "degraded_from": ctx.degraded_from if ctx is not None else None,
         "trimmed_tokens": ctx.trimmed_tokens if ctx is not None else 0,
-        "rollout": ctx.rollout if ctx is not None else None,  # primary | candidate (issue 27)
+        "rollout": ctx.rollout if ctx is not None else None,  # primary | candidate
     }
 
 

@@ -189,7 +189,7 @@ TRAFFIC: tuple[PanelSpec, ...] = (
     PanelSpec("Policy decisions", "Decisions by policy and action.", "ops",
               (q(f"sum by (policy, action) (rate(gateway_policy_decisions_total{{{INST}}}[{RATE}]))",
                  "{{policy}} {{action}}"),)),
-    # -- operations (issue #18)
+    # -- operations
     PanelSpec("Config reloads",
               "Config reloads by result (gateway_config_reloads_total): ok, unchanged, and the "
               "refused ones (invalid file, a backend that could not start).", "ops",
@@ -215,7 +215,7 @@ TRAFFIC: tuple[PanelSpec, ...] = (
               "CPU seconds per second of each gateway process (process_cpu_seconds_total; under "
               "--workers N one line per worker pid).", "percentunit",
               (q(f'rate(process_cpu_seconds_total{{{INST}}}[{RATE}])', "{{instance}} {{pid}}"),)),
-    # -- rollouts (issue 27): the Rollouts row
+    # -- rollouts: the Rollouts row
     PanelSpec("Rollouts: stage and candidate share",
               "Each rollout's stage (gateway_rollout_stage: 0 off, 1 shadow, 2 canary, 3 full, "
               "-1 rolled back) and the share of live traffic its candidate serves "

@@ -47,7 +47,7 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# `make test-unit` (issue 30) runs the in-process suites: -m "not e2e and not engine and not
+# `make test-unit` runs the in-process suites: -m "not e2e and not engine and not
 # process ...". The marks come from where a test lives and which fixtures it takes, so a new
 # test is in or out without a mark of its own.
 PROCESS_FIXTURES = frozenset({"redis_url", "demo_gateway"})

@@ -61,3 +61,18 @@ def test_every_named_path_exists() -> None:
             if not exists(path):
                 missing.append(f"{file.relative_to(ROOT)}: {path}")
     assert not missing, "paths named but not in the repository:\n" + "\n".join(missing)
+
+
+ISSUE_MARK = re.compile(r"\bissue #?\d+", re.IGNORECASE)
+
+
+def test_the_source_carries_no_issue_markers() -> None:
+    """Code says what it does, not which tracker entry brought it (the history has that)."""
+    found = []
+    for file in tracked_text_files():
+        if file.suffix in (".md", ".json", ".txt"):
+            continue
+        for n, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if ISSUE_MARK.search(line):
+                found.append(f"{file.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not found, "issue markers:\n" + "\n".join(found)

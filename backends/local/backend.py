@@ -56,13 +56,13 @@ class LocalConfig:
     block_size: int = 16
     max_prefill_tokens: int = 512  # prompt tokens per step (chunked prefill)
     max_loras: int = 8  # LoRA slots (the device tier of the adapter cache)
-    # -- KV capacity (issue 17): what a sequence reserves for its output, the host swap space
+    # -- KV capacity: what a sequence reserves for its output, the host swap space
     kv_admission: str = "estimate"  # estimate (preempt when wrong) | worst_case (reserve-all)
     swap_bytes: int = 0  # host RAM for preempted sequences' KV; 0: recompute them instead
     kv_dtype: str = "auto"  # auto (the compute dtype) | int8 (per-token per-head scales)
     prefix_cache: str = "isolated"  # isolated (per tenant) | shared (across tenants) | off
     lanes: Lanes | None = None  # {short_max_tokens, short_share}: KV kept for short requests
-    # -- fidelity (issue 14): bounds of grammar-constrained decoding (backends/local/grammar.py)
+    # -- fidelity: bounds of grammar-constrained decoding (backends/local/grammar.py)
     grammar_max_schema_bytes: int = 64 * 1024  # a larger schema or tools list: 400
     grammar_compile_timeout_s: float = 2.0  # CPU s of a compile's worker; then killed: 400
     grammar_cache: str = "isolated"  # isolated (per tenant) | shared (across tenants)

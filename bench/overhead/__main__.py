@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budgets", action="store_true",
                     help="also run the gateway with tenant limits in Redis (memgate-redis) and "
                          "the same plus a spend budget reserved and settled in Redis on every "
-                         "request (memgate-budget), side by side (issue 29)")
+                         "request (memgate-budget), side by side")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="overhead", help="output file stem")
     args = ap.parse_args(argv)

@@ -172,7 +172,7 @@ def gateway_config(upstream: str, limits: bool = False, redis_url: str | None = 
     """One `openai` backend on the fake upstream, one tenant, the default policy chain (those
     of its names that are registered: the chain grows while this bench stays put).
     `limits`: the tenant has BENCH_LIMITS; `redis_url`: they are kept in Redis (shared_state);
-    `budget`: the tenant also has BENCH_BUDGET (issue 29), the model BENCH_PRICE."""
+    `budget`: the tenant also has BENCH_BUDGET, the model BENCH_PRICE."""
     from policies.registry import DEFAULT_POLICIES, POLICY_KINDS
 
     tenant: dict[str, object] = {"name": "bench", "api_key_sha256": [hashlib.sha256(BENCH_KEY.encode()).hexdigest()], "models": ["bench-model"]}

@@ -330,7 +330,7 @@ async def test_https_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         srv.server.close()
 
 
-# ---- hostile upstreams (issue 12), at the pool's own level -----------------------------------
+# ---- hostile upstreams, at the pool's own level -----------------------------------
 
 
 async def test_interim_responses_are_skipped_and_101_refused() -> None:

@@ -1,4 +1,4 @@
-"""A hostile client against a real `gateway serve`, on raw sockets (issue 12, defects 6-8).
+"""A hostile client against a real `gateway serve`, on raw sockets.
 Every case runs over both URL shapes: the generation route as it is (the fast path) and with
 a query string (the ASGI path), so the two cannot disagree."""
 

@@ -1,5 +1,5 @@
-"""An upstream that misbehaves, through a real `gateway serve` and the official SDK (issue 12,
-defects 1-5): every request gets its own answer or a clean OpenAI error, never another
+"""An upstream that misbehaves, through a real `gateway serve` and the official SDK: every
+request gets its own answer or a clean OpenAI error, never another
 request's bytes, and is never sent to the upstream twice."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The local engine serves the rest of the API (issue 14), through a real `gateway serve` on the
+"""The local engine serves the rest of the API, through a real `gateway serve` on the
 demo model: sampling fields that change generation, fields accepted and recorded, completions
 with token ids, lists and echo, many stop strings, images refused, Responses over chat,
 embeddings refused, the tenant output cap, CORS."""

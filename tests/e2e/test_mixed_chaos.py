@@ -1,6 +1,5 @@
 """1,000 requests from two tenants, streamed and not, against an upstream that interleaves
-interim 1xx, bytes after the end, resets, closes, slow and stalled bodies, gzip and odd SSE
-(issue 12): every client gets its own answer or a clean OpenAI error, never another
+interim 1xx, bytes after the end, resets, closes, slow and stalled bodies, gzip and odd SSE: every client gets its own answer or a clean OpenAI error, never another
 request's text; no request reaches the upstream twice; nothing is held afterwards."""
 
 from __future__ import annotations

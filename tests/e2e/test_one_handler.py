@@ -1,7 +1,7 @@
 """One generation handler, two writers: a request answered on `gateway serve`'s fast writer
 (the route as it is) and the same request answered through the ASGI writer (a query string
 sends it there) get the same status, headers and body, for every error the handler can give
-and in both stream modes (issue 13)."""
+and in both stream modes."""
 
 from __future__ import annotations
 

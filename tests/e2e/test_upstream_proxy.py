@@ -1,4 +1,4 @@
-"""HTTP(S)_PROXY and NO_PROXY, one rule for every client of a backend (issue 12): the
+"""HTTP(S)_PROXY and NO_PROXY, one rule for every client of a backend: the
 generation pool and the httpx control plane (the health probe behind /ready) both go through
 the proxy the environment names, or both go direct; `trust_env: false` ignores it."""
 

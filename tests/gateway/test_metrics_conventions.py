@@ -1,4 +1,4 @@
-"""The conventions of issue 18: standard process_/python_ collectors on the app's registry,
+"""The conventions: standard process_/python_ collectors on the app's registry,
 OpenTelemetry GenAI metrics, each upstream's rotation, retries and failures, and a client
 span per try of an upstream call (a retry is its own span, with its resend count)."""
 

@@ -1,6 +1,6 @@
 """`gateway demo-model DIR --size big`: a random 360M-parameter Qwen2-layout checkpoint.
 
-Shape (the laptop-sized one of issue 26): hidden 896, 24 layers, 14 query / 2 KV heads
+Shape (the laptop-sized one): hidden 896, 24 layers, 14 query / 2 KV heads
 (head_dim 64), FFN 4864, q/k/v biases, tied embeddings, the demo's vocabulary (`demo.VOCAB_SIZE`) and
 tokenizer. Stored in bfloat16 (as real checkpoints ship): about 0.72 GB on disk. Random weights
 (seeded, std 0.02): its text is noise, it is for measuring where users run. `adapters/` holds

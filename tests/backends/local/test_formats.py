@@ -1,4 +1,4 @@
-"""Weight formats (issue 26): the int8 kernel's fidelity, weights held once, and a ledger whose
+"""Weight formats: the int8 kernel's fidelity, weights held once, and a ledger whose
 weight components name every copy so that `other` stays small for every format."""
 
 from __future__ import annotations

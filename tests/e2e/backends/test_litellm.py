@@ -76,7 +76,7 @@ def test_upstream_client_errors_keep_their_status(via_litellm: str) -> None:
             model="overflow", messages=[{"role": "user", "content": "hours " * 3000}], max_tokens=8)
 
 
-# ---- fidelity (issue 14): what litellm carries through to an upstream that serves it --------
+# ---- fidelity: what litellm carries through to an upstream that serves it --------
 
 def test_tools_structured_outputs_and_extensions_pass_through_litellm(via_litellm: str) -> None:
     import json

@@ -221,7 +221,7 @@ def logs_on_failure(*logs: Path) -> Iterator[None]:
         raise
 
 
-# ---- fidelity (issue 14): tool calls and structured outputs pass through vLLM ---------------
+# ---- fidelity: tool calls and structured outputs pass through vLLM ---------------
 
 # The demo model, greedy inside vLLM's flexible-whitespace JSON, writes newlines until its
 # limit; the client's frequency_penalty (passed through as sent) ends the run of them.

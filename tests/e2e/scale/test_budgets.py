@@ -1,5 +1,4 @@
-"""A spend budget held exactly across three `gateway serve` processes on one real Redis
-(issue 29): 64 concurrent clients of one tenant whose budget fits 40 requests at the model's
+"""A spend budget held exactly across three `gateway serve` processes on one real Redis: 64 concurrent clients of one tenant whose budget fits 40 requests at the model's
 price; the usage records' costs sum to at most the budget (and to exactly what Redis
 charged), every refusal is `budget_exceeded`, a replayed settle and a SIGKILLed gateway
 charge nothing twice, and the period rolls over on an injected clock. Counts and sums only."""

@@ -1,5 +1,4 @@
-"""Request priority across two gateways sharing one Redis and one upstream's KV budget
-(issue 29): when the shared KV budget is full, a `low` request of a shed_low tenant is
+"""Request priority across two gateways sharing one Redis and one upstream's KV budget: when the shared KV budget is full, a `low` request of a shed_low tenant is
 refused at once (429 low_priority_shed + Retry-After), on the gateway that holds nothing
 itself too, while a `normal` one queues and is served; asking above the tenant's class is a
 400. Counts and statuses only."""

@@ -1,4 +1,4 @@
-"""Limits that hold across three gateway processes sharing one real Redis (issue 15): counts
+"""Limits that hold across three gateway processes sharing one real Redis: counts
 and invariants at a counting upstream, never durations, except where the spec is one
 (a SIGKILLed gateway's capacity returns within lease_ttl_s)."""
 
