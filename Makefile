@@ -23,7 +23,7 @@ setup: $(VENV)/.local
 setup-dev: $(VENV)/.dev
 
 # rebuilt when its builder or its training text changes (the model is what they make)
-$(DEMO): $(wildcard backends/local/tools/demo*.py) $(wildcard backends/local/tools/data/*.txt) | $(VENV)/.local
+$(DEMO): $(wildcard backends/local/commands/demo*.py) $(wildcard backends/local/commands/data/*.txt) | $(VENV)/.local
 	$(BIN)/gateway demo-model models/demo --force
 
 demo-model: $(DEMO)
@@ -85,6 +85,12 @@ test-soak: $(VENV)/.dev $(DEMO)
 # The documentation site (mkdocs.yml; docs/): strict, so a broken link or an orphan page fails
 docs: $(VENV)/.dev
 	$(BIN)/mkdocs build --strict -q
+
+# docs/performance.md's tables and docs/figures/*.svg from bench/results/*.json (committed;
+# tests/test_docs_figures.py checks they are current)
+.PHONY: docs-figures
+docs-figures: $(VENV)/.dev
+	$(BIN)/python -m bench.docs_figures
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check gateway policies backends tests bench grafana

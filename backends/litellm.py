@@ -22,8 +22,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import RemoteBackend, adapter_name
-from backends.openai import upstream_body, usage_of
+from backends.remote import RemoteBackend, adapter_name
+from backends.wire import upstream_body, usage_of
 from gateway.core.context import Chunk, RequestContext, Usage
 from gateway.core.errors import BackendError
 

@@ -26,11 +26,11 @@ from typing import Any, ClassVar
 
 import httpx
 
-from backends.base import adapter_name
 from backends.hf.config import ArchConfig
 from backends.hf.safetensors import adapter_bytes
 from backends.hf.tokenizer import ChatTokenizer, TokenizerError
 from backends.openai import OpenAIBackend, OpenAIConfig
+from backends.remote import adapter_name
 from backends.remote_adapters import RemoteAdapters
 from gateway.core import cpu
 from gateway.core.backend import BackendStats, Capacity, MemorySnapshot

@@ -305,9 +305,9 @@ def int8_quality(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
     from backends.hf.tokenizer import ChatTokenizer
+    from backends.local.commands.kv_quality import compare
+    from backends.local.commands.mid_model import write_mid
     from backends.local.loader import load_checkpoint
-    from backends.local.tools.kv_quality import compare
-    from backends.local.tools.mid_model import write_mid
 
     out: dict[str, Any] = {}
     models = {"demo": Path(args.model)}

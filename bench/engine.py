@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.hf.tokenizer import ChatTokenizer  # noqa: E402
-from backends.local.tools.demo import DATA_DIR  # noqa: E402
+from backends.local.commands.demo import DATA_DIR  # noqa: E402
 from gateway.launch import gateway_process  # noqa: E402
 
 KEY = "sk-bench"

@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.hf.tokenizer import ChatTokenizer  # noqa: E402
+from backends.local.commands.demo import load_dialogues  # noqa: E402
 from backends.local.engine import Engine, Event  # noqa: E402
 from backends.local.loader import LoadedModel, load_checkpoint  # noqa: E402
 from backends.local.model import Llama  # noqa: E402
 from backends.local.sampler import Sampler  # noqa: E402
-from backends.local.tools.demo import load_dialogues  # noqa: E402
 
 
 def chat_prompts(model_dir: Path, n: int) -> list[list[int]]:
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--tiers", default="1:1.0,0:0.75,1:0.75",
                     help="drop_layers:ffn_keep,... pruned tiers of --model to measure")
     args = ap.parse_args()
-    from backends.local.tools.prune import prune_checkpoint
+    from backends.local.commands.prune import prune_checkpoint
 
     report: dict[str, Any] = {"command": "python -m bench.fidelity " + " ".join(sys.argv[1:]),
                               "new_tokens": args.new}

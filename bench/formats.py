@@ -191,7 +191,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown formats {unknown}; expected some of {list(FORMATS)}")
     if "int8 checkpoint" in names and not (int8 / "config.json").exists():
-        from backends.local.tools.quantize import quantize_checkpoint
+        from backends.local.commands.quantize import quantize_checkpoint
 
         quantize_checkpoint(model, int8)
     bw = bandwidth()

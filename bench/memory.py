@@ -88,8 +88,8 @@ def workers_pss(n: int) -> list[dict[str, int]]:
 
 
 def weights_int8() -> dict[str, float]:
+    from backends.local.commands.quantize import quantize_checkpoint
     from backends.local.loader import load_checkpoint
-    from backends.local.tools.quantize import quantize_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         dst = quantize_checkpoint(MODEL, Path(tmp) / "q8")

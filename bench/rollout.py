@@ -149,7 +149,7 @@ def main() -> int:
                                "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model)}
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
         work = Path(tmp)
-        from backends.local.tools.prune import prune_checkpoint
+        from backends.local.commands.prune import prune_checkpoint
 
         pruned = work / "pruned-checkpoint"
         prune_checkpoint(model, pruned, drop_layers=2, ffn_keep=0.25, log=lambda *_: None)

@@ -36,7 +36,7 @@ from gateway.shutdown import Drain
 from gateway.state import GatewayState, build_state
 from gateway.telemetry import Telemetry
 from gateway.tracing import build_tracer_provider
-from policies.shared_state import SharedState
+from policies.redis_quotas import RedisQuotas
 
 log = logging.getLogger("gateway")
 
@@ -117,7 +117,7 @@ def create_app(
                           logger_provider=logger_provider)
     # -- end telemetry
     # -- scale-out: limits every gateway process shares, when configured
-    shared = (SharedState(settings.shared_state, local_workers(), process_id=worker_id())
+    shared = (RedisQuotas(settings.shared_state, local_workers(), process_id=worker_id())
               if settings.shared_state is not None else None)
     rollouts = Rollouts(RolloutMetrics(telemetry.metrics))  # -- rollouts
     state = build_state(settings, backends, telemetry, Drain(settings.server.shutdown_grace_s),

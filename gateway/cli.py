@@ -85,16 +85,16 @@ def _multiprocess_metrics_dir() -> None:
 
 def _demo_model(args: argparse.Namespace) -> int:
     if args.size == "big":
-        from backends.local.tools.big_model import write_big
+        from backends.local.commands.big_model import write_big
 
         write_big(Path(args.dir), force=args.force)
         return 0
     if args.size == "mid":
-        from backends.local.tools.mid_model import write_mid
+        from backends.local.commands.mid_model import write_mid
 
         write_mid(Path(args.dir), force=args.force)
         return 0
-    from backends.local.tools.demo import write_demo
+    from backends.local.commands.demo import write_demo
 
     write_demo(Path(args.dir), steps=args.steps, force=args.force)
     return 0
@@ -148,8 +148,8 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from backends.local.commands.quantize import quantize_checkpoint
     from backends.local.quantize import QuantizeError
-    from backends.local.tools.quantize import quantize_checkpoint
 
     try:
         out = quantize_checkpoint(args.src, args.dst)
@@ -161,7 +161,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from backends.local.tools.prune import PruneError, prune_checkpoint
+    from backends.local.commands.prune import PruneError, prune_checkpoint
 
     try:
         record = prune_checkpoint(args.src, args.dst, args.drop_layers, args.ffn_keep,

@@ -24,8 +24,8 @@ from typing import Any
 from backends.registry import BACKEND_KINDS, backend_class
 from gateway.core.config import ModelConfig, TenantConfig
 from gateway.settings import ServerConfig, TelemetryConfig
+from policies.redis_quotas import SharedStateConfig
 from policies.registry import POLICY_KINDS
-from policies.shared_state import SharedStateConfig
 
 SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([KkMmGgTt][Ii]?[Bb]|[Bb])?\s*$"
 Schema = dict[str, Any]

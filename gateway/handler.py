@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from gateway import responses, validation
+from gateway import responses_api, validation
 from gateway.core import context, cpu
 from gateway.core.config import TenantConfig
 from gateway.core.context import Chunk, RequestContext, SamplingParams
@@ -140,7 +140,7 @@ class GenerationHandler:
             try:
                 answer = await collect(ctx, chunks, drain)
                 if ctx.via_chat:
-                    answer = responses.from_chat(ctx, answer)
+                    answer = responses_api.from_chat(ctx, answer)
                 payload = orjson.dumps(answer)
                 rec.status = 200
                 await out.respond(200, Media.JSON, {**pipeline.headers(ctx), **extra}, payload)
@@ -150,7 +150,7 @@ class GenerationHandler:
         # The first chunk first: a failure before it still gets its own status code.
         first = await first_chunk(chunks, drain)
         rec.status = 200
-        events = (responses.stream_events(ctx, chunks, first, drain) if ctx.via_chat
+        events = (responses_api.stream_events(ctx, chunks, first, drain) if ctx.via_chat
                   else stream_events(ctx, chunks, first, drain))
         await out.stream({**pipeline.headers(ctx), **extra}, events)
 
@@ -170,7 +170,7 @@ class GenerationHandler:
         stream, include_usage = validation.stream_flags(body)
         via_chat = False
         if kind == "responses" and not state.backends[model.backend].forwards("responses"):
-            body, kind, via_chat = responses.to_chat(body), "chat", True
+            body, kind, via_chat = responses_api.to_chat(body), "chat", True
         if kind == "embeddings" and stream:
             raise InvalidRequest("Embeddings are not streamed.", param="stream")
         sampling = validation.sampling(body, kind)

@@ -80,7 +80,7 @@ class MemoryCollector:
         self.gpu = gpu
         # tenant -> bytes admission reserved; None: sum the requests in flight
         self.reservations: Callable[[], Mapping[str, int]] | None = None
-        # shared_state's stats (policies/shared_state.py), when configured
+        # shared_state's stats (policies/redis_quotas.py), when configured
         self.shared_state: Callable[[], Mapping[str, Any]] | None = None
 
     # ---- the samples (shared by both modes) ---------------------------------------------

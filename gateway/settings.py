@@ -16,8 +16,8 @@ import yaml
 
 from backends.registry import backend_class
 from gateway.core.config import KeyFileError, ModelConfig, TenantConfig
+from policies.redis_quotas import SharedStateConfig
 from policies.registry import DEFAULT_POLICIES, POLICY_KINDS
-from policies.shared_state import SharedStateConfig
 
 
 class ConfigError(Exception):

@@ -17,11 +17,11 @@ from gateway.settings import Settings
 from gateway.shutdown import Drain
 from gateway.telemetry import Telemetry
 from gateway.tenants import AdminKey, TenantDirectory
-from policies.base import PolicyChain
+from policies.chain import PolicyChain
 from policies.quotas import Quotas
+from policies.redis_quotas import RedisQuotas
 from policies.registry import build_chain
 from policies.shared_residency import SharedResidency
-from policies.shared_state import SharedState
 
 
 @dataclass
@@ -83,7 +83,7 @@ def build_state(settings: Settings, backends: dict[str, Backend], telemetry: Tel
         state.started = previous.started
         state.residency = previous.residency
         rollouts = rollouts if rollouts is not None else previous.rollouts
-    elif isinstance(state.policies.quotas, SharedState):
+    elif isinstance(state.policies.quotas, RedisQuotas):
         state.residency = SharedResidency(state.policies.quotas)
     if rollouts is not None:  # the rollouts this config names (a reload keeps live stages)
         rollouts.configure(settings, backends)

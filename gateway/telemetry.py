@@ -37,7 +37,7 @@ from gateway.tracing import (
     set_usage,
 )
 from gateway.usage import UsageLog, UsageSinks, usage_record, worker_path
-from policies.base import PolicyChain
+from policies.chain import PolicyChain
 
 log = logging.getLogger("gateway.telemetry")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from gateway.core.context import Decision, RequestContext
 from gateway.core.errors import NotFound, PermissionDenied
 from gateway.core.policy import NoOptions, Outcome, modified, passed
-from policies.base import PolicyEnv
+from policies.chain import PolicyEnv
 
 
 class AdapterSelection:

@@ -18,7 +18,7 @@ The sum of reservations on a backend never exceeds its budget (Reservations.rese
 Tokens per minute follow DESIGN's one rule: prompt + the expected output (policies/estimate.py,
 the limit until enough answers were seen) is charged at admission and settled to the answer's
 usage at the end. Rate buckets and leases live in env.quotas: this process (LocalQuotas), or
-Redis for every gateway process (policies/shared_state.py). With shared quotas a request
+Redis for every gateway process (policies/redis_quotas.py). With shared quotas a request
 admitted here also takes a lease, fleet-wide, on its tenant's max_concurrency and, on a
 backend every process shares (Capacity.shared: vLLM), on its KV budget and the tenant's
 share of it; it waits for the lease (re-trying when a lease is released, or on a short
@@ -46,13 +46,13 @@ from gateway.core.errors import (
 )
 from gateway.core.policy import Outcome, Policy, passed
 from policies import priority
-from policies.base import PolicyEnv
 from policies.budget import Budgets, Charge, cost_nanos
+from policies.chain import PolicyEnv
 from policies.demand import Demand, demand, estimate_key
 from policies.fair_share import FairShare
 from policies.leases import Bucket, Scope
 from policies.quotas import LocalQuotas, Quotas
-from policies.shared_state import SharedState
+from policies.redis_quotas import RedisQuotas
 
 NO_RETRY = {"x-should-retry": "false"}
 MAX_RETRY_AFTER_S = 60.0
@@ -122,7 +122,7 @@ class Admission:
         self._waiters: list[Waiter] = []
         self._seq = itertools.count()
         self._leases: dict[int, tuple[str, list[Scope]]] = {}  # id(Reservation) -> lease
-        shared = self.quotas if isinstance(self.quotas, SharedState) else None
+        shared = self.quotas if isinstance(self.quotas, RedisQuotas) else None
         self.fair = FairShare(shared)  # the queue's order within a priority
         self.budgets = Budgets(shared)  # spend budgets (limits.budget)
         self._charges: dict[int, Charge] = {}  # id(ctx) -> its budget reservation

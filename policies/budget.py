@@ -44,7 +44,7 @@ from typing import Any
 from gateway.core.config import Budget, Price
 from gateway.core.errors import RateLimited
 from policies import redis_scripts
-from policies.shared_state import Down, SharedState
+from policies.redis_quotas import Down, RedisQuotas
 
 log = logging.getLogger("gateway.budget")
 
@@ -109,11 +109,11 @@ class BudgetExceeded(RateLimited):
 
 
 class Budgets:
-    """Every tenant's budget: in this process, or in Redis with `shared` (SharedState).
+    """Every tenant's budget: in this process, or in Redis with `shared` (RedisQuotas).
     `clock`: epoch seconds (wall time; injected by tests for period rollover)."""
 
     def __init__(
-        self, shared: SharedState | None = None, clock: Callable[[], float] = time.time
+        self, shared: RedisQuotas | None = None, clock: Callable[[], float] = time.time
     ) -> None:
         self.shared = shared
         self.clock = clock

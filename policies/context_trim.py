@@ -31,7 +31,7 @@ from gateway.core.backend import Backend
 from gateway.core.context import Decision, RequestContext
 from gateway.core.errors import ContextLengthExceeded
 from gateway.core.policy import NoOptions, Outcome, modified, passed
-from policies.base import PolicyEnv
+from policies.chain import PolicyEnv
 
 Messages = list[dict[str, Any]]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from gateway.core.context import Decision, RequestContext
 from gateway.core.errors import BackendError, Unavailable
 from gateway.core.policy import Outcome, modified, passed
-from policies.base import PolicyEnv
+from policies.chain import PolicyEnv
 from policies.demand import demand
 
 MAX_RETRY_AFTER_S = 60.0

@@ -36,7 +36,7 @@ COUNTERS_TTL_S = 86400  # the shared counters expire a day after their last chan
 
 
 class Shared(Protocol):
-    """What fair share needs of policies/shared_state.py's SharedState."""
+    """What fair share needs of policies/redis_quotas.py's RedisQuotas."""
 
     def register(self, name: str, lua: str) -> None: ...
 

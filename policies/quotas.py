@@ -1,5 +1,5 @@
 """Where a tenant's rate buckets and the leases on shared capacity are kept: in this process
-(LocalQuotas, the default) or in Redis for every gateway process (policies/shared_state.py,
+(LocalQuotas, the default) or in Redis for every gateway process (policies/redis_quotas.py,
 when `shared_state` is configured). Admission speaks only this interface.
 """
 

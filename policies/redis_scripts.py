@@ -1,4 +1,4 @@
-"""The Lua scripts of the shared state (policies/shared_state.py): each runs atomically in
+"""The Lua scripts of the shared state (policies/redis_quotas.py): each runs atomically in
 Redis on the server's clock (TIME), so no gateway's clock and no interleaving matters.
 policies/leases.py does the same in plain Python (the fallback, and the tests' reference).
 

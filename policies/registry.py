@@ -9,13 +9,13 @@ from gateway.core.backend import Backend
 from gateway.core.config import ModelConfig, TenantConfig
 from policies.adapter_selection import AdapterSelection
 from policies.admission import Admission
-from policies.base import CarriesOver, PolicyChain, PolicyEnv, PolicyKind
+from policies.chain import CarriesOver, PolicyChain, PolicyEnv, PolicyKind
 from policies.context_trim import ContextTrim
 from policies.degrade import Degrade
 from policies.quotas import Quotas
+from policies.redis_quotas import RedisQuotas
 from policies.reservations import Reservations
 from policies.routing import Router, Routing
-from policies.shared_state import SharedState
 
 POLICY_KINDS: dict[str, PolicyKind] = {
     "adapter_selection": AdapterSelection,
@@ -36,7 +36,7 @@ def build_chain(
 ) -> PolicyChain:
     """One instance of each named policy, in order, with its options (`options[name]`, else
     its Config's defaults), sharing one env: reservations, router, clock, and `quotas`
-    (policies/shared_state.py's SharedState with shared_state configured; else in-process).
+    (policies/redis_quotas.py's RedisQuotas with shared_state configured; else in-process).
 
     `previous` (a config reload): the chain it replaces, whose reservations, router and
     quotas the new chain shares and whose policies hand their live state over (CarriesOver)."""
@@ -48,7 +48,7 @@ def build_chain(
         quotas = quotas if quotas is not None else previous.quotas
     else:
         reservations, router = Reservations(clock), Router()
-        if isinstance(quotas, SharedState):  # replica affinity shared with the other processes
+        if isinstance(quotas, RedisQuotas):  # replica affinity shared with the other processes
             router.publish = quotas.publish_affinity
             quotas.on_affinity = router.merge_affinity
     env = PolicyEnv(models={m.name: m for m in models}, tenants={t.name: t for t in tenants},

@@ -60,7 +60,7 @@ class Router:
         self.affinity: dict[tuple[str, str], str] = {}  # (model, adapter) -> replica
         self._held: dict[int, str] = {}  # id(ctx) -> the replica it counts against
         # with shared_state: a new binding is published to the other gateway processes, and
-        # theirs arrive through merge_affinity (policies/shared_state.py)
+        # theirs arrive through merge_affinity (policies/redis_quotas.py)
         self.publish: Callable[[str, str], None] | None = None
 
     def merge_affinity(self, bindings: Mapping[str, str]) -> None:
@@ -134,7 +134,7 @@ class Router:
 
 
 class RoutingEnv(Protocol):
-    """What routing reads of its PolicyEnv (policies/base.py, which holds the Router)."""
+    """What routing reads of its PolicyEnv (policies/chain.py, which holds the Router)."""
 
     router: Router
     backends: Mapping[str, Backend]

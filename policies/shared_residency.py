@@ -1,6 +1,6 @@
 """The fleet's adapter residency on shared servers (vLLM), in Redis (gateway/core/residency.py
 says what it promises). One atomic script decides each pin; every pin is a lease renewed with
-the request's other leases (policies/shared_state.py) and expires with a dead process.
+the request's other leases (policies/redis_quotas.py) and expires with a dead process.
 
 Per server S, under the key prefix: `res:S` (adapter -> bytes, resident or loading),
 `state:S` (adapter -> "ready" | "loading:<expiry ms>" | "unloading:<expiry ms>"), `lru:S`
@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from gateway.core.residency import PinAnswer
-from policies.shared_state import Down, SharedState
+from policies.redis_quotas import Down, RedisQuotas
 
 LOAD_TTL_MS = 180_000  # how long a load or unload may take before its marker is given up
 
@@ -182,9 +182,9 @@ class LocalResidency:
 
 
 class SharedResidency:
-    """gateway/core/residency.py's AdapterResidency over a SharedState's Redis."""
+    """gateway/core/residency.py's AdapterResidency over a RedisQuotas's Redis."""
 
-    def __init__(self, shared: SharedState) -> None:
+    def __init__(self, shared: RedisQuotas) -> None:
         self.shared = shared
         self.local = LocalResidency()  # while Redis is down
         self._resident: dict[str, dict[str, int]] = {}

@@ -23,7 +23,7 @@ DEMO_DIR = ROOT / "models" / "demo"
 def demo_model() -> Path:
     """The demo checkpoint `make test` builds before the tests (built here if missing)."""
     if not (DEMO_DIR / "config.json").exists():
-        from backends.local.tools.demo import write_demo
+        from backends.local.commands.demo import write_demo
 
         write_demo(DEMO_DIR)
     return DEMO_DIR

@@ -199,7 +199,7 @@ class LocalBackend:
         return True  # in-process: never out of rotation
 
     def forwards(self, kind: str) -> bool:
-        return False  # Responses are served over chat (gateway/responses.py)
+        return False  # Responses are served over chat (gateway/responses_api.py)
 
     async def health(self) -> bool:
         return not self._closed and self._engine is not None and self._engine.alive

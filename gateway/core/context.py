@@ -133,7 +133,7 @@ class RequestContext:
     metadata: dict[str, str] | None = None  # the client's `metadata`, bounded (usage records)
     body: dict[str, Any] = field(default_factory=dict)  # the client's JSON body, as sent
     output_cap: int | None = None  # the tenant's max_output_tokens, when it filled in the limit
-    via_chat: bool = False  # a Responses request served over chat (gateway/responses.py answers)
+    via_chat: bool = False  # a Responses request served over chat (gateway/responses_api.py answers)
     # W3C trace context (traceparent, tracestate) of the request's span, for upstream calls
     trace_headers: dict[str, str] = field(default_factory=dict)
     # set while spans are recorded: a backend's upstream calls get client spans from it

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from gateway.rollout.state import RolloutState
 from policies.redis_client import RedisClient, RedisError
-from policies.shared_state import SharedStateConfig
+from policies.redis_quotas import SharedStateConfig
 
 log = logging.getLogger("gateway.rollout")
 

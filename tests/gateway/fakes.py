@@ -38,7 +38,7 @@ from gateway.state import GatewayState
 
 ACME_KEY = "sk-demo-acme"
 GLOBEX_KEY = "sk-demo-globex"
-DEMO_VOCAB = 2048  # models/demo's vocab_size (backends/local/tools/demo.py)
+DEMO_VOCAB = 2048  # models/demo's vocab_size (backends/local/commands/demo.py)
 
 
 def sha(key: str) -> str:

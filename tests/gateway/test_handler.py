@@ -373,7 +373,7 @@ def test_cors_headers_for_a_configured_origin_only(tmp_path: Path) -> None:
 
 
 def test_a_responses_request_is_served_over_chat(tmp_path: Path) -> None:
-    """A backend that does not forward Responses serves it as a chat (gateway/responses.py)."""
+    """A backend that does not forward Responses serves it as a chat (gateway/responses_api.py)."""
     backend = ScriptedBackend()
 
     async def go() -> None:

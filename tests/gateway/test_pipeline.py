@@ -18,7 +18,7 @@ from gateway.core.errors import BackendError, NotFound
 from gateway.pipeline import Pipeline
 from gateway.settings import parse_settings
 from gateway.telemetry import RequestRecord
-from policies.base import FALLBACK
+from policies.chain import FALLBACK
 from tests.gateway.fakes import ACME_KEY, Gateway, ScriptedBackend, running, sha, text_chunks
 from tests.server import metric
 

@@ -9,7 +9,7 @@ from gateway.core.backend import Capacity
 from gateway.core.context import RequestContext, SamplingParams
 from gateway.core.kv import Lanes
 from gateway.settings import Settings, parse_settings
-from policies.base import PolicyEnv
+from policies.chain import PolicyEnv
 from policies.reservations import Reservations
 from policies.routing import Router
 

@@ -18,7 +18,7 @@ from gateway.core.errors import InvalidRequest, Unavailable
 from gateway.settings import ConfigError
 from policies.admission import Admission
 from policies.budget import NANO, BudgetExceeded, Budgets, Charge, cost_nanos, period_bounds
-from policies.shared_state import SharedState, SharedStateConfig
+from policies.redis_quotas import RedisQuotas, SharedStateConfig
 from tests.policies.fakes import FakeBackend, ctx, make, settings
 
 _prefixes = itertools.count()
@@ -166,9 +166,9 @@ def shared_config(url: str, **kw: object) -> SharedStateConfig:
 
 
 @pytest.fixture
-async def fleet(redis_url: str) -> AsyncIterator[list[SharedState]]:
+async def fleet(redis_url: str) -> AsyncIterator[list[RedisQuotas]]:
     cfg = shared_config(redis_url, lease_ttl_s=0.3)
-    states = [SharedState(cfg, process_id=f"p{i}") for i in range(3)]
+    states = [RedisQuotas(cfg, process_id=f"p{i}") for i in range(3)]
     for s in states:
         await s.start()
     yield states
@@ -177,7 +177,7 @@ async def fleet(redis_url: str) -> AsyncIterator[list[SharedState]]:
 
 
 async def test_concurrent_reservations_across_processes_hold_the_budget(
-    fleet: list[SharedState],
+    fleet: list[RedisQuotas],
 ) -> None:
     clock = WallClock(utc(2026, 12, 9, 12))
     budgets = [Budgets(s, clock) for s in fleet]
@@ -206,7 +206,7 @@ async def test_concurrent_reservations_across_processes_hold_the_budget(
     assert refused[0] > 0  # 384 requests of up to 0.25 against 4.0
 
 
-async def test_a_retried_settle_is_charged_once(fleet: list[SharedState]) -> None:
+async def test_a_retried_settle_is_charged_once(fleet: list[RedisQuotas]) -> None:
     clock = WallClock(utc(2026, 12, 9, 12))
     a, b = Budgets(fleet[0], clock), Budgets(fleet[1], clock)
     budget = Budget(amount=1.0, period="day")
@@ -217,7 +217,7 @@ async def test_a_retried_settle_is_charged_once(fleet: list[SharedState]) -> Non
     assert (await b.read("acme", budget))["spent"] == 0.2
 
 
-async def test_a_dead_gateways_reservation_expires(fleet: list[SharedState]) -> None:
+async def test_a_dead_gateways_reservation_expires(fleet: list[RedisQuotas]) -> None:
     clock = WallClock(utc(2026, 12, 9, 12))
     dead, alive = Budgets(fleet[0], clock), Budgets(fleet[1], clock)
     budget = Budget(amount=1.0, period="day")
@@ -235,7 +235,7 @@ async def test_a_dead_gateways_reservation_expires(fleet: list[SharedState]) -> 
 
 
 async def test_period_keys_roll_over_and_expire_by_themselves(
-    fleet: list[SharedState], redis_url: str
+    fleet: list[RedisQuotas], redis_url: str
 ) -> None:
     clock = WallClock(utc(2026, 12, 9, 23, 59))
     b = Budgets(fleet[0], clock)
@@ -258,7 +258,7 @@ async def test_redis_down_applies_on_unavailable(redis_url: str) -> None:
     clock = WallClock(utc(2026, 12, 9, 12))
     budget = Budget(amount=1.0, period="day")
     for mode in ("reject", "local_share"):
-        s = SharedState(
+        s = RedisQuotas(
             shared_config("redis://127.0.0.1:1/0", on_unavailable=mode, timeout_s=0.2),
             local_processes=2,
         )

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.core.errors import RateLimited
 from gateway.settings import Settings
-from policies.base import PolicyChain
+from policies.chain import PolicyChain
 from policies.registry import build_chain
 from tests.policies.fakes import FakeBackend, FakeClock, ctx, settings
 

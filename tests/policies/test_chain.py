@@ -13,7 +13,7 @@ from gateway.core.kv import kv_bytes_for
 from gateway.core.policy import Outcome, passed
 from gateway.settings import ConfigError, Settings
 from policies.admission import AdmissionConfig
-from policies.base import PolicyChain
+from policies.chain import PolicyChain
 from policies.leases import Bucket, LocalBook
 from policies.registry import DEFAULT_POLICIES, POLICY_KINDS, build_chain
 from policies.reservations import Reservations

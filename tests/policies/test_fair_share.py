@@ -133,10 +133,10 @@ async def test_a_tenant_that_was_idle_does_not_take_the_machine_when_it_returns(
 
 
 async def test_counters_are_shared_through_redis(redis_url: str) -> None:
-    from policies.shared_state import SharedState, SharedStateConfig
+    from policies.redis_quotas import RedisQuotas, SharedStateConfig
 
     cfg = SharedStateConfig(redis_url=redis_url, key_prefix="fair-test:")
-    states = [SharedState(cfg, process_id=f"p{i}") for i in range(2)]
+    states = [RedisQuotas(cfg, process_id=f"p{i}") for i in range(2)]
     for s in states:
         await s.start()
     try:

@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.core.residency import PinAnswer
+from policies.redis_quotas import RedisQuotas, SharedStateConfig
 from policies.shared_residency import LocalResidency, SharedResidency
-from policies.shared_state import SharedState, SharedStateConfig
 
 _prefixes = itertools.count()
 
 
 async def fleet(url: str) -> SharedResidency:
-    shared = SharedState(SharedStateConfig(redis_url=url, key_prefix=f"res{next(_prefixes)}:"))
+    shared = RedisQuotas(SharedStateConfig(redis_url=url, key_prefix=f"res{next(_prefixes)}:"))
     await shared.start()
     return SharedResidency(shared)
 

@@ -12,13 +12,13 @@ import torch
 
 from backends.hf.config import ArchConfig
 from backends.local.backend import LocalBackend, LocalConfig
+from backends.local.commands import demo
+from backends.local.commands.demo import _save_tensors
+from backends.local.commands.mid_model import MID_SHAPE, SEED
+from backends.local.commands.quantize import quantize_checkpoint
 from backends.local.loader import load_checkpoint
 from backends.local.memory_plan import format_rows, plan_for_config, render_formats
 from backends.local.model import Llama
-from backends.local.tools import demo
-from backends.local.tools.demo import _save_tensors
-from backends.local.tools.mid_model import MID_SHAPE, SEED
-from backends.local.tools.quantize import quantize_checkpoint
 from gateway.core.procmem import read_process_memory
 
 from .helpers import mapped_ranges
@@ -225,7 +225,7 @@ def test_plan_shows_formats_side_by_side(demo_model: Path, tmp_path: Path) -> No
 def test_big_demo_shape() -> None:
     """`gateway demo-model --size big`'s shape: 360M parameters, Qwen2 layout, tied (built on
     meta here; `make big-model` writes it)."""
-    from backends.local.tools.big_model import BIG_SHAPE
+    from backends.local.commands.big_model import BIG_SHAPE
 
     cfg = ArchConfig.from_hf(BIG_SHAPE)
     assert cfg.attention_bias and not cfg.attention_out_bias and cfg.tie_word_embeddings

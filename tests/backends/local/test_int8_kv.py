@@ -1,6 +1,6 @@
 """kv_dtype: int8: the bytes-per-token arithmetic the plan and admission share, the pool
 that holds exactly those bytes, and a floor on how close it keeps the model to its float
-cache (greedy agreement and logit cosine, teacher-forced: backends/local/tools/kv_quality)."""
+cache (greedy agreement and logit cosine, teacher-forced: backends/local/commands/kv_quality)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import random
 import pytest
 
 from backends.local.backend import LocalBackend
+from backends.local.commands.kv_quality import compare
 from backends.local.loader import load_checkpoint
 from backends.local.memory_plan import plan_checkpoint
-from backends.local.tools.kv_quality import compare
 from gateway.core.kv import kv_bytes_per_token
 
 from .conftest import TinyCheckpoint

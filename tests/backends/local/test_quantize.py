@@ -69,7 +69,7 @@ def test_quantized_checkpoint_bytes_fidelity_and_mmap(
 
     assert cli_main(["quantize", str(dst), str(tmp_path / "again")]) == 2  # already int8
     with pytest.raises(QuantizeError, match="not empty"):
-        from backends.local.tools.quantize import quantize_checkpoint
+        from backends.local.commands.quantize import quantize_checkpoint
 
         quantize_checkpoint(tiny_checkpoint.model_dir, dst)
     cfg["quantization_config"] = {"quant_method": "gptq"}

@@ -21,7 +21,7 @@ from gateway.core.config import Budget
 from policies import redis_scripts
 from policies.budget import NANO, BudgetExceeded, Budgets, nanos, period_bounds
 from policies.redis_client import RedisClient
-from policies.shared_state import SharedState, SharedStateConfig
+from policies.redis_quotas import RedisQuotas, SharedStateConfig
 from tests.e2e.scale.conftest import gateways, wait_for
 from tests.e2e.scale.counting_upstream import CountingUpstream
 from tests.redis_server import RedisServer, running_redis
@@ -238,7 +238,7 @@ def test_the_period_rolls_over_on_an_injected_clock(redis: RedisServer) -> None:
 
     async def run() -> None:
         clock = _Clock(1_798_761_540.0)  # 2026-12-31 23:59 UTC
-        state = SharedState(SharedStateConfig(redis_url=redis.url, key_prefix="roll:"))
+        state = RedisQuotas(SharedStateConfig(redis_url=redis.url, key_prefix="roll:"))
         await state.start()
         try:
             budgets = Budgets(state, clock)

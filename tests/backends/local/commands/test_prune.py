@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from backends.local.backend import LocalBackend, LocalConfig
+from backends.local.commands.prune import Importance, PruneError, choose, prune_checkpoint
 from backends.local.loader import load_checkpoint
 from backends.local.lora import AdapterError, load_adapter
 from backends.local.memory_plan import plan_for_config
-from backends.local.tools.prune import Importance, PruneError, choose, prune_checkpoint
 from gateway.cli import main as cli_main
 from gateway.core.errors import BackendError
 

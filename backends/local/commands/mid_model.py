@@ -3,7 +3,7 @@
 Shape: hidden 512, 8 layers, 8 query / 2 KV heads (head_dim 64), FFN 1408, vocabulary 2048:
 24.6M parameters, 98 MB in float32. The weights are random (seeded, std 0.02), so its text is
 noise; it exists to measure speed on shapes where the projections, not Python, dominate a step.
-The tokenizer and chat template are the demo's (trained from `backends/local/tools/data/`, 2,048 tokens),
+The tokenizer and chat template are the demo's (trained from `backends/local/commands/data/`, 2,048 tokens),
 and `adapters/` holds eight random rank-8 LoRA adapters on q/k/v/o (`rand-0` .. `rand-7`) for
 mixed-adapter runs. The same command writes the same bytes.
 """
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from backends.hf.config import ArchConfig
+from backends.local.commands import demo
 from backends.local.model import Llama
-from backends.local.tools import demo
 
 MID_SHAPE: dict[str, Any] = {
     **demo.MODEL_SHAPE,

@@ -1,6 +1,6 @@
 """The `openai` kind's reading of an upstream's server-sent events: the events on the wire
 (backends/sse_reader.py EventReader: line ends, BOM, multi-line data) and their chunks
-(backends/openai.py _SSEState: a block's events parsed together, and the careful path for
+(backends/wire.py SSEState: a block's events parsed together, and the careful path for
 anything odd, with the same chunks and the same errors in the same order). Every event is
 passed through as the upstream sent it (Chunk.event); the last chunk adds the finish_reason
 and usage the gateway accounts with."""
@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from backends.openai import _SSEState
 from backends.sse_reader import EventReader
+from backends.wire import SSEState
 from gateway.core.context import Chunk, Usage
 from gateway.core.errors import BackendError
 
@@ -43,7 +43,7 @@ def events(*lines: bytes) -> list[bytes]:
 
 
 def test_a_whole_stream_in_one_block() -> None:
-    state = _SSEState()
+    state = SSEState()
     out = state.feed(events(delta(""), b"", delta("Hel"), b"", b": a comment", delta("lo", "length"),
                             b"", USAGE, b"", b"data: [DONE]", b"", delta("after done"), b""))
     assert out == [*passed(delta_event(""), delta_event("Hel"), delta_event("lo", "length"),
@@ -53,7 +53,7 @@ def test_a_whole_stream_in_one_block() -> None:
 
 
 def test_blocks_one_at_a_time_and_completions() -> None:
-    state = _SSEState()
+    state = SSEState()
     text = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]} for t in ("a", "b")]
     assert state.feed(events(ev(text[0]), b"")) == passed(text[0])
     assert state.feed(events(ev(text[1]), b"", USAGE, b"")) == passed(text[1], USAGE_EVENT)
@@ -64,7 +64,7 @@ def test_blocks_one_at_a_time_and_completions() -> None:
 @pytest.mark.parametrize("bad", [b"data: {not json", b"data: [1, 2]",
                                  ev({"error": {"message": "overloaded"}})])
 def test_odd_event_after_good_ones_raises_after_them(bad: bytes) -> None:
-    state = _SSEState()
+    state = SSEState()
     out = state.feed(events(delta("one"), b"", delta("two"), b"", bad, b"", delta("three"), b""))
     assert out == passed(delta_event("one"), delta_event("two"))
     assert isinstance(state.error, BackendError) and not state.done
@@ -73,7 +73,7 @@ def test_odd_event_after_good_ones_raises_after_them(bad: bytes) -> None:
 @pytest.mark.parametrize("bad", [b"data: {not json", ev({"error": {"message": "overloaded"}})])
 def test_odd_first_event_raises_at_once(bad: bytes) -> None:
     with pytest.raises(BackendError) as info:
-        _SSEState().feed(events(bad, b"", delta("x"), b""))
+        SSEState().feed(events(bad, b"", delta("x"), b""))
     assert info.value.code in ("upstream_malformed", "upstream_error")
 
 
@@ -102,13 +102,13 @@ def test_any_split_of_the_bytes_gives_the_same_events(eol: bytes) -> None:
 
 def test_multi_line_data_is_joined_with_lf() -> None:
     wire = b'data: {"choices":\ndata: [{"index": 0, "text": "x", "finish_reason": null}]}\n\n'
-    state = _SSEState()
+    state = SSEState()
     assert state.feed(EventReader().feed(wire)) == passed(
         {"choices": [{"index": 0, "text": "x", "finish_reason": None}]})
 
 
 def test_a_responses_stream_ends_at_its_last_event_with_its_usage() -> None:
-    state = _SSEState()
+    state = SSEState()
     done = {"type": "response.completed", "response": {"id": "resp_1", "status": "completed",
             "usage": {"input_tokens": 7, "output_tokens": 3}}}
     out = state.feed(events(ev({"type": "response.output_text.delta", "delta": "x"}), b"",

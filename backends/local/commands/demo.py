@@ -1,6 +1,6 @@
 """`gateway demo-model DIR`: build a tiny, deterministic Llama checkpoint and two tenant adapters.
 
-Nothing is downloaded. From the chat corpus shipped in ``backends/local/tools/data/`` this trains, in about a
+Nothing is downloaded. From the chat corpus shipped in ``backends/local/commands/data/`` this trains, in about a
 minute on two CPU cores:
 
 - a byte-level BPE tokenizer (``tokenizer.json``) with ChatML-style turn markers,
@@ -191,7 +191,7 @@ def load_dialogues(name: str) -> list[list[Message]]:
     """Dialogues of a corpus file: blocks split by blank lines, one `role: content` per line;
     `json:N`: N generated JSON answers and tool calls (demo_json.py)."""
     if name.startswith("json:"):
-        from backends.local.tools import demo_json
+        from backends.local.commands import demo_json
 
         return demo_json.dialogues(int(name[len("json:"):]), seed=11)
     dialogues: list[list[Message]] = []

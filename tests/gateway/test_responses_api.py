@@ -1,4 +1,4 @@
-"""gateway/responses.py: a Responses request as chat, and a chat answer as a Response."""
+"""gateway/responses_api.py: a Responses request as chat, and a chat answer as a Response."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from gateway.core.context import RequestContext, SamplingParams
 from gateway.core.errors import InvalidRequest
-from gateway.responses import from_chat, to_chat
+from gateway.responses_api import from_chat, to_chat
 
 
 def test_request_items_become_messages() -> None:
@@ -90,7 +90,7 @@ def test_the_item_a_length_limit_cuts_is_incomplete(finish: str, status: str) ->
 def test_a_streamed_item_cut_by_the_length_limit_is_done_incomplete(calls: bool) -> None:
     import json
 
-    from gateway.responses import _Stream
+    from gateway.responses_api import _Stream
 
     s = _Stream(_ctx())
     s.start()

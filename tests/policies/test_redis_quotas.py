@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from gateway.core.errors import Unavailable
 from policies.leases import Bucket, LocalBook, Scope
-from policies.shared_state import SharedState, SharedStateConfig
+from policies.redis_quotas import RedisQuotas, SharedStateConfig
 from tests.redis_server import RedisServer
 
 _prefixes = itertools.count()
@@ -26,14 +26,14 @@ def config(url: str, **kw: object) -> SharedStateConfig:
 
 
 @pytest.fixture
-async def shared(redis_url: str) -> AsyncIterator[SharedState]:
-    s = SharedState(config(redis_url))
+async def shared(redis_url: str) -> AsyncIterator[RedisQuotas]:
+    s = RedisQuotas(config(redis_url))
     await s.start()
     yield s
     await s.aclose()
 
 
-async def test_rate_buckets_take_all_or_none_and_announce_the_wait(shared: SharedState) -> None:
+async def test_rate_buckets_take_all_or_none_and_announce_the_wait(shared: RedisQuotas) -> None:
     both = [Bucket("r", 60, 1), Bucket("t", 600, 500)]
     assert await shared.take(both) == 0
     wait = await shared.take([Bucket("r", 60, 1), Bucket("t", 600, 500)])  # 100 tokens left
@@ -47,7 +47,7 @@ async def test_rate_buckets_take_all_or_none_and_announce_the_wait(shared: Share
     assert 9 < wait <= 10.2  # 100 tokens in debt (and a little refilled meanwhile)
 
 
-async def test_a_lowered_limit_applies_to_a_live_bucket_at_its_next_check(shared: SharedState) -> None:
+async def test_a_lowered_limit_applies_to_a_live_bucket_at_its_next_check(shared: RedisQuotas) -> None:
     assert await shared.take([Bucket("r", 100, 10)]) == 0  # 10 taken, 90 left of 100
     # under a limit of 20 what was taken still counts: 10 left, not a fresh bucket
     assert await shared.take([Bucket("r", 20, 15)]) > 0
@@ -55,7 +55,7 @@ async def test_a_lowered_limit_applies_to_a_live_bucket_at_its_next_check(shared
     assert await shared.take([Bucket("r", 20, 5)]) > 0
 
 
-async def test_leases_hold_limits_and_release(shared: SharedState) -> None:
+async def test_leases_hold_limits_and_release(shared: RedisQuotas) -> None:
     scopes = [Scope("c:acme", 2, 1), Scope("kv:b", 100, 60)]
     assert await shared.acquire("a", scopes) == -1
     assert await shared.acquire("b", [Scope("c:acme", 2, 1), Scope("kv:b", 100, 50)]) == 1
@@ -68,8 +68,8 @@ async def test_leases_hold_limits_and_release(shared: SharedState) -> None:
 async def test_an_unrenewed_lease_is_reclaimed_within_its_ttl_and_a_renewed_one_is_not(
         redis_url: str) -> None:
     cfg = config(redis_url, lease_ttl_s=0.6)
-    holder = SharedState(cfg)  # its keep-alive stopped below: a SIGKILLed peer
-    renewed, other = SharedState(cfg), SharedState(cfg)
+    holder = RedisQuotas(cfg)  # its keep-alive stopped below: a SIGKILLed peer
+    renewed, other = RedisQuotas(cfg), RedisQuotas(cfg)
     for s in (holder, renewed, other):
         await s.start()
     assert holder._loop is not None
@@ -87,7 +87,7 @@ async def test_an_unrenewed_lease_is_reclaimed_within_its_ttl_and_a_renewed_one_
         await s.aclose()
 
 
-async def test_a_release_completes_when_the_caller_is_cancelled(shared: SharedState) -> None:
+async def test_a_release_completes_when_the_caller_is_cancelled(shared: RedisQuotas) -> None:
     one = [Scope("c", 1, 1)]
     assert await shared.acquire("a", one) == -1
     task = asyncio.ensure_future(shared.release("a", one))
@@ -103,7 +103,7 @@ async def test_redis_down_local_share_divides_then_recovers(tmp_path: Path) -> N
     server = RedisServer(tmp_path)
     server.start()
     cfg = config(server.url, timeout_s=0.3)
-    a, b, c = (SharedState(cfg) for _ in range(3))
+    a, b, c = (RedisQuotas(cfg) for _ in range(3))
     try:
         for s in (a, b, c):
             await s.start()
@@ -132,7 +132,7 @@ async def test_redis_down_local_share_divides_then_recovers(tmp_path: Path) -> N
 async def test_redis_down_reject_is_503(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     server.start()
-    s = SharedState(config(server.url, on_unavailable="reject", timeout_s=0.3))
+    s = RedisQuotas(config(server.url, on_unavailable="reject", timeout_s=0.3))
     await s.start()
     server.stop()
     with pytest.raises(Unavailable) as info:
@@ -157,7 +157,7 @@ def test_lease_script_answers_as_the_reference(redis_url: str, ops: list[tuple[s
     give the same answer to every one."""
 
     async def run() -> None:
-        shared = SharedState(config(redis_url, lease_ttl_s=600))
+        shared = RedisQuotas(config(redis_url, lease_ttl_s=600))
         await shared.start()
         book = LocalBook(time.monotonic)
         try:
@@ -178,7 +178,7 @@ def test_lease_script_answers_as_the_reference(redis_url: str, ops: list[tuple[s
 
 
 async def test_admit_and_finish_are_take_acquire_and_release_settle_in_one_trip(
-        shared: SharedState) -> None:
+        shared: RedisQuotas) -> None:
     rpm = [Bucket("r", 60, 1)]
     one = [Scope("c", 1, 1)]
     assert await shared.admit(rpm, "a", one) == (0.0, -1)  # taken and held
@@ -200,7 +200,7 @@ async def test_replica_affinity_reaches_the_other_processes(redis_url: str) -> N
     model = ModelConfig(name="m", backends=("r1", "r2"))
     routers = []
     for _ in range(2):
-        shared = SharedState(cfg)
+        shared = RedisQuotas(cfg)
         await shared.start()
         chain = build_chain(["routing"], {}, [model], [], {"r1": FakeBackend("r1"),
                             "r2": FakeBackend("r2")}, quotas=shared)

@@ -81,7 +81,7 @@ class Down(Exception):
     """Redis did not answer; the caller falls back."""
 
 
-class SharedState:
+class RedisQuotas:
     """The Quotas (policies/quotas.py) of every gateway process sharing one Redis."""
 
     shared = True

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from backends.local.tools import demo
+from backends.local.commands import demo
 
 STEPS = 24  # enough for the adapters to move greedy output off the base model's
 PROMPT = [{"role": "user", "content": "I would like a refund for my order."}]

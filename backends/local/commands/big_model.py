@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from backends.local.tools import demo
-from backends.local.tools.mid_model import random_model
+from backends.local.commands import demo
+from backends.local.commands.mid_model import random_model
 
 BIG_SHAPE: dict[str, Any] = {
     **demo.MODEL_SHAPE,
