@@ -11,26 +11,31 @@ writer's connection_lost does), and sends the answer as ASGI messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import validation
 from gateway.core.errors import ClientDisconnected
-from gateway.http.contract import GENERATION_ROUTES, Handler, Incoming, Media
-from gateway.sse import DONE
+from gateway.http.contract import (
+    CONTENT_TYPE,
+    GENERATION_ROUTES,
+    SSE_HEADERS,
+    Handler,
+    Incoming,
+    Media,
+    check_body_size,
+    clean_headers,
+    sse_frames,
+)
 
-SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
-MEDIA = {Media.JSON: b"application/json", Media.SSE: b"text/event-stream; charset=utf-8"}
 
-
-def _head(media: Media, headers: dict[str, str],
-          extra: tuple[tuple[bytes, bytes], ...] = ()) -> list[tuple[bytes, bytes]]:
-    """The content type, `extra`, then `headers` (a value with a control character, never
-    expected, is left out, as the fast writer does)."""
-    return [(b"content-type", MEDIA[media]), *extra,
-            *((k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers.items()
-              if "\r" not in v and "\n" not in v and "\x00" not in v)]
+def _head(media: Media, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """The content type, then `headers` (clean_headers: the same as the fast writer's)."""
+    return [(b"content-type", CONTENT_TYPE[media].encode()),
+            *((k.encode("latin-1"), v.encode("latin-1", "replace"))
+              for k, v in clean_headers(headers))]
 
 
 class ASGIWriter:
@@ -54,8 +59,7 @@ class ASGIWriter:
                     if message["type"] == "http.disconnect":
                         raise ClientDisconnected("The client closed the connection.")
                     body += message.get("body", b"")
-                    if len(body) > limit:
-                        raise validation.too_large(limit)
+                    check_body_size(len(body), limit)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
@@ -84,20 +88,13 @@ class ASGIWriter:
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def stream(self, headers: dict[str, str], events: AsyncGenerator[bytes, None]) -> None:
-        try:
+        async with contextlib.aclosing(sse_frames(events)) as frames:
             self.started = True
-            head = _head(Media.SSE, headers, SSE_HEADERS)
+            head = _head(Media.SSE, {**SSE_HEADERS, **headers})
             await self._send({"type": "http.response.start", "status": 200, "headers": head})
-            async for event in events:
-                last = event.endswith(DONE)
+            async for event, last in frames:
                 self._done = last
                 await self._send({"type": "http.response.body", "body": event, "more_body": not last})
-                if last:
-                    return
-            self._done = True  # ended without [DONE] (an error event)
-            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await events.aclose()
 
     def close(self) -> None:
         self._done = True

@@ -16,6 +16,7 @@ what its generation holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -25,29 +26,27 @@ from uvicorn.protocols.utils import get_client_addr
 
 from gateway import validation
 from gateway.core.errors import ClientDisconnected
-from gateway.http.contract import INTERNAL_ERROR, Handler, Incoming, Media
-from gateway.sse import DONE
+from gateway.http.contract import (
+    CONTENT_TYPE,
+    INTERNAL_ERROR,
+    SSE_HEADERS,
+    Handler,
+    Incoming,
+    Media,
+    check_body_size,
+    clean_headers,
+    sse_frames,
+)
 
 log = logging.getLogger("gateway.http")
 
-MEDIA = {
-    Media.JSON: b"content-type: application/json\r\n",
-    Media.SSE: b"content-type: text/event-stream; charset=utf-8\r\n",
-}
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+MEDIA = {media: f"content-type: {value}\r\n".encode() for media, value in CONTENT_TYPE.items()}
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
 def header_lines(headers: dict[str, str]) -> bytes:
-    """`name: value` lines; a value with a control character (never expected: every value
-    comes from config or from numbers) is left out rather than split the head."""
-    out = []
-    for name, value in headers.items():
-        if "\r" in value or "\n" in value or "\x00" in value:
-            log.warning("dropping response header %s with a control character", name)
-            continue
-        out.append(f"{name}: {value}\r\n")
-    return "".join(out).encode("latin-1", "replace")
+    """`name: value` lines of the answer's headers (clean_headers: the ASGI writer's too)."""
+    return "".join(f"{n}: {v}\r\n" for n, v in clean_headers(headers)).encode("latin-1", "replace")
 
 
 class FastCycle(RequestResponseCycle):
@@ -98,8 +97,7 @@ class FastCycle(RequestResponseCycle):
             try:
                 async with asyncio.timeout(timeout_s):  # a slow sender must not hold a task
                     while self.more_body and not self.disconnected:
-                        if len(self.body) > limit:
-                            raise validation.too_large(limit)
+                        check_body_size(len(self.body), limit)
                         self.flow.resume_reading()
                         await self.message_event.wait()
                         self.message_event.clear()
@@ -107,8 +105,7 @@ class FastCycle(RequestResponseCycle):
                 raise validation.body_timeout(timeout_s) from None
             if self.disconnected:
                 raise ClientDisconnected("The client closed the connection.")
-        if len(self.body) > limit:
-            raise validation.too_large(limit)
+        check_body_size(len(self.body), limit)
         return self.body
 
     # ---- response -------------------------------------------------------------------------
@@ -139,21 +136,16 @@ class FastCycle(RequestResponseCycle):
     async def stream(self, headers: dict[str, str], events: AsyncGenerator[bytes, None]) -> None:
         """200 with chunked server-sent events; the head goes out with the first event."""
         pending = self._head(200, Media.SSE, {**SSE_HEADERS, **headers}, None)
-        try:
-            async for event in events:
-                last = event.endswith(DONE)
-                data = b"".join((pending, b"%x\r\n" % len(event), event, b"\r\n",
-                                 _LAST_CHUNK if last else b""))
-                pending = b""
-                if not await self._write(data):
+        async with contextlib.aclosing(sse_frames(events)) as frames:
+            async for event, last in frames:
+                parts = [pending, b"%x\r\n" % len(event), event, b"\r\n"] if event else [pending]
+                if last:
+                    parts.append(_LAST_CHUNK)
+                if not await self._write(b"".join(parts)):
                     return
+                pending = b""
                 if last:
                     self._complete()
-                    return
-            if await self._write(pending + _LAST_CHUNK):  # ended without [DONE] (an error event)
-                self._complete()
-        finally:
-            await events.aclose()
 
     async def _write(self, data: bytes) -> bool:
         if self.flow.write_paused and not self.disconnected:
