@@ -59,6 +59,31 @@ def running_gateway(
         yield url
 
 
+PORT_ATTEMPTS = 3
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, deadline: float, log_path: Path,
+                timeout: float, retry: bool) -> bool:
+    """True once `url` answers 200; False when the port was taken meanwhile and `retry`;
+    otherwise a RuntimeError with the process's log."""
+    while True:
+        if proc.poll() is not None:
+            text = log_path.read_text()
+            if retry and "address already in use" in text:
+                return False
+            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{text}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"gateway not ready in {timeout}s:\n{log_path.read_text()}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def gateway_process(
     config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None, timeout: float = 120,
@@ -68,29 +93,22 @@ def gateway_process(
     `gateway serve` arguments (--workers N)."""
     cfg_path = workdir / "gateway.yaml"
     cfg_path.write_text(yaml.safe_dump(copy.deepcopy(config)))
-    port = free_port()
     log_path = workdir / "gateway.log"
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [python or sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg_path),
-             "--host", "127.0.0.1", "--port", str(port), *args],
-            stdout=log, stderr=subprocess.STDOUT, env=full_env,
-        )
-    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    for attempt in range(PORT_ATTEMPTS):  # a free port can be taken before the gateway binds it
+        port = free_port()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [python or sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg_path),
+                 "--host", "127.0.0.1", "--port", str(port), *args],
+                stdout=log, stderr=subprocess.STDOUT, env=full_env,
+            )
+        base = f"http://127.0.0.1:{port}"
+        if _wait_ready(proc, f"{base}{ready_path}", deadline, log_path, timeout,
+                       retry=attempt + 1 < PORT_ATTEMPTS):
+            break
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base}{ready_path}", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway not ready in {timeout}s:\n{log_path.read_text()}")
-            time.sleep(0.2)
         yield f"{base}/v1", proc
     finally:
         proc.send_signal(signal.SIGTERM)
