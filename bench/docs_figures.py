@@ -147,11 +147,45 @@ def fidelity_table() -> str:
     return "\n".join(lines) + "\n\n" + source(["fidelity.json"], d["command"])
 
 
+def overhead_table() -> str:
+    """bench/overhead's run: each target at concurrency 1 and 64, and the ratios it reports."""
+    d = load("overhead.json")
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| target | mode | c | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms "
+             "| added TTFT p50 / p99 ms | CPU/req µs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        if r["concurrency"] not in (1, 64):
+            continue
+        ttft = ("-" if r.get("added_ttft_p50_ms") is None else
+                f"{r['added_ttft_p50_ms']:.2f} / {r['added_ttft_p99_ms']:.2f}")
+        lines.append(
+            f"| {r['target']} | {'stream' if r['stream'] else 'json'} | {r['concurrency']} "
+            f"| {r['rps']:,.0f} | {num(r['p50_ms'], '.2f')} | {num(r['p99_ms'], '.2f')} "
+            f"| {num(r.get('added_p50_ms'), '.2f')} | {num(r.get('added_p99_ms'), '.2f')} "
+            f"| {ttft} | {num(r.get('cpu_us_per_req'), ',.0f')} |")
+    q, mem = d["ratios"], d["memory"]
+    text = (
+        f"At concurrency 64 memgate serves **{q['memgate_over_litellm_json_c64']:.1f}x** (json) "
+        f"and **{q['memgate_over_litellm_stream_c64']:.1f}x** (streaming) the LiteLLM proxy's "
+        f"requests/s, and **{q['memgate_over_floor_json_c64']:.2f}x / "
+        f"{q['memgate_over_floor_stream_c64']:.2f}x** the pass-through floor's, with the default "
+        f"policy chain on. Idle RSS: memgate {mem['memgate']['idle_rss_mb']:.0f} MB (peak "
+        f"{mem['memgate']['peak_rss_mb']:.0f} MB under load), the floor "
+        f"{mem['floor']['idle_rss_mb']:.0f} MB, LiteLLM {mem['litellm']['idle_rss_mb']:.0f} MB "
+        f"(peak {mem['litellm']['peak_rss_mb']:.0f} MB). Concurrency 16 is in the JSON.")
+    return ("\n".join(lines) + "\n\n" + text + "\n\n"
+            + source(["overhead.json"], d["meta"]["command"]))
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "serving": serving_table,
     "engine-speed": engine_table,
     "vs-vllm": vs_vllm_table,
     "fidelity": fidelity_table,
+    "overhead": overhead_table,
 }
 
 
