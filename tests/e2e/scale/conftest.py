@@ -13,13 +13,29 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 
+from tests.e2e.scale.counting_upstream import CountingUpstream
+from tests.redis_server import RedisServer, running_redis
 from tests.server import ACME_SHA, GLOBEX_SHA, gateway_process
 
 ENV = {"GATEWAY_ADMIN_KEY": "sk-admin", "INITECH_KEYS": "sk-initech"}
 # five requests of 80 tokens (5 blocks of 16, 1 KiB a token): 48 new tokens + the prompt as the
 # gateway estimates it for an upstream it cannot count on (the JSON body / 4: 26 tokens)
 KV_BUDGET = 5 * 80 * 1024
+
+
+# fixtures for a module's tests that share one upstream and one Redis
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[CountingUpstream]:
+    with CountingUpstream().running() as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 def shared_config(upstream: str, redis_url: str, **shared: Any) -> dict[str, Any]:

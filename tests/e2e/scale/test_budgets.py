@@ -9,7 +9,6 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from policies.redis_client import RedisClient
 from policies.redis_quotas import RedisQuotas, SharedStateConfig
 from tests.e2e.scale.conftest import gateways, wait_for
 from tests.e2e.scale.counting_upstream import CountingUpstream
-from tests.redis_server import RedisServer, running_redis
+from tests.redis_server import RedisServer
 from tests.server import ACME_SHA, GLOBEX_SHA
 
 KEY, GLOBEX = "sk-demo-acme", "sk-demo-globex"
@@ -66,18 +65,6 @@ def config(upstream: str, redis_url: str, lease_ttl_s: float) -> dict[str, Any]:
             "timeout_s": 0.5,
         },
     }
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[CountingUpstream]:
-    with CountingUpstream().running() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 def ask(url: str, key: str = KEY) -> tuple[int, str | None, float]:

@@ -6,30 +6,16 @@ itself too, while a `normal` one queues and is served; asking above the tenant's
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.e2e.scale.conftest import gateways, in_threads, shared_config, wait_for
 from tests.e2e.scale.counting_upstream import CountingUpstream
-from tests.redis_server import RedisServer, running_redis
+from tests.redis_server import RedisServer
 
 ACME, INITECH = "sk-demo-acme", "sk-initech"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[CountingUpstream]:
-    with CountingUpstream().running() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 def post(url: str, key: str, priority: str | None = None) -> httpx.Response:

@@ -14,21 +14,9 @@ import pytest
 
 from tests.e2e.scale.conftest import ask, gateways, in_threads, metric, shared_config, wait_for
 from tests.e2e.scale.counting_upstream import CountingUpstream
-from tests.redis_server import RedisServer, running_redis
+from tests.redis_server import RedisServer
 
 ACME, GLOBEX, INITECH = "sk-demo-acme", "sk-demo-globex", "sk-initech"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[CountingUpstream]:
-    with CountingUpstream().running() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
