@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway import admin, openapi
-from gateway.core.config import ModelConfig, TenantConfig
+from gateway.core.config import ModelConfig, TenantConfig, degrade_chain
 from gateway.core.errors import NotFound
 from gateway.core.worker import worker_id
 from gateway.memory_report import memory_report
@@ -80,15 +80,13 @@ async def ready(request: Request) -> Response:
                 checks[name] = False
     settings = state.settings
 
-    def servable(name: str, seen: frozenset[str]) -> bool:
-        model = settings.model(name)
-        if model is None or name in seen:
-            return False
-        if any(checks.get(b, False) for b in model.backends):
-            return True
-        return model.degrade_to is not None and servable(model.degrade_to, seen | {name})
+    by_name = {m.name: m for m in settings.models}
 
-    models = {m.name: servable(m.name, frozenset()) for m in settings.models}
+    def servable(name: str) -> bool:  # a healthy replica of the model or of a tier below it
+        return any(any(checks.get(b, False) for b in m.backends)
+                   for m in degrade_chain(by_name, name) if m is not None)
+
+    models = {m.name: servable(m.name) for m in settings.models}
     ok = state.ready and all(models.values())
     body = {"status": "ready" if ok else "not_ready", "backends": checks, "models": models}
     return JSONResponse(body, status_code=200 if ok else 503)

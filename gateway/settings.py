@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from backends.registry import backend_class
-from gateway.core.config import KeyFileError, ModelConfig, TenantConfig
+from gateway.core.config import KeyFileError, ModelConfig, TenantConfig, degrade_chain
 from policies.redis_quotas import SharedStateConfig
 from policies.registry import DEFAULT_POLICIES, POLICY_KINDS
 
@@ -360,18 +360,12 @@ def _check_policies(names: tuple[str, ...]) -> None:
 def _check_priced(s: Settings, i: int, t: TenantConfig) -> None:
     """A tenant with a budget may only use priced models: its own and every tier they
     degrade to (a request can be served there)."""
-    todo, seen = list(t.models), set()
-    while todo:
-        name = todo.pop()
-        model = s.model(name)
-        if name in seen or model is None:
-            continue
-        seen.add(name)
-        if model.price is None:
-            raise ConfigError(f"tenants[{i}].limits.budget: model {name!r} has no price; a "
-                              "tenant with a budget may only use priced models")
-        if model.degrade_to is not None:
-            todo.append(model.degrade_to)
+    models = {m.name: m for m in s.models}
+    for name in t.models:
+        for model in degrade_chain(models, name):
+            if model is not None and model.price is None:
+                raise ConfigError(f"tenants[{i}].limits.budget: model {model.name!r} has no "
+                                  "price; a tenant with a budget may only use priced models")
 
 
 def _check_references(s: Settings) -> None:

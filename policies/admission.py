@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from gateway.core import cpu
 from gateway.core.backend import Capacity
-from gateway.core.config import PRIORITY_RANK, TenantConfig
+from gateway.core.config import PRIORITY_RANK, TenantConfig, degrade_chain
 from gateway.core.context import Decision, RequestContext, Reservation, Usage
 from gateway.core.errors import (
     ContextLengthExceeded,
@@ -222,17 +222,12 @@ class Admission:
     def _least_output_cost(self, model_name: str, tokens: int) -> int:
         """A lower bound of what `tokens` output tokens cost on `model_name` or any tier it
         degrades to (degrade runs after the gate), in nano-units; 0 where one is unpriced."""
-        least, seen = None, set()
-        name: str | None = model_name
-        while name is not None and name not in seen:
-            seen.add(name)
-            model = self.env.model(name)
+        costs = []
+        for model in degrade_chain(self.env.models, model_name):
             if model is None or model.price is None:
                 return 0
-            cost = cost_nanos(model.price, 0, tokens)
-            least = cost if least is None else min(least, cost)
-            name = model.degrade_to
-        return least or 0
+            costs.append(cost_nanos(model.price, 0, tokens))
+        return min(costs, default=0)
 
     async def _admit(self, ctx: RequestContext, tenant: TenantState, need: Demand,
                      cap: Capacity | None) -> Decision:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -75,6 +76,18 @@ class Budget:
             raise ValueError("limits.budget.amount must be > 0")
         if self.period not in BUDGET_PERIODS:
             raise ValueError(f"limits.budget.period must be one of {', '.join(BUDGET_PERIODS)}")
+
+
+def degrade_chain(models: Mapping[str, ModelConfig], name: str) -> Iterator[ModelConfig | None]:
+    """The model `name`, then each tier it degrades to, once each (a cycle ends the walk);
+    None for a name no model has, and the walk ends there."""
+    seen: set[str] = set()
+    current: str | None = name
+    while current is not None and current not in seen:
+        seen.add(current)
+        model = models.get(current)
+        yield model
+        current = model.degrade_to if model is not None else None
 
 
 @dataclass(frozen=True)
